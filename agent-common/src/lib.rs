@@ -1,0 +1,252 @@
+//! Types shared by the kernel programs (`agent-ebpf`) and the userspace agent.
+//!
+//! Everything that crosses the kernel/user boundary is defined here once, as
+//! `#[repr(C)]` structs without implicit padding (explicit `_pad` fields and a
+//! compile-time size check each), so both sides agree byte for byte.
+#![no_std]
+
+/// Most ports the kernel programs can watch (`--ports`).
+pub const MAX_WATCHED_PORTS: usize = 16;
+/// Length of a task's `comm` in the kernel, NUL included.
+pub const COMM_LEN: usize = 16;
+
+/// Sockets in the middle of a handshake tracked at once; LRU beyond that.
+pub const MAX_CONNECTS_IN_FLIGHT: u32 = 16_384;
+/// Default size of the event ring buffer, in bytes (a power of two, page aligned).
+pub const DEFAULT_RING_BUFFER_BYTES: u32 = 1 << 20;
+
+/// Kind of an event in the ring buffer; the first field of every event.
+/// Values are stable: the decoder in userspace matches on them.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Connect = 1,
+}
+
+impl EventKind {
+    pub fn from_u32(value: u32) -> Option<Self> {
+        match value {
+            1 => Some(Self::Connect),
+            _ => None,
+        }
+    }
+}
+
+/// Fixed header at the start of every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EventHeader {
+    /// An [`EventKind`] value.
+    pub kind: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the event was emitted.
+    pub ts_ns: u64,
+}
+
+/// Address family values as the tracepoints report them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// A TCP 4-tuple as the `sock`/`tcp` tracepoints report it: IPv4 addresses as
+/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`, what the tracepoints' `*_v6` fields hold
+/// for AF_INET sockets), ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowTuple {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// The owning process, captured in process context (the connecting task).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TaskInfo {
+    /// Cgroup v2 id of the task (`bpf_get_current_cgroup_id`).
+    pub cgroup_id: u64,
+    /// Process id (tgid) and thread id.
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// How a connect attempt ended.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectOutcome {
+    /// SYN_SENT → ESTABLISHED.
+    Established = 1,
+    /// A RST answered the SYN (ECONNREFUSED).
+    Refused = 2,
+    /// An ICMP error answered the SYN (EHOSTUNREACH, ENETUNREACH, …).
+    Unreachable = 3,
+    /// The kernel gave up after its SYN retries (ETIMEDOUT).
+    Timeout = 4,
+    /// The application closed the socket while still in SYN_SENT: the
+    /// signature of a client-side connect timeout.
+    Aborted = 5,
+    /// Any other error the kernel reported on the socket.
+    Failed = 6,
+}
+
+impl ConnectOutcome {
+    pub fn from_u8(value: u8) -> Option<Self> {
+        Some(match value {
+            1 => Self::Established,
+            2 => Self::Refused,
+            3 => Self::Unreachable,
+            4 => Self::Timeout,
+            5 => Self::Aborted,
+            6 => Self::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// What the peer (or the path) answered to the SYN.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SynAnswer {
+    /// Nothing came back: a drop in the path (security group, network policy,
+    /// conntrack) when SYNs were retransmitted.
+    None = 0,
+    SynAck = 1,
+    Rst = 2,
+    Icmp = 3,
+}
+
+impl SynAnswer {
+    pub fn from_u8(value: u8) -> Option<Self> {
+        Some(match value {
+            0 => Self::None,
+            1 => Self::SynAck,
+            2 => Self::Rst,
+            3 => Self::Icmp,
+            _ => return None,
+        })
+    }
+}
+
+/// One connect attempt to a watched port, emitted when its outcome is known.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectEvent {
+    pub header: EventHeader,
+    pub flow: FlowTuple,
+    pub family: u16,
+    /// A [`ConnectOutcome`] value.
+    pub outcome: u8,
+    /// A [`SynAnswer`] value.
+    pub answer: u8,
+    /// Errno the kernel reported on the socket (positive), 0 if none.
+    pub error: i32,
+    /// SYNs retransmitted before the outcome.
+    pub syn_retransmits: u32,
+    pub task: TaskInfo,
+    /// When the SYN_SENT transition happened (`bpf_ktime_get_ns`).
+    pub start_ns: u64,
+    /// SYN_SENT → outcome, in nanoseconds.
+    pub duration_ns: u64,
+}
+
+/// Ids of the per-CPU counters in the `STATS` map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatId {
+    /// An event was lost because the ring buffer was full.
+    RingBufferFull = 0,
+    /// A socket could not be tracked because its map was full.
+    ConnectMapFull = 1,
+    /// A tracepoint field could not be read.
+    ReadFailed = 2,
+}
+
+/// Number of [`StatId`] slots.
+pub const STAT_COUNT: u32 = 3;
+
+/// Offsets of the tracepoint fields the programs read, taken at startup from
+/// `/sys/kernel/tracing/events/<category>/<name>/format`, because they move
+/// between kernels (e.g. `tcp_retransmit_skb` gained `family` in 5.16).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TracepointOffsets {
+    /// `sock/inet_sock_set_state` (4.16+).
+    pub set_state_skaddr: u16,
+    pub set_state_oldstate: u16,
+    pub set_state_newstate: u16,
+    pub set_state_sport: u16,
+    pub set_state_dport: u16,
+    pub set_state_family: u16,
+    pub set_state_protocol: u16,
+    pub set_state_saddr_v6: u16,
+    pub set_state_daddr_v6: u16,
+    /// `tcp/tcp_retransmit_skb` (4.15+).
+    pub retransmit_skaddr: u16,
+    pub retransmit_state: u16,
+    /// `tcp/tcp_receive_reset` (4.15+).
+    pub receive_reset_skaddr: u16,
+    /// `tcp/tcp_destroy_sock` (4.15+).
+    pub destroy_skaddr: u16,
+    /// `sock/inet_sk_error_report` (5.14+): no `skaddr`, matched by tuple.
+    pub error_report_error: u16,
+    pub error_report_sport: u16,
+    pub error_report_dport: u16,
+    pub error_report_protocol: u16,
+    pub error_report_saddr_v6: u16,
+    pub error_report_daddr_v6: u16,
+    pub _pad: u16,
+}
+
+/// `Config::flags`: the kernel has `sock/inet_sk_error_report` (5.14+).
+pub const CONFIG_HAS_ERROR_REPORT: u32 = 1 << 0;
+
+/// Settings fixed at load time, written into the `CONFIG` global by userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Config {
+    /// Watched Redis ports; the first `port_count` are valid.
+    pub ports: [u16; MAX_WATCHED_PORTS],
+    pub port_count: u32,
+    /// `CONFIG_*` bits.
+    pub flags: u32,
+    pub offsets: TracepointOffsets,
+}
+
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowTuple>() == 36);
+const _: () = assert!(core::mem::size_of::<TaskInfo>() == 32);
+const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 112);
+const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 40);
+const _: () = assert!(core::mem::size_of::<Config>() == 80);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, made of integers and integer
+    // arrays, with no implicit padding (checked by the size assertions above).
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::TracepointOffsets {}
+}
+
+/// Errno values the kernel reports on failed connects (asm-generic/errno.h).
+pub mod errno {
+    pub const ENETDOWN: i32 = 100;
+    pub const ENETUNREACH: i32 = 101;
+    pub const ECONNREFUSED: i32 = 111;
+    pub const ETIMEDOUT: i32 = 110;
+    pub const EHOSTDOWN: i32 = 112;
+    pub const EHOSTUNREACH: i32 = 113;
+}
+
+/// Outcome and SYN answer of a connect that failed with `error`
+/// (`sk->sk_err`, as `sock/inet_sk_error_report` reports it).
+pub fn failed_connect_outcome(error: i32) -> (ConnectOutcome, SynAnswer) {
+    match error {
+        errno::ECONNREFUSED => (ConnectOutcome::Refused, SynAnswer::Rst),
+        errno::ETIMEDOUT => (ConnectOutcome::Timeout, SynAnswer::None),
+        errno::EHOSTUNREACH | errno::ENETUNREACH | errno::EHOSTDOWN | errno::ENETDOWN => {
+            (ConnectOutcome::Unreachable, SynAnswer::Icmp)
+        }
+        _ => (ConnectOutcome::Failed, SynAnswer::None),
+    }
+}

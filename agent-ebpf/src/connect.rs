@@ -1,0 +1,339 @@
+//! Connect attempts to watched ports: handshake time, outcome, SYN retransmits.
+//!
+//! Built on stable tracepoints only (no kprobes/fentry), with field offsets
+//! from userspace:
+//! - `sock/inet_sock_set_state` (4.16+): CLOSE→SYN_SENT runs in the connecting
+//!   task (`tcp_v4_connect`/`tcp_v6_connect`), so pid, comm and cgroup are
+//!   captured there; SYN_SENT→ESTABLISHED/CLOSE end the attempt (softirq or
+//!   timer context: the current task is arbitrary there).
+//! - `tcp/tcp_retransmit_skb` (4.15+): SYN retransmits while in SYN_SENT.
+//! - `tcp/tcp_receive_reset` (4.15+): a RST answered the SYN, before CLOSE.
+//! - `sock/inet_sk_error_report` (5.14+): the errno behind a failure. An ICMP
+//!   error reports it before CLOSE; a timeout reports it after CLOSE on 6.10+
+//!   (`tcp_done_with_error`) and before it on older kernels; a socket the
+//!   application closed gets no report at all.
+//! - `tcp/tcp_destroy_sock` (4.15+): the socket is freed; an attempt closed
+//!   without a report by then was aborted by the application.
+//!
+//! Without `inet_sk_error_report` (5.10), an attempt that ends without a RST
+//! is `aborted` when the CLOSE runs in the owning process and `timeout`
+//! otherwise (the kernel's retransmit timer), and ICMP errors show as timeouts.
+
+use agent_common::{
+    CONFIG_HAS_ERROR_REPORT, Config, ConnectEvent, ConnectOutcome, EventHeader, EventKind,
+    FlowTuple, MAX_CONNECTS_IN_FLIGHT, StatId, SynAnswer, TaskInfo, failed_connect_outcome,
+};
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+    },
+    macros::{map, tracepoint},
+    maps::LruHashMap,
+    programs::TracePointContext,
+};
+
+use crate::maps::{CONFIG, EVENTS, count, is_watched_port};
+
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_CLOSE: i32 = 7;
+const IPPROTO_TCP: u16 = 6;
+
+/// Errors reported before CLOSE count for that CLOSE only when this recent.
+const ERROR_REPORT_MAX_AGE_NS: u64 = 10_000_000;
+/// Errors remembered per tuple until their CLOSE (ICMP errors; pre-6.10 timeouts).
+const MAX_RECENT_ERRORS: u32 = 1_024;
+
+/// A socket between SYN_SENT and the end of its handshake.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ConnectState {
+    task: TaskInfo,
+    start_ns: u64,
+    /// When SYN_SENT→CLOSE happened; 0 while still in SYN_SENT.
+    closed_ns: u64,
+    /// Complete once CLOSE is seen (the source port is assigned after SYN_SENT).
+    flow: FlowTuple,
+    family: u16,
+    syn_retransmits: u32,
+    /// A `SynAnswer` hint seen before CLOSE (RST).
+    answer: u8,
+    _pad: [u8; 7],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SocketError {
+    error: i32,
+    _pad: u32,
+    ts_ns: u64,
+}
+
+/// Key: `struct sock *` (the tracepoints' `skaddr`).
+#[map]
+static CONNECTS: LruHashMap<u64, ConnectState> =
+    LruHashMap::with_max_entries(MAX_CONNECTS_IN_FLIGHT, 0);
+
+/// Attempts closed in SYN_SENT whose error report may still follow.
+#[map]
+static CLOSED_CONNECTS: LruHashMap<FlowTuple, u64> =
+    LruHashMap::with_max_entries(MAX_CONNECTS_IN_FLIGHT, 0);
+
+/// Error reports that came before their CLOSE.
+#[map]
+static RECENT_ERRORS: LruHashMap<FlowTuple, SocketError> =
+    LruHashMap::with_max_entries(MAX_RECENT_ERRORS, 0);
+
+#[inline(always)]
+fn read<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i64> {
+    // SAFETY: bounded by the tracepoint record; a bad offset fails the probe read.
+    unsafe { ctx.read_at::<T>(offset as usize) }.map_err(|_| {
+        count(StatId::ReadFailed);
+        -1
+    })
+}
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_inet_sock_set_state(&ctx);
+    0
+}
+
+fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
+    let config = CONFIG.load();
+    let off = &config.offsets;
+    let protocol: u16 = read(ctx, off.set_state_protocol)?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let old_state: i32 = read(ctx, off.set_state_oldstate)?;
+    let new_state: i32 = read(ctx, off.set_state_newstate)?;
+    if old_state != TCP_SYN_SENT && new_state != TCP_SYN_SENT {
+        return Ok(());
+    }
+    let dport: u16 = read(ctx, off.set_state_dport)?;
+    if !is_watched_port(&config, dport) {
+        return Ok(());
+    }
+    let skaddr: u64 = read(ctx, off.set_state_skaddr)?;
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    if new_state == TCP_SYN_SENT {
+        return on_syn_sent(ctx, &config, skaddr, now);
+    }
+    let Some(state) = CONNECTS.get_ptr_mut(&skaddr) else {
+        return Ok(());
+    };
+    // SAFETY: map value pointer, valid for this program run.
+    let state = unsafe { &mut *state };
+    state.flow = read_set_state_flow(ctx, &config)?;
+
+    match new_state {
+        TCP_ESTABLISHED => {
+            emit(state, now, ConnectOutcome::Established, SynAnswer::SynAck, 0);
+            let _ = CONNECTS.remove(&skaddr);
+        }
+        TCP_CLOSE => on_syn_sent_close(&config, skaddr, state, now),
+        _ => {}
+    }
+    Ok(())
+}
+
+fn on_syn_sent(
+    ctx: &TracePointContext,
+    config: &Config,
+    skaddr: u64,
+    now: u64,
+) -> Result<(), i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let state = ConnectState {
+        task: TaskInfo {
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            pid: (pid_tgid >> 32) as u32,
+            tid: pid_tgid as u32,
+            comm: bpf_get_current_comm().unwrap_or_default(),
+        },
+        start_ns: now,
+        closed_ns: 0,
+        flow: read_set_state_flow(ctx, config)?,
+        family: read(ctx, config.offsets.set_state_family)?,
+        syn_retransmits: 0,
+        answer: SynAnswer::None as u8,
+        _pad: [0; 7],
+    };
+    if CONNECTS.insert(&skaddr, &state, 0).is_err() {
+        count(StatId::ConnectMapFull);
+    }
+    Ok(())
+}
+
+/// SYN_SENT → CLOSE: the attempt failed; find out why, now or when the
+/// error report or the socket's destruction follows.
+fn on_syn_sent_close(config: &Config, skaddr: u64, state: &mut ConnectState, now: u64) {
+    if state.answer == SynAnswer::Rst as u8 {
+        emit(state, now, ConnectOutcome::Refused, SynAnswer::Rst, 0);
+        let _ = CONNECTS.remove(&skaddr);
+        return;
+    }
+    // SAFETY: map value pointer, valid for this program run.
+    if let Some(reported) = RECENT_ERRORS.get_ptr(&state.flow).map(|p| unsafe { *p }) {
+        let _ = RECENT_ERRORS.remove(&state.flow);
+        if now.saturating_sub(reported.ts_ns) < ERROR_REPORT_MAX_AGE_NS {
+            let (outcome, answer) = failed_connect_outcome(reported.error);
+            emit(state, now, outcome, answer, reported.error);
+            let _ = CONNECTS.remove(&skaddr);
+            return;
+        }
+    }
+    if config.flags & CONFIG_HAS_ERROR_REPORT != 0 {
+        // Decided by inet_sk_error_report (timeout) or tcp_destroy_sock (aborted).
+        state.closed_ns = now;
+        if CLOSED_CONNECTS.insert(&state.flow, &skaddr, 0).is_err() {
+            count(StatId::ConnectMapFull);
+        }
+        return;
+    }
+    let closing_pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let outcome = if closing_pid == state.task.pid {
+        ConnectOutcome::Aborted
+    } else {
+        ConnectOutcome::Timeout
+    };
+    emit(state, now, outcome, SynAnswer::None, 0);
+    let _ = CONNECTS.remove(&skaddr);
+}
+
+fn read_set_state_flow(ctx: &TracePointContext, config: &Config) -> Result<FlowTuple, i64> {
+    let off = &config.offsets;
+    Ok(FlowTuple {
+        saddr: read(ctx, off.set_state_saddr_v6)?,
+        daddr: read(ctx, off.set_state_daddr_v6)?,
+        sport: read(ctx, off.set_state_sport)?,
+        dport: read(ctx, off.set_state_dport)?,
+    })
+}
+
+#[tracepoint]
+pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    let _ = try_tcp_retransmit_skb(&ctx);
+    0
+}
+
+fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), i64> {
+    let config = CONFIG.load();
+    let state: i32 = read(ctx, config.offsets.retransmit_state)?;
+    if state != TCP_SYN_SENT {
+        return Ok(());
+    }
+    let skaddr: u64 = read(ctx, config.offsets.retransmit_skaddr)?;
+    if let Some(connect) = CONNECTS.get_ptr_mut(&skaddr) {
+        // SAFETY: map value pointer, valid for this program run.
+        unsafe { (*connect).syn_retransmits += 1 };
+    }
+    Ok(())
+}
+
+#[tracepoint]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    let _ = try_tcp_receive_reset(&ctx);
+    0
+}
+
+fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
+    let config = CONFIG.load();
+    let skaddr: u64 = read(ctx, config.offsets.receive_reset_skaddr)?;
+    if let Some(connect) = CONNECTS.get_ptr_mut(&skaddr) {
+        // SAFETY: map value pointer, valid for this program run.
+        unsafe { (*connect).answer = SynAnswer::Rst as u8 };
+    }
+    Ok(())
+}
+
+#[tracepoint]
+pub fn inet_sk_error_report(ctx: TracePointContext) -> u32 {
+    let _ = try_inet_sk_error_report(&ctx);
+    0
+}
+
+fn try_inet_sk_error_report(ctx: &TracePointContext) -> Result<(), i64> {
+    let config = CONFIG.load();
+    let off = &config.offsets;
+    let protocol: u16 = read(ctx, off.error_report_protocol)?;
+    let dport: u16 = read(ctx, off.error_report_dport)?;
+    if protocol != IPPROTO_TCP || !is_watched_port(&config, dport) {
+        return Ok(());
+    }
+    let flow = FlowTuple {
+        saddr: read(ctx, off.error_report_saddr_v6)?,
+        daddr: read(ctx, off.error_report_daddr_v6)?,
+        sport: read(ctx, off.error_report_sport)?,
+        dport,
+    };
+    let error: i32 = read(ctx, off.error_report_error)?;
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    // SAFETY: map value pointer, valid for this program run.
+    let Some(skaddr) = CLOSED_CONNECTS.get_ptr(&flow).map(|p| unsafe { *p }) else {
+        // Before CLOSE (ICMP error, or a timeout before 6.10), or not a connect of ours.
+        let reported = SocketError { error, _pad: 0, ts_ns: now };
+        let _ = RECENT_ERRORS.insert(&flow, &reported, 0);
+        return Ok(());
+    };
+    let _ = CLOSED_CONNECTS.remove(&flow);
+    if let Some(state) = CONNECTS.get_ptr(&skaddr) {
+        // SAFETY: map value pointer, valid for this program run.
+        let state = unsafe { &*state };
+        let (outcome, answer) = failed_connect_outcome(error);
+        emit(state, state.closed_ns, outcome, answer, error);
+        let _ = CONNECTS.remove(&skaddr);
+    }
+    Ok(())
+}
+
+#[tracepoint]
+pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
+    let _ = try_tcp_destroy_sock(&ctx);
+    0
+}
+
+fn try_tcp_destroy_sock(ctx: &TracePointContext) -> Result<(), i64> {
+    let config = CONFIG.load();
+    let skaddr: u64 = read(ctx, config.offsets.destroy_skaddr)?;
+    let Some(state) = CONNECTS.get_ptr(&skaddr) else {
+        return Ok(());
+    };
+    // SAFETY: map value pointer, valid for this program run.
+    let state = unsafe { &*state };
+    if state.closed_ns != 0 {
+        // Closed in SYN_SENT and no error reported: the application gave up.
+        emit(state, state.closed_ns, ConnectOutcome::Aborted, SynAnswer::None, 0);
+        let _ = CLOSED_CONNECTS.remove(&state.flow);
+    }
+    let _ = CONNECTS.remove(&skaddr);
+    Ok(())
+}
+
+fn emit(state: &ConnectState, end_ns: u64, outcome: ConnectOutcome, answer: SynAnswer, error: i32) {
+    let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
+        count(StatId::RingBufferFull);
+        return;
+    };
+    entry.write(ConnectEvent {
+        header: EventHeader {
+            kind: EventKind::Connect as u32,
+            _pad: 0,
+            ts_ns: end_ns,
+        },
+        flow: state.flow,
+        family: state.family,
+        outcome: outcome as u8,
+        answer: answer as u8,
+        error,
+        syn_retransmits: state.syn_retransmits,
+        task: state.task,
+        start_ns: state.start_ns,
+        duration_ns: end_ns.saturating_sub(state.start_ns),
+    });
+    entry.submit(0);
+}

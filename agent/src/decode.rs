@@ -1,0 +1,236 @@
+//! Decode: ring buffer records → typed events. Sizes and enum values are
+//! checked; a record that does not fit is an error, never a guess.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use agent_common::{
+    AF_INET, AF_INET6, COMM_LEN, ConnectEvent, ConnectOutcome, EventHeader, EventKind, SynAnswer,
+};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Connect(Connect),
+}
+
+/// The process that owns a socket, as captured in its own context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connect {
+    /// Kernel monotonic time of the outcome.
+    pub ts_ns: u64,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub outcome: ConnectOutcome,
+    pub answer: SynAnswer,
+    /// Errno the kernel reported, if any.
+    pub error: Option<i32>,
+    pub syn_retransmits: u32,
+    pub task: Task,
+    /// SYN_SENT → outcome.
+    pub duration_ns: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is shorter than an event header")]
+    NoHeader { len: usize },
+    #[error("unknown event kind {kind}")]
+    UnknownKind { kind: u32 },
+    #[error("{kind:?} record has {len} bytes, expected {expected}")]
+    Size {
+        kind: EventKind,
+        len: usize,
+        expected: usize,
+    },
+    #[error("field {field} has invalid value {value}")]
+    Value { field: &'static str, value: u64 },
+}
+
+pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
+    let header: EventHeader = read_struct(record).ok_or(DecodeError::NoHeader { len: record.len() })?;
+    let kind = EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind { kind: header.kind })?;
+    match kind {
+        EventKind::Connect => {
+            let raw: ConnectEvent = read_exact(kind, record)?;
+            decode_connect(&raw).map(Event::Connect)
+        }
+    }
+}
+
+fn decode_connect(raw: &ConnectEvent) -> Result<Connect, DecodeError> {
+    let outcome = ConnectOutcome::from_u8(raw.outcome).ok_or(DecodeError::Value {
+        field: "outcome",
+        value: raw.outcome.into(),
+    })?;
+    let answer = SynAnswer::from_u8(raw.answer).ok_or(DecodeError::Value {
+        field: "answer",
+        value: raw.answer.into(),
+    })?;
+    if raw.family != AF_INET && raw.family != AF_INET6 {
+        return Err(DecodeError::Value {
+            field: "family",
+            value: raw.family.into(),
+        });
+    }
+    Ok(Connect {
+        ts_ns: raw.header.ts_ns,
+        src: SocketAddr::new(normalize_ip(raw.flow.saddr), raw.flow.sport),
+        dst: SocketAddr::new(normalize_ip(raw.flow.daddr), raw.flow.dport),
+        outcome,
+        answer,
+        error: (raw.error != 0).then_some(raw.error),
+        syn_retransmits: raw.syn_retransmits,
+        task: Task {
+            pid: raw.task.pid,
+            tid: raw.task.tid,
+            comm: comm_to_string(&raw.task.comm),
+            cgroup_id: raw.task.cgroup_id,
+        },
+        duration_ns: raw.duration_ns,
+    })
+}
+
+/// IPv4-mapped IPv6 (`::ffff:10.0.0.1`: how the tracepoints store IPv4, and
+/// what dual-stack Java and Node sockets use) becomes plain IPv4.
+pub fn normalize_ip(bytes: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(bytes);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+fn comm_to_string(comm: &[u8; COMM_LEN]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+fn read_exact<T: Copy>(kind: EventKind, record: &[u8]) -> Result<T, DecodeError> {
+    let expected = size_of::<T>();
+    if record.len() != expected {
+        return Err(DecodeError::Size {
+            kind,
+            len: record.len(),
+            expected,
+        });
+    }
+    read_struct(record).ok_or(DecodeError::Size {
+        kind,
+        len: record.len(),
+        expected,
+    })
+}
+
+/// Copies a `#[repr(C)]` plain-integer struct out of the start of `bytes`.
+fn read_struct<T: Copy>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
+        return None;
+    }
+    // SAFETY: length checked; `T` is one of agent-common's plain-integer
+    // `#[repr(C)]` types, valid for any bit pattern; unaligned read.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_common::{FlowTuple, TaskInfo};
+
+    fn raw_connect() -> ConnectEvent {
+        let mut comm = [0u8; COMM_LEN];
+        comm[..9].copy_from_slice(b"redis-cli");
+        let mut saddr = [0u8; 16];
+        saddr[10..].copy_from_slice(&[0xff, 0xff, 10, 0, 1, 5]);
+        let mut daddr = [0u8; 16];
+        daddr[10..].copy_from_slice(&[0xff, 0xff, 10, 0, 2, 9]);
+        ConnectEvent {
+            header: EventHeader {
+                kind: EventKind::Connect as u32,
+                _pad: 0,
+                ts_ns: 5_000,
+            },
+            flow: FlowTuple {
+                saddr,
+                daddr,
+                sport: 40312,
+                dport: 6379,
+            },
+            family: AF_INET,
+            outcome: ConnectOutcome::Established as u8,
+            answer: SynAnswer::SynAck as u8,
+            error: 0,
+            syn_retransmits: 0,
+            task: TaskInfo {
+                cgroup_id: 4242,
+                pid: 812,
+                tid: 813,
+                comm,
+            },
+            start_ns: 4_000,
+            duration_ns: 1_000,
+        }
+    }
+
+    fn bytes_of(event: &ConnectEvent) -> Vec<u8> {
+        // SAFETY: plain-integer repr(C) struct without padding.
+        unsafe {
+            std::slice::from_raw_parts((event as *const ConnectEvent).cast::<u8>(), size_of::<ConnectEvent>())
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_an_ipv4_connect() {
+        let Event::Connect(c) = decode(&bytes_of(&raw_connect())).unwrap();
+        assert_eq!(c.src, "10.0.1.5:40312".parse().unwrap());
+        assert_eq!(c.dst, "10.0.2.9:6379".parse().unwrap());
+        assert_eq!(c.task.comm, "redis-cli");
+        assert_eq!((c.task.pid, c.task.tid, c.task.cgroup_id), (812, 813, 4242));
+        assert_eq!(c.outcome, ConnectOutcome::Established);
+        assert_eq!(c.error, None);
+        assert_eq!(c.duration_ns, 1_000);
+    }
+
+    #[test]
+    fn keeps_real_ipv6_and_unmaps_mapped_ipv4() {
+        assert_eq!(normalize_ip(Ipv6Addr::LOCALHOST.octets()), "::1".parse::<IpAddr>().unwrap());
+        let mapped: Ipv6Addr = "::ffff:192.168.1.1".parse().unwrap();
+        assert_eq!(normalize_ip(mapped.octets()), "192.168.1.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn rejects_short_unknown_and_invalid_records() {
+        let bytes = bytes_of(&raw_connect());
+        assert_eq!(decode(&bytes[..8]), Err(DecodeError::NoHeader { len: 8 }));
+        assert!(matches!(decode(&bytes[..40]), Err(DecodeError::Size { .. })));
+        let mut unknown = raw_connect();
+        unknown.header.kind = 99;
+        assert_eq!(decode(&bytes_of(&unknown)), Err(DecodeError::UnknownKind { kind: 99 }));
+        let mut bad = raw_connect();
+        bad.outcome = 42;
+        assert!(matches!(decode(&bytes_of(&bad)), Err(DecodeError::Value { field: "outcome", .. })));
+    }
+
+    #[test]
+    fn never_panics_on_arbitrary_bytes() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for len in 0..300 {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            let _ = decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Checks before loading anything, each failing with one clear message:
+//! privileges, kernel version, BTF, tracefs.
+
+use std::{fs, path::Path, path::PathBuf};
+
+use crate::tracefs::TRACEFS_ROOTS;
+
+/// Ring buffers (`BPF_MAP_TYPE_RINGBUF`) arrived in 5.8; EKS runs 5.10+.
+pub const MIN_KERNEL: (u32, u32) = (5, 8);
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    #[error(
+        "missing privileges: resptrace needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN); \
+         run it as root or grant those capabilities"
+    )]
+    Privileges,
+    #[error("kernel {release} is too old: resptrace needs Linux {}.{} or newer", MIN_KERNEL.0, MIN_KERNEL.1)]
+    KernelTooOld { release: String },
+    #[error("cannot tell the kernel version from `{release}`")]
+    KernelVersion { release: String },
+    #[error(
+        "kernel BTF not found at {VMLINUX_BTF}: resptrace needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y (every EKS AMI has it)"
+    )]
+    MissingBtf,
+    #[error(
+        "tracefs is not mounted at {} and mounting it failed; mount it with \
+         `mount -t tracefs tracefs /sys/kernel/tracing`",
+        TRACEFS_ROOTS[0]
+    )]
+    Tracefs(#[source] std::io::Error),
+    #[error("cannot read {what}")]
+    Read {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the checks found out about the kernel.
+#[derive(Debug, Clone)]
+pub struct KernelInfo {
+    pub release: String,
+    pub tracefs: PathBuf,
+}
+
+pub fn check() -> Result<KernelInfo, PreflightError> {
+    check_privileges()?;
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_err(|source| PreflightError::Read {
+            what: "/proc/sys/kernel/osrelease",
+            source,
+        })?
+        .trim()
+        .to_owned();
+    let version = parse_kernel_version(&release)?;
+    if version < MIN_KERNEL {
+        return Err(PreflightError::KernelTooOld { release });
+    }
+    if !Path::new(VMLINUX_BTF).exists() {
+        return Err(PreflightError::MissingBtf);
+    }
+    let tracefs = ensure_tracefs()?;
+    raise_memlock_limit(version);
+    Ok(KernelInfo {
+        release,
+        tracefs,
+    })
+}
+
+fn check_privileges() -> Result<(), PreflightError> {
+    let status = fs::read_to_string("/proc/self/status").map_err(|source| PreflightError::Read {
+        what: "/proc/self/status",
+        source,
+    })?;
+    let effective = parse_effective_caps(&status).unwrap_or(0);
+    let has = |cap: u32| effective & (1u64 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        Ok(())
+    } else {
+        Err(PreflightError::Privileges)
+    }
+}
+
+fn parse_effective_caps(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("CapEff:"))?;
+    u64::from_str_radix(line.trim_start_matches("CapEff:").trim(), 16).ok()
+}
+
+/// `5.10.223-212.873.amzn2.x86_64` → (5, 10).
+pub fn parse_kernel_version(release: &str) -> Result<(u32, u32), PreflightError> {
+    let bad = || PreflightError::KernelVersion {
+        release: release.into(),
+    };
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let minor = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    Ok((major, minor))
+}
+
+/// Returns the tracefs root, mounting tracefs at its usual place if no
+/// mount is found (minimal hosts and some containers have none).
+fn ensure_tracefs() -> Result<PathBuf, PreflightError> {
+    if let Some(root) = TRACEFS_ROOTS
+        .iter()
+        .map(PathBuf::from)
+        .find(|root| root.join("events").is_dir())
+    {
+        return Ok(root);
+    }
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"tracefs".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(PreflightError::Tracefs(std::io::Error::last_os_error()));
+    }
+    tracing::info!("mounted tracefs at {}", TRACEFS_ROOTS[0]);
+    Ok(PathBuf::from(TRACEFS_ROOTS[0]))
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones to the
+/// memory cgroup, where raising the limit is unnecessary (and may be refused
+/// without CAP_SYS_RESOURCE).
+fn raise_memlock_limit(version: (u32, u32)) {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    if rc != 0 && version < (5, 11) {
+        tracing::warn!(
+            "cannot raise RLIMIT_MEMLOCK ({}): loading may fail on this kernel; \
+             grant CAP_SYS_RESOURCE or raise the limit",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions_of_eks_amis() {
+        assert_eq!(parse_kernel_version("5.10.223-212.873.amzn2.x86_64").unwrap(), (5, 10));
+        assert_eq!(parse_kernel_version("6.1.115-126.197.amzn2023.x86_64").unwrap(), (6, 1));
+        assert_eq!(parse_kernel_version("6.18.0").unwrap(), (6, 18));
+        assert!(parse_kernel_version("linux").is_err());
+    }
+
+    #[test]
+    fn effective_capabilities() {
+        let status = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000000c000000000\n";
+        let caps = parse_effective_caps(status).unwrap();
+        assert_ne!(caps & (1 << CAP_BPF), 0);
+        assert_ne!(caps & (1 << CAP_PERFMON), 0);
+        assert_eq!(caps & (1 << CAP_SYS_ADMIN), 0);
+    }
+}

@@ -1,0 +1,106 @@
+//! Userspace half of `agent-ebpf/src/connect.rs`: which tracepoints it uses
+//! and where their fields sit on this kernel.
+
+use std::path::Path;
+
+use agent_common::{CONFIG_HAS_ERROR_REPORT, TracepointOffsets};
+use anyhow::Context as _;
+
+use super::TracepointProgram;
+use crate::tracefs::{TracefsError, TracepointFormat};
+
+pub const PROGRAMS: &[TracepointProgram] = &[
+    TracepointProgram {
+        program: "inet_sock_set_state",
+        category: "sock",
+        name: "inet_sock_set_state",
+        since: (4, 16),
+        required: true,
+    },
+    TracepointProgram {
+        program: "tcp_retransmit_skb",
+        category: "tcp",
+        name: "tcp_retransmit_skb",
+        since: (4, 15),
+        required: true,
+    },
+    TracepointProgram {
+        program: "tcp_receive_reset",
+        category: "tcp",
+        name: "tcp_receive_reset",
+        since: (4, 15),
+        required: true,
+    },
+    TracepointProgram {
+        program: "tcp_destroy_sock",
+        category: "tcp",
+        name: "tcp_destroy_sock",
+        since: (4, 15),
+        required: true,
+    },
+    TracepointProgram {
+        program: "inet_sk_error_report",
+        category: "sock",
+        name: "inet_sk_error_report",
+        since: (5, 14),
+        required: false,
+    },
+];
+
+/// Field offsets and feature flags for this kernel.
+pub struct Layout {
+    pub offsets: TracepointOffsets,
+    pub flags: u32,
+    /// Programs whose tracepoint exists here.
+    pub available: Vec<&'static str>,
+}
+
+pub fn resolve(tracefs: &Path) -> anyhow::Result<Layout> {
+    let read = |category: &str, name: &str| TracepointFormat::read(tracefs, category, name);
+    let mut offsets = TracepointOffsets::default();
+    let mut available = Vec::new();
+
+    let set_state = read("sock", "inet_sock_set_state")
+        .context("resptrace needs sock/inet_sock_set_state (Linux 4.16+)")?;
+    offsets.set_state_skaddr = set_state.offset("skaddr", 8)?;
+    offsets.set_state_oldstate = set_state.offset("oldstate", 4)?;
+    offsets.set_state_newstate = set_state.offset("newstate", 4)?;
+    offsets.set_state_sport = set_state.offset("sport", 2)?;
+    offsets.set_state_dport = set_state.offset("dport", 2)?;
+    offsets.set_state_family = set_state.offset("family", 2)?;
+    offsets.set_state_protocol = set_state.offset("protocol", 2)?;
+    offsets.set_state_saddr_v6 = set_state.offset("saddr_v6", 16)?;
+    offsets.set_state_daddr_v6 = set_state.offset("daddr_v6", 16)?;
+    available.push("inet_sock_set_state");
+
+    let retransmit = read("tcp", "tcp_retransmit_skb")?;
+    offsets.retransmit_skaddr = retransmit.offset("skaddr", 8)?;
+    offsets.retransmit_state = retransmit.offset("state", 4)?;
+    available.push("tcp_retransmit_skb");
+
+    offsets.receive_reset_skaddr = read("tcp", "tcp_receive_reset")?.offset("skaddr", 8)?;
+    available.push("tcp_receive_reset");
+    offsets.destroy_skaddr = read("tcp", "tcp_destroy_sock")?.offset("skaddr", 8)?;
+    available.push("tcp_destroy_sock");
+
+    let mut flags = 0;
+    match read("sock", "inet_sk_error_report") {
+        Ok(report) => {
+            offsets.error_report_error = report.offset("error", 4)?;
+            offsets.error_report_sport = report.offset("sport", 2)?;
+            offsets.error_report_dport = report.offset("dport", 2)?;
+            offsets.error_report_protocol = report.offset("protocol", 2)?;
+            offsets.error_report_saddr_v6 = report.offset("saddr_v6", 16)?;
+            offsets.error_report_daddr_v6 = report.offset("daddr_v6", 16)?;
+            flags |= CONFIG_HAS_ERROR_REPORT;
+            available.push("inet_sk_error_report");
+        }
+        Err(TracefsError::MissingTracepoint { .. }) => {}
+        Err(other) => return Err(other.into()),
+    }
+    Ok(Layout {
+        offsets,
+        flags,
+        available,
+    })
+}

@@ -1,0 +1,136 @@
+//! Loading the kernel programs, attaching them, and reading their counters.
+
+pub mod connect;
+
+use std::path::Path;
+
+use agent_common::{Config, STAT_COUNT, StatId};
+use anyhow::Context as _;
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+
+/// The kernel programs, built by `build.rs` from `agent-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/resptrace"));
+
+/// One tracepoint program and where it attaches.
+#[derive(Debug, Clone, Copy)]
+pub struct TracepointProgram {
+    /// Function name in `agent-ebpf`.
+    pub program: &'static str,
+    pub category: &'static str,
+    pub name: &'static str,
+    /// First kernel that has the tracepoint; older kernels run without it.
+    pub since: (u32, u32),
+    pub required: bool,
+}
+
+pub struct LoadOptions<'a> {
+    pub ports: &'a [u16],
+    pub ring_buffer_bytes: u32,
+    pub tracefs: &'a Path,
+}
+
+/// Loaded and attached programs; dropping this detaches everything.
+pub struct Probes {
+    // Keeps programs and links alive.
+    _ebpf: Ebpf,
+    stats: PerCpuArray<MapData, u64>,
+    /// `category/name` of every attached tracepoint.
+    pub attached: Vec<String>,
+}
+
+/// Kernel-side counters, summed over CPUs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct KernelStats {
+    pub ring_buffer_full: u64,
+    pub connect_map_full: u64,
+    pub read_failed: u64,
+}
+
+impl Probes {
+    /// Loads and attaches everything; returns the probes and their event ring buffer.
+    pub fn load(options: &LoadOptions<'_>) -> anyhow::Result<(Self, RingBuf<MapData>)> {
+        let layout = connect::resolve(options.tracefs)?;
+        let mut config = Config {
+            port_count: options.ports.len() as u32,
+            flags: layout.flags,
+            offsets: layout.offsets,
+            ..Default::default()
+        };
+        config.ports[..options.ports.len()].copy_from_slice(options.ports);
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("CONFIG", &config, true)
+            .map_max_entries("EVENTS", options.ring_buffer_bytes)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF programs into the kernel")?;
+
+        let mut attached = Vec::new();
+        for tp in connect::PROGRAMS {
+            if !layout.available.contains(&tp.program) {
+                anyhow::ensure!(
+                    !tp.required,
+                    "tracepoint {}/{} is missing (needs Linux {}.{}+)",
+                    tp.category,
+                    tp.name,
+                    tp.since.0,
+                    tp.since.1
+                );
+                tracing::warn!(
+                    "tracepoint {}/{} is missing (Linux {}.{}+): running without it",
+                    tp.category,
+                    tp.name,
+                    tp.since.0,
+                    tp.since.1
+                );
+                continue;
+            }
+            attach_tracepoint(&mut ebpf, tp)?;
+            attached.push(format!("{}/{}", tp.category, tp.name));
+        }
+
+        let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)
+            .context("map EVENTS is not a ring buffer")?;
+        let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("map STATS missing")?)
+            .context("map STATS is not a per-CPU array")?;
+        let probes = Self {
+            _ebpf: ebpf,
+            stats,
+            attached,
+        };
+        Ok((probes, events))
+    }
+
+    pub fn kernel_stats(&self) -> KernelStats {
+        let sum = |id: StatId| -> u64 {
+            self.stats
+                .get(&(id as u32), 0)
+                .map(|values| values.iter().sum())
+                .unwrap_or(0)
+        };
+        debug_assert_eq!(STAT_COUNT, 3, "update KernelStats with the new counters");
+        KernelStats {
+            ring_buffer_full: sum(StatId::RingBufferFull),
+            connect_map_full: sum(StatId::ConnectMapFull),
+            read_failed: sum(StatId::ReadFailed),
+        }
+    }
+}
+
+fn attach_tracepoint(ebpf: &mut Ebpf, tp: &TracepointProgram) -> anyhow::Result<()> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(tp.program)
+        .with_context(|| format!("program {} missing from the eBPF object", tp.program))?
+        .try_into()
+        .with_context(|| format!("program {} is not a tracepoint", tp.program))?;
+    program
+        .load()
+        .with_context(|| format!("verifier rejected program {}", tp.program))?;
+    program
+        .attach(tp.category, tp.name)
+        .with_context(|| format!("attaching to tracepoint {}/{}", tp.category, tp.name))?;
+    Ok(())
+}

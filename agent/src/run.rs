@@ -1,0 +1,119 @@
+//! The agent's main loop: ring buffer → decode → sink, stats on a timer,
+//! clean detach on SIGINT/SIGTERM.
+
+use std::io::{BufWriter, ErrorKind, Write};
+
+use anyhow::Context as _;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    cli::Cli,
+    clock::Clock,
+    decode::decode,
+    preflight,
+    probes::{LoadOptions, Probes},
+    sinks::json::{JsonSink, SCHEMA_VERSION, Started, Stats},
+};
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let ports = cli.watched_ports().map_err(anyhow::Error::msg)?;
+    let kernel = preflight::check()?;
+    tracing::debug!(?kernel, "preflight checks passed");
+
+    let (mut probes, ring) = Probes::load(&LoadOptions {
+        ports: &ports,
+        ring_buffer_bytes: cli.ring_buffer_kib * 1024,
+        tracefs: &kernel.tracefs,
+    })?;
+    let attached = std::mem::take(&mut probes.attached);
+    tracing::info!(
+        "watching TCP ports {ports:?} with {} tracepoints on Linux {}",
+        attached.len(),
+        kernel.release
+    );
+
+    let mut sink = JsonSink::new(BufWriter::new(std::io::stdout().lock()), Clock::new());
+    sink.started(&Started {
+        schema_version: SCHEMA_VERSION,
+        version: env!("CARGO_PKG_VERSION"),
+        pid: std::process::id(),
+        kernel: &kernel.release,
+        ports: &ports,
+        tracepoints: &attached,
+    })?;
+    sink.flush()?;
+
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut stats_timer = (!cli.stats_interval.is_zero()).then(|| {
+        let mut timer = tokio::time::interval(cli.stats_interval);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        timer.reset();
+        timer
+    });
+    let mut stats = Stats::default();
+    // SAFETY: the ring buffer owns its fd, which stays open and the same until
+    // the AsyncFd (and the ring buffer inside it) is dropped.
+    let mut events = unsafe { AsyncFd::register(ring) }
+        .map_err(std::io::Error::from)
+        .context("polling the event ring buffer")?;
+
+    let result: anyhow::Result<()> = loop {
+        tokio::select! {
+            ready = events.readable_mut() => {
+                let mut guard = ready.context("waiting for events")?;
+                drain(guard.get_inner_mut(), &mut sink, &mut stats)?;
+                guard.clear_ready();
+                sink.flush()?;
+            }
+            _ = async { stats_timer.as_mut().unwrap().tick().await }, if stats_timer.is_some() => {
+                let kernel = probes.kernel_stats();
+                sink.stats(&stats.with_kernel(kernel))?;
+                sink.flush()?;
+            }
+            _ = sigint.recv() => break Ok(()),
+            _ = sigterm.recv() => break Ok(()),
+        }
+    };
+    // Whatever is still queued, then the final counters.
+    drain(events.get_mut(), &mut sink, &mut stats)?;
+    let kernel = probes.kernel_stats();
+    sink.stats(&stats.with_kernel(kernel))?;
+    sink.flush()?;
+    tracing::info!("detaching");
+    result
+}
+
+/// Writes every queued event; a closed stdout ends the agent quietly.
+fn drain<W: Write>(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    sink: &mut JsonSink<W>,
+    stats: &mut Stats,
+) -> anyhow::Result<()> {
+    while let Some(record) = ring.next() {
+        match decode(&record) {
+            Ok(event) => {
+                stats.events += 1;
+                if let Err(err) = sink.event(&event) {
+                    return Err(output_error(err));
+                }
+            }
+            Err(err) => {
+                stats.decode_errors += 1;
+                tracing::warn!("dropping an event record: {err}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn output_error(err: std::io::Error) -> anyhow::Error {
+    if err.kind() == ErrorKind::BrokenPipe {
+        anyhow::anyhow!("stdout was closed")
+    } else {
+        anyhow::Error::new(err).context("writing events to stdout")
+    }
+}

@@ -1,0 +1,247 @@
+//! JSON lines on stdout: one object per line, schema in `docs/events.md`.
+//! Field names are an API: stable, units in the name.
+
+use std::{io::Write, net::IpAddr, time::SystemTime};
+
+use agent_common::{ConnectOutcome, SynAnswer, errno};
+use serde::Serialize;
+
+use crate::{
+    clock::Clock,
+    decode::{Connect, Event},
+    probes::KernelStats,
+};
+
+/// Bumped when a field changes meaning or disappears (adding one does not).
+pub const SCHEMA_VERSION: u32 = 1;
+
+pub struct JsonSink<W: Write> {
+    out: W,
+    clock: Clock,
+}
+
+#[derive(Serialize)]
+struct Line<'a, T: Serialize> {
+    ts: String,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(flatten)]
+    body: T,
+}
+
+#[derive(Serialize)]
+struct ConnectBody<'a> {
+    outcome: &'static str,
+    answer: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    handshake_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failed_after_us: Option<u64>,
+    syn_retransmits: u32,
+    /// A failed attempt whose SYNs got no answer at all: dropped in the path.
+    path_drop_suspected: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    src: Source<'a>,
+    dst: Destination,
+}
+
+#[derive(Serialize)]
+struct Source<'a> {
+    ip: IpAddr,
+    port: u16,
+    pid: u32,
+    tid: u32,
+    comm: &'a str,
+    cgroup_id: u64,
+}
+
+#[derive(Serialize)]
+struct Destination {
+    ip: IpAddr,
+    port: u16,
+}
+
+/// Facts about the running agent, written once after all programs attached.
+#[derive(Serialize)]
+pub struct Started<'a> {
+    pub schema_version: u32,
+    pub version: &'a str,
+    pub pid: u32,
+    pub kernel: &'a str,
+    pub ports: &'a [u16],
+    pub tracepoints: &'a [String],
+}
+
+/// Counters of the agent, written every `--stats-interval` and at exit.
+#[derive(Serialize, Default, Debug, Clone, Copy)]
+pub struct Stats {
+    pub events: u64,
+    pub decode_errors: u64,
+    pub ring_buffer_full: u64,
+    pub connect_map_full: u64,
+    pub read_failed: u64,
+}
+
+impl Stats {
+    pub fn with_kernel(mut self, kernel: KernelStats) -> Self {
+        self.ring_buffer_full = kernel.ring_buffer_full;
+        self.connect_map_full = kernel.connect_map_full;
+        self.read_failed = kernel.read_failed;
+        self
+    }
+}
+
+impl<W: Write> JsonSink<W> {
+    pub fn new(out: W, clock: Clock) -> Self {
+        Self { out, clock }
+    }
+
+    pub fn event(&mut self, event: &Event) -> std::io::Result<()> {
+        match event {
+            Event::Connect(connect) => {
+                let ts = self.clock.wall_time(connect.ts_ns);
+                self.line(ts, "connect", connect_body(connect))
+            }
+        }
+    }
+
+    pub fn started(&mut self, started: &Started<'_>) -> std::io::Result<()> {
+        self.line(SystemTime::now(), "started", started)
+    }
+
+    pub fn stats(&mut self, stats: &Stats) -> std::io::Result<()> {
+        self.line(SystemTime::now(), "stats", stats)
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+
+    fn line<T: Serialize>(&mut self, ts: SystemTime, kind: &str, body: T) -> std::io::Result<()> {
+        let line = Line {
+            ts: humantime::format_rfc3339_micros(ts).to_string(),
+            kind,
+            body,
+        };
+        serde_json::to_writer(&mut self.out, &line)?;
+        self.out.write_all(b"\n")
+    }
+}
+
+fn connect_body(c: &Connect) -> ConnectBody<'_> {
+    // Rounded up: a handshake that happened never reports 0 µs.
+    let micros = c.duration_ns.div_ceil(1_000);
+    let established = c.outcome == ConnectOutcome::Established;
+    ConnectBody {
+        outcome: outcome_name(c.outcome),
+        answer: answer_name(c.answer),
+        handshake_us: established.then_some(micros),
+        failed_after_us: (!established).then_some(micros),
+        syn_retransmits: c.syn_retransmits,
+        path_drop_suspected: !established && c.answer == SynAnswer::None && c.syn_retransmits > 0,
+        error: c.error.map(errno_name),
+        src: Source {
+            ip: c.src.ip(),
+            port: c.src.port(),
+            pid: c.task.pid,
+            tid: c.task.tid,
+            comm: &c.task.comm,
+            cgroup_id: c.task.cgroup_id,
+        },
+        dst: Destination {
+            ip: c.dst.ip(),
+            port: c.dst.port(),
+        },
+    }
+}
+
+pub fn outcome_name(outcome: ConnectOutcome) -> &'static str {
+    match outcome {
+        ConnectOutcome::Established => "established",
+        ConnectOutcome::Refused => "refused",
+        ConnectOutcome::Unreachable => "unreachable",
+        ConnectOutcome::Timeout => "timeout",
+        ConnectOutcome::Aborted => "aborted",
+        ConnectOutcome::Failed => "failed",
+    }
+}
+
+pub fn answer_name(answer: SynAnswer) -> &'static str {
+    match answer {
+        SynAnswer::None => "none",
+        SynAnswer::SynAck => "syn_ack",
+        SynAnswer::Rst => "rst",
+        SynAnswer::Icmp => "icmp",
+    }
+}
+
+fn errno_name(error: i32) -> String {
+    match error {
+        errno::ECONNREFUSED => "ECONNREFUSED".into(),
+        errno::ETIMEDOUT => "ETIMEDOUT".into(),
+        errno::EHOSTUNREACH => "EHOSTUNREACH".into(),
+        errno::ENETUNREACH => "ENETUNREACH".into(),
+        errno::EHOSTDOWN => "EHOSTDOWN".into(),
+        errno::ENETDOWN => "ENETDOWN".into(),
+        other => format!("errno {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::Task;
+
+    fn connect(outcome: ConnectOutcome, answer: SynAnswer, retransmits: u32) -> Connect {
+        Connect {
+            ts_ns: 1,
+            src: "10.0.1.5:40312".parse().unwrap(),
+            dst: "[2001:db8::9]:6379".parse().unwrap(),
+            outcome,
+            answer,
+            error: (outcome == ConnectOutcome::Timeout).then_some(errno::ETIMEDOUT),
+            syn_retransmits: retransmits,
+            task: Task {
+                pid: 812,
+                tid: 812,
+                comm: "java".into(),
+                cgroup_id: 4242,
+            },
+            duration_ns: 56_001,
+        }
+    }
+
+    fn render(event: &Event) -> serde_json::Value {
+        let mut sink = JsonSink::new(Vec::new(), Clock::new());
+        sink.event(event).unwrap();
+        let text = String::from_utf8(sink.out).unwrap();
+        assert!(text.ends_with('\n') && text.matches('\n').count() == 1);
+        serde_json::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn established_connect_line() {
+        let v = render(&Event::Connect(connect(ConnectOutcome::Established, SynAnswer::SynAck, 0)));
+        assert_eq!(v["type"], "connect");
+        assert_eq!(v["outcome"], "established");
+        assert_eq!(v["answer"], "syn_ack");
+        assert_eq!(v["handshake_us"], 57);
+        assert!(v.get("failed_after_us").is_none());
+        assert_eq!(v["path_drop_suspected"], false);
+        assert_eq!(v["src"]["ip"], "10.0.1.5");
+        assert_eq!(v["src"]["comm"], "java");
+        assert_eq!(v["dst"]["ip"], "2001:db8::9");
+        assert_eq!(v["dst"]["port"], 6379);
+        assert!(v["ts"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn unanswered_timeout_is_a_suspected_path_drop() {
+        let v = render(&Event::Connect(connect(ConnectOutcome::Timeout, SynAnswer::None, 1)));
+        assert_eq!(v["outcome"], "timeout");
+        assert_eq!(v["failed_after_us"], 57);
+        assert_eq!(v["error"], "ETIMEDOUT");
+        assert_eq!(v["path_drop_suspected"], true);
+    }
+}

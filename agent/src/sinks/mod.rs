@@ -1,0 +1,3 @@
+//! Sinks: where events leave the agent.
+
+pub mod json;
