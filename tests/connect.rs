@@ -1,0 +1,257 @@
+//! Connect attempts (`agent-ebpf/src/connect.rs`): one event per attempt,
+//! with the outcome the client itself saw and the kernel's own counters.
+
+use std::{
+    collections::BTreeSet,
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use lab::{Agent, EVENT_TIMEOUT, FirewallRule, RedisServer, free_port, nstat, serial};
+use serde_json::Value;
+
+fn is_connect_to(port: u16) -> impl Fn(&Value) -> bool {
+    move |e: &Value| e["type"] == "connect" && e["dst"]["port"] == port
+}
+
+#[test]
+fn each_connect_from_a_real_client_is_one_established_event() -> anyhow::Result<()> {
+    let redis = RedisServer::start()?;
+    let mut agent = Agent::start(&[redis.port], &[])?;
+
+    // Real client processes: redis-cli over IPv4, one event each, with its pid.
+    let mut cli_pids = BTreeSet::new();
+    for _ in 0..5 {
+        let child = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &redis.port.to_string(), "ping"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        cli_pids.insert(child.id());
+        let output = child.wait_with_output()?;
+        assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "PONG");
+    }
+    // This process over IPv4 and IPv6: the local port identifies each socket.
+    let mut own_sockets = Vec::new();
+    for addr in [
+        SocketAddr::from((Ipv4Addr::LOCALHOST, redis.port)),
+        SocketAddr::from((Ipv6Addr::LOCALHOST, redis.port)),
+        SocketAddr::from((Ipv6Addr::LOCALHOST, redis.port)),
+    ] {
+        let stream = TcpStream::connect(addr)?;
+        own_sockets.push((stream.local_addr()?, stream.peer_addr()?));
+    }
+    agent.barrier()?;
+
+    let events = agent.connects_to(redis.port);
+    assert_eq!(
+        events.len(),
+        cli_pids.len() + own_sockets.len(),
+        "exactly one event per connect: {events:#?}"
+    );
+    for event in &events {
+        assert_eq!(event["outcome"], "established", "{event}");
+        assert_eq!(event["answer"], "syn_ack", "{event}");
+        assert!(event["handshake_us"].as_u64().unwrap() > 0, "{event}");
+        assert_eq!(event["syn_retransmits"], 0, "{event}");
+    }
+    let event_cli_pids: BTreeSet<u32> = events
+        .iter()
+        .filter(|e| e["src"]["comm"] == "redis-cli")
+        .map(|e| e["src"]["pid"].as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(event_cli_pids, cli_pids, "one event per redis-cli process, with its pid");
+
+    for (local, peer) in own_sockets {
+        let matching: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["src"]["port"] == local.port())
+            .collect();
+        assert_eq!(matching.len(), 1, "one event for {local}: {events:#?}");
+        let event = matching[0];
+        assert_eq!(event["src"]["ip"], local.ip().to_string());
+        assert_eq!(event["dst"]["ip"], peer.ip().to_string());
+        assert_eq!(event["src"]["pid"], std::process::id());
+    }
+    agent.stop()?;
+    Ok(())
+}
+
+#[test]
+fn connect_to_a_port_without_listener_is_refused() -> anyhow::Result<()> {
+    let port = free_port();
+    let mut agent = Agent::start(&[port], &[])?;
+    let error = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect_err("nothing listens");
+    assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
+
+    let event = agent.wait_for(EVENT_TIMEOUT, is_connect_to(port))?;
+    assert_eq!(event["outcome"], "refused", "{event}");
+    assert_eq!(event["answer"], "rst", "{event}");
+    assert_eq!(event["error"], "ECONNREFUSED", "{event}");
+    assert_eq!(event["src"]["pid"], std::process::id());
+    assert!(event.get("handshake_us").is_none(), "{event}");
+    agent.barrier()?;
+    assert!(agent.connects_to(port).is_empty(), "a single event per attempt");
+    agent.stop()?;
+    Ok(())
+}
+
+/// The client gives up after 1.5 s while its SYN is silently dropped: the
+/// kernel has retransmitted the SYN once (at ~1 s) and the application closes
+/// the socket in SYN_SENT.
+#[test]
+fn client_giving_up_on_a_dropped_syn_is_aborted() -> anyhow::Result<()> {
+    let _serial = serial();
+    let redis = RedisServer::start()?;
+    let mut agent = Agent::start(&[redis.port], &[])?;
+    let _drop = FirewallRule::drop_syns_to(redis.port)?;
+
+    let retrans_before = nstat("TcpExtTCPSynRetrans")?;
+    let started = Instant::now();
+    let error = TcpStream::connect_timeout(
+        &SocketAddr::from((Ipv4Addr::LOCALHOST, redis.port)),
+        Duration::from_millis(1500),
+    )
+    .expect_err("the SYN is dropped");
+    let client_waited = started.elapsed();
+    assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+
+    let event = agent.wait_for(EVENT_TIMEOUT, is_connect_to(redis.port))?;
+    let retrans_after = nstat("TcpExtTCPSynRetrans")?;
+    assert_eq!(retrans_after - retrans_before, 1, "kernel counted one SYN retransmit");
+
+    assert_eq!(event["outcome"], "aborted", "{event}");
+    assert_eq!(event["answer"], "none", "{event}");
+    assert_eq!(event["syn_retransmits"], 1, "{event}");
+    assert_eq!(event["path_drop_suspected"], true, "{event}");
+    assert_eq!(event["src"]["pid"], std::process::id());
+    let failed_after = Duration::from_micros(event["failed_after_us"].as_u64().unwrap());
+    let gap = client_waited.abs_diff(failed_after);
+    assert!(
+        gap < Duration::from_millis(100),
+        "agent says {failed_after:?}, client waited {client_waited:?}"
+    );
+    agent.barrier()?;
+    assert!(agent.connects_to(redis.port).is_empty(), "a single event per attempt");
+    agent.stop()?;
+    Ok(())
+}
+
+/// With `TCP_SYNCNT=1` the kernel itself gives up (ETIMEDOUT after ~3 s).
+#[test]
+fn kernel_giving_up_on_a_dropped_syn_is_timeout() -> anyhow::Result<()> {
+    let _serial = serial();
+    let redis = RedisServer::start()?;
+    let mut agent = Agent::start(&[redis.port], &[])?;
+    let _drop = FirewallRule::drop_syns_to(redis.port)?;
+
+    let retrans_before = nstat("TcpExtTCPSynRetrans")?;
+    let started = Instant::now();
+    let error = connect_with_syn_count(SocketAddr::from((Ipv4Addr::LOCALHOST, redis.port)), 1)
+        .expect_err("the SYN is dropped");
+    let client_waited = started.elapsed();
+    assert_eq!(error.raw_os_error(), Some(libc::ETIMEDOUT), "{error}");
+
+    let event = agent.wait_for(EVENT_TIMEOUT, is_connect_to(redis.port))?;
+    // One retransmit on 5.10/6.1; two since tcp_syn_linear_timeouts (6.5)
+    // spaces the first SYN retransmits 1 s apart. The kernel's count rules.
+    let kernel_retransmits = nstat("TcpExtTCPSynRetrans")? - retrans_before;
+    assert!(kernel_retransmits >= 1);
+
+    assert_eq!(event["outcome"], "timeout", "{event}");
+    assert_eq!(event["error"], "ETIMEDOUT", "{event}");
+    assert_eq!(event["answer"], "none", "{event}");
+    assert_eq!(event["syn_retransmits"], kernel_retransmits, "{event}");
+    assert_eq!(event["path_drop_suspected"], true, "{event}");
+    let failed_after = Duration::from_micros(event["failed_after_us"].as_u64().unwrap());
+    assert!(
+        client_waited.abs_diff(failed_after) < Duration::from_millis(100),
+        "agent says {failed_after:?}, client waited {client_waited:?}"
+    );
+    agent.barrier()?;
+    assert!(agent.connects_to(redis.port).is_empty(), "a single event per attempt");
+    agent.stop()?;
+    Ok(())
+}
+
+/// A blocking connect with `TCP_SYNCNT` set, through libc (std has no knob).
+fn connect_with_syn_count(addr: SocketAddr, syn_count: libc::c_int) -> io::Result<TcpStream> {
+    let SocketAddr::V4(v4) = addr else {
+        unimplemented!("IPv4 only")
+    };
+    // SAFETY: plain socket syscalls on an fd this function owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let socket = OwnedFd::from_raw_fd(fd);
+        let rc = libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_SYNCNT,
+            (&syn_count as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*v4.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            socket.as_raw_fd(),
+            (&sin as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(TcpStream::from(socket))
+    }
+}
+
+/// With the agent stopped (SIGSTOP) a tiny ring buffer overflows: every
+/// attempt is either delivered or counted as a drop, never lost silently.
+#[test]
+fn a_full_ring_buffer_is_counted_not_silent() -> anyhow::Result<()> {
+    const CONNECTS: usize = 200;
+    let redis = RedisServer::start()?;
+    let agent = Agent::start(&[redis.port], &["--ring-buffer-kib", "4"])?;
+    lab::signal(agent.pid(), libc::SIGSTOP);
+    let stopped = scopeguard_cont(agent.pid());
+    for _ in 0..CONNECTS {
+        TcpStream::connect((Ipv4Addr::LOCALHOST, redis.port))?;
+    }
+    drop(stopped);
+
+    let events = agent.stop()?;
+    let delivered = events.iter().filter(|e| is_connect_to(redis.port)(e)).count();
+    let stats = events
+        .iter()
+        .rfind(|e| e["type"] == "stats")
+        .expect("a final stats event");
+    let dropped = stats["ring_buffer_full"].as_u64().unwrap() as usize;
+    assert!(dropped > 0, "a 4 KiB ring cannot hold {CONNECTS} events: {stats}");
+    assert_eq!(delivered + dropped, CONNECTS, "{stats}");
+    Ok(())
+}
+
+/// Sends SIGCONT to `pid` when dropped, so a failing test never leaves the
+/// agent stopped.
+fn scopeguard_cont(pid: u32) -> impl Drop {
+    struct Cont(u32);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            lab::signal(self.0, libc::SIGCONT);
+        }
+    }
+    Cont(pid)
+}

@@ -21,7 +21,7 @@
 
 use agent_common::{
     CONFIG_HAS_ERROR_REPORT, Config, ConnectEvent, ConnectOutcome, EventHeader, EventKind,
-    FlowTuple, MAX_CONNECTS_IN_FLIGHT, StatId, SynAnswer, TaskInfo, failed_connect_outcome,
+    FlowTuple, MAX_CONNECTS_IN_FLIGHT, StatId, SynAnswer, TaskInfo, errno, failed_connect_outcome,
 };
 use aya_ebpf::{
     helpers::{
@@ -172,7 +172,8 @@ fn on_syn_sent(
 /// error report or the socket's destruction follows.
 fn on_syn_sent_close(config: &Config, skaddr: u64, state: &mut ConnectState, now: u64) {
     if state.answer == SynAnswer::Rst as u8 {
-        emit(state, now, ConnectOutcome::Refused, SynAnswer::Rst, 0);
+        // tcp_reset() in SYN_SENT always fails the connect with ECONNREFUSED.
+        emit(state, now, ConnectOutcome::Refused, SynAnswer::Rst, errno::ECONNREFUSED);
         let _ = CONNECTS.remove(&skaddr);
         return;
     }

@@ -35,6 +35,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         kernel.release
     );
 
+    // Before `started`: whoever waits for it may signal us right away.
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+
     let mut sink = JsonSink::new(BufWriter::new(std::io::stdout().lock()), Clock::new());
     sink.started(&Started {
         schema_version: SCHEMA_VERSION,
@@ -46,8 +50,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     })?;
     sink.flush()?;
 
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut stats_timer = (!cli.stats_interval.is_zero()).then(|| {
         let mut timer = tokio::time::interval(cli.stats_interval);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

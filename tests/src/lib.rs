@@ -1,0 +1,317 @@
+//! The test lab: guards for the real agent, a real `redis-server`, firewall
+//! rules, and the kernel's own counters as ground truth. Every guard undoes
+//! what it did on drop, also when the test panics.
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        mpsc::{Receiver, RecvTimeoutError, channel},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+/// How long a test waits for the agent to attach its programs.
+pub const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a test waits for an event that should come.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Tests that read node-wide kernel counters (`nstat`) run one at a time.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The agent binary under test: `$RESPTRACE_BIN`, else `target/release/resptrace`.
+pub fn agent_binary() -> PathBuf {
+    std::env::var_os("RESPTRACE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/resptrace")
+        })
+}
+
+/// A TCP port nothing listens on right now.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// Polls `condition` until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running `resptrace`, its stdout parsed line by line.
+pub struct Agent {
+    child: Child,
+    events: Receiver<Value>,
+    stderr: Arc<Mutex<String>>,
+    /// A watched port with no listener: a connect to it is a marker event.
+    barrier_port: u16,
+    /// Events read past while waiting for others, in order.
+    seen: Vec<Value>,
+}
+
+impl Agent {
+    /// Starts the agent watching `ports` (plus a barrier port) and waits until
+    /// it has attached its programs.
+    pub fn start(ports: &[u16], extra_args: &[&str]) -> anyhow::Result<Self> {
+        let barrier_port = free_port();
+        let port_list: Vec<String> = ports
+            .iter()
+            .chain(std::iter::once(&barrier_port))
+            .map(u16::to_string)
+            .collect();
+        let mut child = Command::new(agent_binary())
+            .arg("--ports")
+            .arg(port_list.join(","))
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", agent_binary().display()))?;
+
+        let (sender, events) = channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let value: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("agent wrote a line that is not JSON ({e}): {line}"));
+                if sender.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().expect("piped stderr");
+        let sink = Arc::clone(&stderr);
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+
+        let mut agent = Self {
+            child,
+            events,
+            stderr,
+            barrier_port,
+            seen: Vec::new(),
+        };
+        agent
+            .wait_for(AGENT_START_TIMEOUT, |e| e["type"] == "started")
+            .context("agent did not start")?;
+        Ok(agent)
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the next event matching `predicate`; events before it are
+    /// kept in [`Agent::seen`].
+    pub fn wait_for(
+        &mut self,
+        timeout: Duration,
+        predicate: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(event) if predicate(&event) => return Ok(event),
+                Ok(event) => self.seen.push(event),
+                Err(RecvTimeoutError::Timeout) => bail!(
+                    "no matching event within {timeout:?}; seen: {:#?}\nagent stderr:\n{}",
+                    self.seen,
+                    self.stderr()
+                ),
+                Err(RecvTimeoutError::Disconnected) => bail!(
+                    "agent exited ({:?}); stderr:\n{}",
+                    self.child.try_wait(),
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// Makes a marker connect and waits for its event: every event of a
+    /// connect that completed before this call has then been read.
+    pub fn barrier(&mut self) -> anyhow::Result<()> {
+        let port = self.barrier_port;
+        let attempt = TcpStream::connect((Ipv4Addr::LOCALHOST, port));
+        anyhow::ensure!(attempt.is_err(), "something listens on barrier port {port}");
+        self.wait_for(EVENT_TIMEOUT, |e| {
+            e["type"] == "connect" && e["dst"]["port"] == port
+        })?;
+        Ok(())
+    }
+
+    /// Events read so far (not returned by `wait_for`) that match `predicate`.
+    pub fn take_seen(&mut self, predicate: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let (matching, rest) = std::mem::take(&mut self.seen).into_iter().partition(predicate);
+        self.seen = rest;
+        matching
+    }
+
+    /// Connect events to `port` read so far.
+    pub fn connects_to(&mut self, port: u16) -> Vec<Value> {
+        self.take_seen(|e| e["type"] == "connect" && e["dst"]["port"] == port)
+    }
+
+    /// SIGINT, then every remaining line until the agent exits; fails unless
+    /// it exits 0.
+    pub fn stop(mut self) -> anyhow::Result<Vec<Value>> {
+        signal(self.child.id(), libc::SIGINT);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut rest = std::mem::take(&mut self.seen);
+        loop {
+            match self.events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(event) => rest.push(event),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => bail!("agent did not exit after SIGINT"),
+            }
+        }
+        let status = self.child.wait()?;
+        anyhow::ensure!(status.success(), "agent exited with {status}: {}", self.stderr());
+        Ok(rest)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            signal(self.child.id(), libc::SIGINT);
+            if !wait_until(Duration::from_secs(5), || {
+                matches!(self.child.try_wait(), Ok(Some(_)))
+            }) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}
+
+pub fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: plain syscall on a child we own.
+    unsafe { libc::kill(pid as libc::pid_t, signal) };
+}
+
+/// A real `redis-server` on a free port, on 127.0.0.1 and ::1, no persistence.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl RedisServer {
+    pub fn start() -> anyhow::Result<Self> {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1 ::1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting redis-server (run `cargo xtask setup`)")?;
+        let server = Self { child, port };
+        let ready = wait_until(Duration::from_secs(10), || {
+            TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok()
+        });
+        anyhow::ensure!(ready, "redis-server did not listen on port {port}");
+        Ok(server)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An iptables/ip6tables rule in the filter table, removed on drop.
+pub struct FirewallRule {
+    binary: &'static str,
+    chain: String,
+    spec: Vec<String>,
+}
+
+/// Tag on every rule the lab adds, to find leftovers of a killed run.
+pub const RULE_COMMENT: &str = "resptrace-test";
+
+impl FirewallRule {
+    /// Inserts `spec` at the top of `chain` (IPv4 or IPv6 table).
+    pub fn insert(ipv6: bool, chain: &str, spec: &[&str]) -> anyhow::Result<Self> {
+        let binary = if ipv6 { "ip6tables" } else { "iptables" };
+        let mut full: Vec<String> = spec.iter().map(|s| s.to_string()).collect();
+        full.extend(["-m", "comment", "--comment", RULE_COMMENT].map(String::from));
+        let status = Command::new(binary)
+            .args(["-w", "-I", chain])
+            .args(&full)
+            .status()
+            .with_context(|| format!("running {binary}"))?;
+        anyhow::ensure!(status.success(), "{binary} -I {chain} {full:?} failed");
+        Ok(Self {
+            binary,
+            chain: chain.into(),
+            spec: full,
+        })
+    }
+
+    /// Silently drops SYNs to `port` arriving on this host.
+    pub fn drop_syns_to(port: u16) -> anyhow::Result<Self> {
+        Self::insert(
+            false,
+            "INPUT",
+            &["-p", "tcp", "--syn", "--dport", &port.to_string(), "-j", "DROP"],
+        )
+    }
+}
+
+impl Drop for FirewallRule {
+    fn drop(&mut self) {
+        let _ = Command::new(self.binary)
+            .args(["-w", "-D", &self.chain])
+            .args(&self.spec)
+            .status();
+    }
+}
+
+/// A kernel SNMP/netstat counter, as `nstat` reads it (absolute value).
+pub fn nstat(counter: &str) -> anyhow::Result<u64> {
+    let output = Command::new("nstat")
+        .args(["-a", "-s", "-z", counter])
+        .output()
+        .context("running nstat")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next() == Some(counter)).then(|| fields.next()?.parse().ok())?
+        })
+        .with_context(|| format!("nstat has no counter {counter}: {text}"))
+}

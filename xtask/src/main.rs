@@ -1,1 +1,132 @@
-fn main(){}
+//! `cargo xtask`: what is not a plain `cargo build` — setting up a fresh
+//! machine, running the agent as root, and the test suite.
+
+mod setup;
+mod util;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::util::{cargo, run_status};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "resptrace developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what the build and the tests need (Debian packages, bpf-linker,
+    /// the eBPF toolchain, redis). Idempotent: seconds when all is present.
+    Setup,
+    /// Set up if needed, build `target/release/resptrace`.
+    Build,
+    /// Set up, build and run the agent as root until Ctrl-C. Arguments after
+    /// `--` go to resptrace, e.g. `cargo xtask run -- --ports 6380`.
+    Run {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// The whole host suite: formatting, clippy, unit tests and the
+    /// integration tests (real agent, real redis-server, as root).
+    Test {
+        /// Only run tests whose name contains this filter.
+        filter: Option<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Setup => setup::run(),
+        Command::Build => {
+            setup::ensure()?;
+            build_agent()
+        }
+        Command::Run { args } => {
+            setup::ensure()?;
+            build_agent()?;
+            run_agent(&args)
+        }
+        Command::Test { filter } => {
+            require_root("cargo xtask test loads eBPF programs and changes firewall rules")?;
+            setup::ensure()?;
+            test(filter.as_deref())
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn agent_binary() -> PathBuf {
+    workspace_root().join("target/release/resptrace")
+}
+
+fn build_agent() -> anyhow::Result<()> {
+    util::step("build target/release/resptrace");
+    run_status(cargo().args(["build", "--release", "--locked", "--package", "agent"]))
+}
+
+fn is_root() -> bool {
+    // SAFETY: no arguments, cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn require_root(why: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(is_root(), "{why}: run it as root (e.g. `sudo -E cargo xtask ...`)");
+    Ok(())
+}
+
+fn run_agent(args: &[String]) -> anyhow::Result<()> {
+    let binary = agent_binary();
+    let mut command = if is_root() {
+        std::process::Command::new(&binary)
+    } else {
+        eprintln!("==> not root: running the agent through sudo");
+        let mut sudo = std::process::Command::new("sudo");
+        sudo.arg(&binary);
+        sudo
+    };
+    command.args(args);
+    // Ctrl-C reaches the agent (same process group), which detaches and exits;
+    // xtask only waits for it.
+    // SAFETY: setting a signal disposition to SIG_IGN is async-signal-safe.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let status = command
+        .status()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    anyhow::ensure!(status.success(), "resptrace exited with {status}");
+    Ok(())
+}
+
+fn test(filter: Option<&str>) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    util::step("rustfmt");
+    run_status(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    util::step("clippy");
+    run_status(cargo().args(["clippy", "--locked", "--all-targets", "--", "-D", "warnings"]))?;
+    build_agent()?;
+    util::step("unit and integration tests");
+    let mut command = cargo();
+    command
+        .args(["test", "--release", "--locked"])
+        .env("RESPTRACE_BIN", agent_binary());
+    if let Some(filter) = filter {
+        command.args(["--", filter]);
+    }
+    run_status(&mut command)?;
+    eprintln!(
+        "==> all tests passed in {:.0?}",
+        std::time::Duration::from_secs(started.elapsed().as_secs())
+    );
+    Ok(())
+}

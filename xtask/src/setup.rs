@@ -1,0 +1,290 @@
+//! `cargo xtask setup`: everything a fresh Debian 12 machine needs to build
+//! the eBPF programs and run the tests, without rustup downloads
+//! (`docs/development.md` explains why each step exists).
+//!
+//! 1. Debian packages: `rustc-web` + `libstd-rust-web-dev-bpf` (a rustc whose
+//!    `core` is prebuilt for bpfel-unknown-none, so no rust-src/build-std),
+//!    the `libLLVM` it links to, redis and the tools the tests use.
+//! 2. An LLVM prefix with `lib/libLLVM.so` for bpf-linker's build script
+//!    (Debian ships only the versioned `libLLVM.so.N.M`).
+//! 3. bpf-linker, built against that same LLVM major.
+//! 4. A rustup toolchain `resptrace-bpf` whose rustc is Debian's, so
+//!    aya-build (`rustup run resptrace-bpf cargo build`) uses it.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::util::{output, run_status, step, stdout_of};
+
+/// Name of the rustup toolchain that compiles `agent-ebpf`; `agent/build.rs`
+/// uses the same name.
+pub const BPF_TOOLCHAIN: &str = "resptrace-bpf";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
+
+/// Packages needed to build and test, besides the `libllvmN` matching rustc.
+const PACKAGES: &[&str] = &[
+    "rustc-web",
+    "libstd-rust-web-dev-bpf",
+    "redis-server",
+    "redis-tools",
+    "iptables",
+    "iproute2",
+    "procps",
+];
+
+/// Quick check used by `run`/`test`/`build`: runs the full setup only when
+/// something is missing.
+pub fn ensure() -> anyhow::Result<()> {
+    if is_complete() {
+        return Ok(());
+    }
+    eprintln!("==> setup is incomplete: running `cargo xtask setup`");
+    run()
+}
+
+fn is_complete() -> bool {
+    let Ok(major) = rustc_llvm_major() else {
+        return false;
+    };
+    missing_packages(&required_packages(major)).is_empty()
+        && bpf_linker_is_current(major)
+        && bpf_toolchain_is_linked()
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    run_step("Debian packages", install_packages)?;
+    let major = rustc_llvm_major()?;
+    run_step("LLVM prefix for bpf-linker", || llvm_prefix(major).map(drop))?;
+    run_step("bpf-linker", || install_bpf_linker(major))?;
+    run_step("eBPF toolchain", link_bpf_toolchain)?;
+    eprintln!("==> setup complete in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn run_step(name: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    step(&format!("setup: {name}"));
+    f().with_context(|| format!("setup step `{name}` failed"))
+}
+
+fn cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"));
+    base.join("resptrace")
+}
+
+fn required_packages(llvm_major: u32) -> Vec<String> {
+    let mut packages: Vec<String> = PACKAGES.iter().map(|p| p.to_string()).collect();
+    packages.push(format!("libllvm{llvm_major}"));
+    packages
+}
+
+fn missing_packages(packages: &[String]) -> Vec<String> {
+    packages
+        .iter()
+        .filter(|package| {
+            let status = stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]));
+            !status.is_some_and(|s| s.trim() == "install ok installed")
+        })
+        .cloned()
+        .collect()
+}
+
+fn apt_install(packages: &[String]) -> anyhow::Result<()> {
+    eprintln!("    installing {}", packages.join(" "));
+    run_status(Command::new("apt-get").args(["update", "-q"]))
+        .context("apt-get update (are you root, with the Debian mirrors reachable?)")?;
+    run_status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn install_packages() -> anyhow::Result<()> {
+    let mut packages: Vec<String> = PACKAGES.iter().map(|p| p.to_string()).collect();
+    let missing = missing_packages(&packages);
+    if !missing.is_empty() {
+        apt_install(&missing)?;
+    }
+    // The LLVM bpf-linker links against must be the one rustc-web uses.
+    let major = rustc_llvm_major()?;
+    packages = vec![format!("libllvm{major}")];
+    let missing = missing_packages(&packages);
+    if !missing.is_empty() {
+        apt_install(&missing)?;
+    }
+    eprintln!("    ok: Debian rustc with LLVM {major}, redis, iptables, iproute2");
+    Ok(())
+}
+
+/// LLVM major version of Debian's rustc (`LLVM version: 22.1.8`).
+fn rustc_llvm_major() -> anyhow::Result<u32> {
+    let version = output(Command::new(DEBIAN_RUSTC).arg("-vV"))
+        .with_context(|| format!("{DEBIAN_RUSTC} (package rustc-web) is not usable"))?;
+    let text = String::from_utf8_lossy(&version.stdout);
+    parse_llvm_major(&text).with_context(|| format!("no LLVM version in `{DEBIAN_RUSTC} -vV`"))
+}
+
+fn parse_llvm_major(rustc_vv: &str) -> Option<u32> {
+    rustc_vv
+        .lines()
+        .find_map(|line| line.strip_prefix("LLVM version:"))?
+        .trim()
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A directory whose `lib/libLLVM.so` points at Debian's `libLLVM.so.N.M`.
+fn llvm_prefix(major: u32) -> anyhow::Result<PathBuf> {
+    let library = find_libllvm(major)?;
+    let prefix = cache_dir().join(format!("llvm{major}"));
+    let link = prefix.join("lib/libLLVM.so");
+    if fs::read_link(&link).ok().as_deref() != Some(library.as_path()) {
+        fs::create_dir_all(prefix.join("lib"))?;
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&library, &link)
+            .with_context(|| format!("linking {} to {}", link.display(), library.display()))?;
+    }
+    eprintln!("    ok: {} -> {}", link.display(), library.display());
+    Ok(prefix)
+}
+
+fn find_libllvm(major: u32) -> anyhow::Result<PathBuf> {
+    let wanted = format!("libLLVM.so.{major}");
+    for dir in ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib"] {
+        let Ok(entries) = fs::read_dir(dir) else { continue };
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n == wanted || n.starts_with(&format!("{wanted}.")))
+            })
+            .collect();
+        found.sort();
+        if let Some(library) = found.pop() {
+            return Ok(library);
+        }
+    }
+    bail!("{wanted}* not found: is package libllvm{major} installed?")
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+/// Records which LLVM the installed bpf-linker was built against.
+fn bpf_linker_stamp() -> PathBuf {
+    cache_dir().join("bpf-linker.stamp")
+}
+
+fn bpf_linker_stamp_text(major: u32) -> String {
+    format!("bpf-linker {BPF_LINKER_VERSION} llvm-{major}\n")
+}
+
+fn bpf_linker_is_current(major: u32) -> bool {
+    let binary = cargo_bin_dir().join("bpf-linker");
+    let version = stdout_of(Command::new(&binary).arg("--version")).unwrap_or_default();
+    version.contains(BPF_LINKER_VERSION)
+        && fs::read_to_string(bpf_linker_stamp()).ok() == Some(bpf_linker_stamp_text(major))
+}
+
+fn install_bpf_linker(major: u32) -> anyhow::Result<()> {
+    if bpf_linker_is_current(major) {
+        eprintln!("    ok: bpf-linker {BPF_LINKER_VERSION} (LLVM {major}) already installed");
+        return Ok(());
+    }
+    let prefix = llvm_prefix(major)?;
+    eprintln!("    building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (about a minute)");
+    let cache = cache_dir();
+    fs::create_dir_all(&cache)?;
+    run_status(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            // Outside the workspace: its .cargo/config.toml is not for this build.
+            .current_dir(&cache)
+            .args(["install", "--locked", "--force", "--no-default-features"])
+            .arg("--features")
+            .arg(format!("llvm-{major}"))
+            .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+            .env("LLVM_PREFIX", &prefix),
+    )?;
+    fs::write(bpf_linker_stamp(), bpf_linker_stamp_text(major))?;
+    Ok(())
+}
+
+fn bpf_toolchain_dir() -> PathBuf {
+    cache_dir().join("bpf-toolchain")
+}
+
+fn bpf_toolchain_is_linked() -> bool {
+    let sysroot = stdout_of(Command::new("rustup").args(["run", BPF_TOOLCHAIN, "rustc", "--print", "sysroot"]));
+    sysroot.is_some_and(|s| Path::new(s.trim()).join("lib/rustlib/bpfel-unknown-none").is_dir())
+        && bpf_toolchain_dir().join("bin/cargo").exists()
+}
+
+/// `rustup toolchain link resptrace-bpf <dir>` with `<dir>/bin/rustc` =
+/// Debian's rustc and `<dir>/bin/cargo` = the cargo running xtask (rustup
+/// refuses a toolchain without `lib/`).
+fn link_bpf_toolchain() -> anyhow::Result<()> {
+    let dir = bpf_toolchain_dir();
+    let cargo = which_cargo()?;
+    fs::create_dir_all(dir.join("bin"))?;
+    fs::create_dir_all(dir.join("lib"))?;
+    for (name, target) in [("rustc", PathBuf::from(DEBIAN_RUSTC)), ("cargo", cargo)] {
+        let link = dir.join("bin").join(name);
+        if fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+            let _ = fs::remove_file(&link);
+            std::os::unix::fs::symlink(&target, &link)
+                .with_context(|| format!("linking {} to {}", link.display(), target.display()))?;
+        }
+    }
+    run_status(Command::new("rustup").args(["toolchain", "link", BPF_TOOLCHAIN]).arg(&dir))?;
+    anyhow::ensure!(
+        bpf_toolchain_is_linked(),
+        "toolchain {BPF_TOOLCHAIN} has no bpfel-unknown-none core (package libstd-rust-web-dev-bpf)"
+    );
+    eprintln!("    ok: rustup toolchain {BPF_TOOLCHAIN} -> {}", dir.display());
+    Ok(())
+}
+
+/// The real cargo binary (not rustup's proxy, which would recurse into the
+/// linked toolchain).
+fn which_cargo() -> anyhow::Result<PathBuf> {
+    if let Some(cargo) = std::env::var_os("CARGO").map(PathBuf::from)
+        && cargo.file_name().is_some_and(|n| n == "cargo")
+        && !cargo.starts_with(cargo_bin_dir())
+    {
+        return Ok(cargo);
+    }
+    let path = output(Command::new("rustup").args(["which", "cargo", "--toolchain", "stable"]))?;
+    Ok(PathBuf::from(String::from_utf8_lossy(&path.stdout).trim()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llvm_major_from_rustc_vv() {
+        let text = "rustc 1.96.0 (ac68faa20 2026-05-25)\nbinary: rustc\nhost: x86_64-unknown-linux-gnu\nrelease: 1.96.0\nLLVM version: 22.1.8\n";
+        assert_eq!(parse_llvm_major(text), Some(22));
+        assert_eq!(parse_llvm_major("rustc 1.96.0\n"), None);
+    }
+}
