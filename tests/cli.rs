@@ -9,13 +9,20 @@ use std::{
 use lab::agent_binary;
 
 fn run(args: &[&str]) -> Output {
-    Command::new(agent_binary()).args(args).output().expect("run resptrace")
+    Command::new(agent_binary())
+        .args(args)
+        .output()
+        .expect("run resptrace")
 }
 
 fn assert_one_line_error(output: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "exit status {}", output.status);
-    assert!(output.stdout.is_empty(), "nothing on stdout: {:?}", output.stdout);
+    assert!(
+        output.stdout.is_empty(),
+        "nothing on stdout: {:?}",
+        output.stdout
+    );
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
     assert!(stderr.contains(needle), "`{needle}` in: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -35,7 +42,13 @@ fn help_documents_every_flag() {
     let output = run(&["--help"]);
     assert!(output.status.success());
     let help = String::from_utf8_lossy(&output.stdout);
-    for flag in ["--ports", "--ring-buffer-kib", "--stats-interval", "--log", "--version"] {
+    for flag in [
+        "--ports",
+        "--ring-buffer-kib",
+        "--stats-interval",
+        "--log",
+        "--version",
+    ] {
         assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
     }
 }

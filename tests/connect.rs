@@ -62,7 +62,10 @@ fn each_connect_from_a_real_client_is_one_established_event() -> anyhow::Result<
         .filter(|e| e["src"]["comm"] == "redis-cli")
         .map(|e| e["src"]["pid"].as_u64().unwrap() as u32)
         .collect();
-    assert_eq!(event_cli_pids, cli_pids, "one event per redis-cli process, with its pid");
+    assert_eq!(
+        event_cli_pids, cli_pids,
+        "one event per redis-cli process, with its pid"
+    );
 
     for (local, peer) in own_sockets {
         let matching: Vec<&Value> = events
@@ -93,7 +96,10 @@ fn connect_to_a_port_without_listener_is_refused() -> anyhow::Result<()> {
     assert_eq!(event["src"]["pid"], std::process::id());
     assert!(event.get("handshake_us").is_none(), "{event}");
     agent.barrier()?;
-    assert!(agent.connects_to(port).is_empty(), "a single event per attempt");
+    assert!(
+        agent.connects_to(port).is_empty(),
+        "a single event per attempt"
+    );
     agent.stop()?;
     Ok(())
 }
@@ -120,7 +126,11 @@ fn client_giving_up_on_a_dropped_syn_is_aborted() -> anyhow::Result<()> {
 
     let event = agent.wait_for(EVENT_TIMEOUT, is_connect_to(redis.port))?;
     let retrans_after = nstat("TcpExtTCPSynRetrans")?;
-    assert_eq!(retrans_after - retrans_before, 1, "kernel counted one SYN retransmit");
+    assert_eq!(
+        retrans_after - retrans_before,
+        1,
+        "kernel counted one SYN retransmit"
+    );
 
     assert_eq!(event["outcome"], "aborted", "{event}");
     assert_eq!(event["answer"], "none", "{event}");
@@ -134,7 +144,10 @@ fn client_giving_up_on_a_dropped_syn_is_aborted() -> anyhow::Result<()> {
         "agent says {failed_after:?}, client waited {client_waited:?}"
     );
     agent.barrier()?;
-    assert!(agent.connects_to(redis.port).is_empty(), "a single event per attempt");
+    assert!(
+        agent.connects_to(redis.port).is_empty(),
+        "a single event per attempt"
+    );
     agent.stop()?;
     Ok(())
 }
@@ -171,7 +184,10 @@ fn kernel_giving_up_on_a_dropped_syn_is_timeout() -> anyhow::Result<()> {
         "agent says {failed_after:?}, client waited {client_waited:?}"
     );
     agent.barrier()?;
-    assert!(agent.connects_to(redis.port).is_empty(), "a single event per attempt");
+    assert!(
+        agent.connects_to(redis.port).is_empty(),
+        "a single event per attempt"
+    );
     agent.stop()?;
     Ok(())
 }
@@ -233,13 +249,19 @@ fn a_full_ring_buffer_is_counted_not_silent() -> anyhow::Result<()> {
     drop(stopped);
 
     let events = agent.stop()?;
-    let delivered = events.iter().filter(|e| is_connect_to(redis.port)(e)).count();
+    let delivered = events
+        .iter()
+        .filter(|e| is_connect_to(redis.port)(e))
+        .count();
     let stats = events
         .iter()
         .rfind(|e| e["type"] == "stats")
         .expect("a final stats event");
     let dropped = stats["ring_buffer_full"].as_u64().unwrap() as usize;
-    assert!(dropped > 0, "a 4 KiB ring cannot hold {CONNECTS} events: {stats}");
+    assert!(
+        dropped > 0,
+        "a 4 KiB ring cannot hold {CONNECTS} events: {stats}"
+    );
     assert_eq!(delivered + dropped, CONNECTS, "{stats}");
     Ok(())
 }

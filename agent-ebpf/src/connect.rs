@@ -131,7 +131,13 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
 
     match new_state {
         TCP_ESTABLISHED => {
-            emit(state, now, ConnectOutcome::Established, SynAnswer::SynAck, 0);
+            emit(
+                state,
+                now,
+                ConnectOutcome::Established,
+                SynAnswer::SynAck,
+                0,
+            );
             let _ = CONNECTS.remove(&skaddr);
         }
         TCP_CLOSE => on_syn_sent_close(&config, skaddr, state, now),
@@ -140,12 +146,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-fn on_syn_sent(
-    ctx: &TracePointContext,
-    config: &Config,
-    skaddr: u64,
-    now: u64,
-) -> Result<(), i64> {
+fn on_syn_sent(ctx: &TracePointContext, config: &Config, skaddr: u64, now: u64) -> Result<(), i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let state = ConnectState {
         task: TaskInfo {
@@ -173,7 +174,13 @@ fn on_syn_sent(
 fn on_syn_sent_close(config: &Config, skaddr: u64, state: &mut ConnectState, now: u64) {
     if state.answer == SynAnswer::Rst as u8 {
         // tcp_reset() in SYN_SENT always fails the connect with ECONNREFUSED.
-        emit(state, now, ConnectOutcome::Refused, SynAnswer::Rst, errno::ECONNREFUSED);
+        emit(
+            state,
+            now,
+            ConnectOutcome::Refused,
+            SynAnswer::Rst,
+            errno::ECONNREFUSED,
+        );
         let _ = CONNECTS.remove(&skaddr);
         return;
     }
@@ -277,7 +284,11 @@ fn try_inet_sk_error_report(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: map value pointer, valid for this program run.
     let Some(skaddr) = CLOSED_CONNECTS.get_ptr(&flow).map(|p| unsafe { *p }) else {
         // Before CLOSE (ICMP error, or a timeout before 6.10), or not a connect of ours.
-        let reported = SocketError { error, _pad: 0, ts_ns: now };
+        let reported = SocketError {
+            error,
+            _pad: 0,
+            ts_ns: now,
+        };
         let _ = RECENT_ERRORS.insert(&flow, &reported, 0);
         return Ok(());
     };
@@ -308,7 +319,13 @@ fn try_tcp_destroy_sock(ctx: &TracePointContext) -> Result<(), i64> {
     let state = unsafe { &*state };
     if state.closed_ns != 0 {
         // Closed in SYN_SENT and no error reported: the application gave up.
-        emit(state, state.closed_ns, ConnectOutcome::Aborted, SynAnswer::None, 0);
+        emit(
+            state,
+            state.closed_ns,
+            ConnectOutcome::Aborted,
+            SynAnswer::None,
+            0,
+        );
         let _ = CLOSED_CONNECTS.remove(&state.flow);
     }
     let _ = CONNECTS.remove(&skaddr);

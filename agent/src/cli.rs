@@ -69,7 +69,9 @@ fn parse_ring_buffer_kib(value: &str) -> Result<u32, String> {
         .parse()
         .map_err(|_| format!("`{value}` is not a size in KiB"))?;
     if kib < 4 || !kib.is_power_of_two() || kib > 1 << 20 {
-        return Err(format!("{kib} KiB: must be a power of two between 4 and 1048576"));
+        return Err(format!(
+            "{kib} KiB: must be a power of two between 4 and 1048576"
+        ));
     }
     Ok(kib)
 }
@@ -112,6 +114,11 @@ mod tests {
     fn ring_buffer_size_must_be_a_power_of_two() {
         assert!(parse(&["--ring-buffer-kib", "1000"]).is_err());
         assert!(parse(&["--ring-buffer-kib", "2"]).is_err());
-        assert_eq!(parse(&["--ring-buffer-kib", "256"]).unwrap().ring_buffer_kib, 256);
+        assert_eq!(
+            parse(&["--ring-buffer-kib", "256"])
+                .unwrap()
+                .ring_buffer_kib,
+            256
+        );
     }
 }

@@ -54,8 +54,10 @@ pub enum DecodeError {
 }
 
 pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
-    let header: EventHeader = read_struct(record).ok_or(DecodeError::NoHeader { len: record.len() })?;
-    let kind = EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind { kind: header.kind })?;
+    let header: EventHeader =
+        read_struct(record).ok_or(DecodeError::NoHeader { len: record.len() })?;
+    let kind =
+        EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind { kind: header.kind })?;
     match kind {
         EventKind::Connect => {
             let raw: ConnectEvent = read_exact(kind, record)?;
@@ -181,7 +183,10 @@ mod tests {
     fn bytes_of(event: &ConnectEvent) -> Vec<u8> {
         // SAFETY: plain-integer repr(C) struct without padding.
         unsafe {
-            std::slice::from_raw_parts((event as *const ConnectEvent).cast::<u8>(), size_of::<ConnectEvent>())
+            std::slice::from_raw_parts(
+                (event as *const ConnectEvent).cast::<u8>(),
+                size_of::<ConnectEvent>(),
+            )
         }
         .to_vec()
     }
@@ -200,22 +205,40 @@ mod tests {
 
     #[test]
     fn keeps_real_ipv6_and_unmaps_mapped_ipv4() {
-        assert_eq!(normalize_ip(Ipv6Addr::LOCALHOST.octets()), "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            normalize_ip(Ipv6Addr::LOCALHOST.octets()),
+            "::1".parse::<IpAddr>().unwrap()
+        );
         let mapped: Ipv6Addr = "::ffff:192.168.1.1".parse().unwrap();
-        assert_eq!(normalize_ip(mapped.octets()), "192.168.1.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            normalize_ip(mapped.octets()),
+            "192.168.1.1".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]
     fn rejects_short_unknown_and_invalid_records() {
         let bytes = bytes_of(&raw_connect());
         assert_eq!(decode(&bytes[..8]), Err(DecodeError::NoHeader { len: 8 }));
-        assert!(matches!(decode(&bytes[..40]), Err(DecodeError::Size { .. })));
+        assert!(matches!(
+            decode(&bytes[..40]),
+            Err(DecodeError::Size { .. })
+        ));
         let mut unknown = raw_connect();
         unknown.header.kind = 99;
-        assert_eq!(decode(&bytes_of(&unknown)), Err(DecodeError::UnknownKind { kind: 99 }));
+        assert_eq!(
+            decode(&bytes_of(&unknown)),
+            Err(DecodeError::UnknownKind { kind: 99 })
+        );
         let mut bad = raw_connect();
         bad.outcome = 42;
-        assert!(matches!(decode(&bytes_of(&bad)), Err(DecodeError::Value { field: "outcome", .. })));
+        assert!(matches!(
+            decode(&bytes_of(&bad)),
+            Err(DecodeError::Value {
+                field: "outcome",
+                ..
+            })
+        ));
     }
 
     #[test]

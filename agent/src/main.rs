@@ -19,13 +19,19 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => {
             use clap::error::ErrorKind;
-            if matches!(err.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+            if matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) {
                 let _ = err.print();
                 return ExitCode::SUCCESS;
             }
             // One clear line, not clap's usage block.
             let rendered = err.render().to_string();
-            eprintln!("resptrace: {}", rendered.lines().next().unwrap_or("invalid arguments"));
+            eprintln!(
+                "resptrace: {}",
+                rendered.lines().next().unwrap_or("invalid arguments")
+            );
             return ExitCode::from(2);
         }
     };
@@ -33,7 +39,10 @@ fn main() -> ExitCode {
         eprintln!("resptrace: error: --log: {err}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("resptrace: error: starting the async runtime: {err}");

@@ -68,17 +68,15 @@ pub fn check() -> Result<KernelInfo, PreflightError> {
     }
     let tracefs = ensure_tracefs()?;
     raise_memlock_limit(version);
-    Ok(KernelInfo {
-        release,
-        tracefs,
-    })
+    Ok(KernelInfo { release, tracefs })
 }
 
 fn check_privileges() -> Result<(), PreflightError> {
-    let status = fs::read_to_string("/proc/self/status").map_err(|source| PreflightError::Read {
-        what: "/proc/self/status",
-        source,
-    })?;
+    let status =
+        fs::read_to_string("/proc/self/status").map_err(|source| PreflightError::Read {
+            what: "/proc/self/status",
+            source,
+        })?;
     let effective = parse_effective_caps(&status).unwrap_or(0);
     let has = |cap: u32| effective & (1u64 << cap) != 0;
     if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
@@ -157,8 +155,14 @@ mod tests {
 
     #[test]
     fn kernel_versions_of_eks_amis() {
-        assert_eq!(parse_kernel_version("5.10.223-212.873.amzn2.x86_64").unwrap(), (5, 10));
-        assert_eq!(parse_kernel_version("6.1.115-126.197.amzn2023.x86_64").unwrap(), (6, 1));
+        assert_eq!(
+            parse_kernel_version("5.10.223-212.873.amzn2.x86_64").unwrap(),
+            (5, 10)
+        );
+        assert_eq!(
+            parse_kernel_version("6.1.115-126.197.amzn2023.x86_64").unwrap(),
+            (6, 1)
+        );
         assert_eq!(parse_kernel_version("6.18.0").unwrap(), (6, 18));
         assert!(parse_kernel_version("linux").is_err());
     }

@@ -94,8 +94,9 @@ impl Agent {
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                let value: Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("agent wrote a line that is not JSON ({e}): {line}"));
+                let value: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+                    panic!("agent wrote a line that is not JSON ({e}): {line}")
+                });
                 if sender.send(value).is_err() {
                     break;
                 }
@@ -107,7 +108,9 @@ impl Agent {
         thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n @ 1..) = pipe.read(&mut buf) {
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
 
@@ -173,7 +176,9 @@ impl Agent {
 
     /// Events read so far (not returned by `wait_for`) that match `predicate`.
     pub fn take_seen(&mut self, predicate: impl Fn(&Value) -> bool) -> Vec<Value> {
-        let (matching, rest) = std::mem::take(&mut self.seen).into_iter().partition(predicate);
+        let (matching, rest) = std::mem::take(&mut self.seen)
+            .into_iter()
+            .partition(predicate);
         self.seen = rest;
         matching
     }
@@ -190,14 +195,21 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut rest = std::mem::take(&mut self.seen);
         loop {
-            match self.events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            match self
+                .events
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
                 Ok(event) => rest.push(event),
                 Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => bail!("agent did not exit after SIGINT"),
             }
         }
         let status = self.child.wait()?;
-        anyhow::ensure!(status.success(), "agent exited with {status}: {}", self.stderr());
+        anyhow::ensure!(
+            status.success(),
+            "agent exited with {status}: {}",
+            self.stderr()
+        );
         Ok(rest)
     }
 }
@@ -287,7 +299,15 @@ impl FirewallRule {
         Self::insert(
             false,
             "INPUT",
-            &["-p", "tcp", "--syn", "--dport", &port.to_string(), "-j", "DROP"],
+            &[
+                "-p",
+                "tcp",
+                "--syn",
+                "--dport",
+                &port.to_string(),
+                "-j",
+                "DROP",
+            ],
         )
     }
 }

@@ -39,8 +39,17 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Setup => setup::run(),
         Command::Build => {
@@ -82,7 +91,10 @@ fn is_root() -> bool {
 }
 
 fn require_root(why: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(is_root(), "{why}: run it as root (e.g. `sudo -E cargo xtask ...`)");
+    anyhow::ensure!(
+        is_root(),
+        "{why}: run it as root (e.g. `sudo -E cargo xtask ...`)"
+    );
     Ok(())
 }
 
@@ -113,7 +125,14 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     util::step("rustfmt");
     run_status(cargo().args(["fmt", "--all", "--", "--check"]))?;
     util::step("clippy");
-    run_status(cargo().args(["clippy", "--locked", "--all-targets", "--", "-D", "warnings"]))?;
+    run_status(cargo().args([
+        "clippy",
+        "--locked",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     build_agent()?;
     util::step("unit and integration tests");
     let mut command = cargo();

@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::util::{output, run_status, step, stdout_of};
+use crate::util::{output, run_status, stdout_of, step};
 
 /// Name of the rustup toolchain that compiles `agent-ebpf`; `agent/build.rs`
 /// uses the same name.
@@ -61,10 +61,15 @@ pub fn run() -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     run_step("Debian packages", install_packages)?;
     let major = rustc_llvm_major()?;
-    run_step("LLVM prefix for bpf-linker", || llvm_prefix(major).map(drop))?;
+    run_step("LLVM prefix for bpf-linker", || {
+        llvm_prefix(major).map(drop)
+    })?;
     run_step("bpf-linker", || install_bpf_linker(major))?;
     run_step("eBPF toolchain", link_bpf_toolchain)?;
-    eprintln!("==> setup complete in {:.1}s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "==> setup complete in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -91,8 +96,9 @@ fn missing_packages(packages: &[String]) -> Vec<String> {
     packages
         .iter()
         .filter(|package| {
-            let status = stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]));
-            !status.is_some_and(|s| s.trim() == "install ok installed")
+            let status =
+                stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]));
+            status.is_none_or(|s| s.trim() != "install ok installed")
         })
         .cloned()
         .collect()
@@ -163,8 +169,14 @@ fn llvm_prefix(major: u32) -> anyhow::Result<PathBuf> {
 
 fn find_libllvm(major: u32) -> anyhow::Result<PathBuf> {
     let wanted = format!("libLLVM.so.{major}");
-    for dir in ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib"] {
-        let Ok(entries) = fs::read_dir(dir) else { continue };
+    for dir in [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib",
+    ] {
+        let Ok(entries) = fs::read_dir(dir) else {
+            continue;
+        };
         let mut found: Vec<PathBuf> = entries
             .filter_map(Result::ok)
             .map(|e| e.path())
@@ -234,9 +246,18 @@ fn bpf_toolchain_dir() -> PathBuf {
 }
 
 fn bpf_toolchain_is_linked() -> bool {
-    let sysroot = stdout_of(Command::new("rustup").args(["run", BPF_TOOLCHAIN, "rustc", "--print", "sysroot"]));
-    sysroot.is_some_and(|s| Path::new(s.trim()).join("lib/rustlib/bpfel-unknown-none").is_dir())
-        && bpf_toolchain_dir().join("bin/cargo").exists()
+    let sysroot = stdout_of(Command::new("rustup").args([
+        "run",
+        BPF_TOOLCHAIN,
+        "rustc",
+        "--print",
+        "sysroot",
+    ]));
+    sysroot.is_some_and(|s| {
+        Path::new(s.trim())
+            .join("lib/rustlib/bpfel-unknown-none")
+            .is_dir()
+    }) && bpf_toolchain_dir().join("bin/cargo").exists()
 }
 
 /// `rustup toolchain link resptrace-bpf <dir>` with `<dir>/bin/rustc` =
@@ -255,12 +276,19 @@ fn link_bpf_toolchain() -> anyhow::Result<()> {
                 .with_context(|| format!("linking {} to {}", link.display(), target.display()))?;
         }
     }
-    run_status(Command::new("rustup").args(["toolchain", "link", BPF_TOOLCHAIN]).arg(&dir))?;
+    run_status(
+        Command::new("rustup")
+            .args(["toolchain", "link", BPF_TOOLCHAIN])
+            .arg(&dir),
+    )?;
     anyhow::ensure!(
         bpf_toolchain_is_linked(),
         "toolchain {BPF_TOOLCHAIN} has no bpfel-unknown-none core (package libstd-rust-web-dev-bpf)"
     );
-    eprintln!("    ok: rustup toolchain {BPF_TOOLCHAIN} -> {}", dir.display());
+    eprintln!(
+        "    ok: rustup toolchain {BPF_TOOLCHAIN} -> {}",
+        dir.display()
+    );
     Ok(())
 }
 

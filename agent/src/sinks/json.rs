@@ -222,7 +222,11 @@ mod tests {
 
     #[test]
     fn established_connect_line() {
-        let v = render(&Event::Connect(connect(ConnectOutcome::Established, SynAnswer::SynAck, 0)));
+        let v = render(&Event::Connect(connect(
+            ConnectOutcome::Established,
+            SynAnswer::SynAck,
+            0,
+        )));
         assert_eq!(v["type"], "connect");
         assert_eq!(v["outcome"], "established");
         assert_eq!(v["answer"], "syn_ack");
@@ -238,7 +242,11 @@ mod tests {
 
     #[test]
     fn unanswered_timeout_is_a_suspected_path_drop() {
-        let v = render(&Event::Connect(connect(ConnectOutcome::Timeout, SynAnswer::None, 1)));
+        let v = render(&Event::Connect(connect(
+            ConnectOutcome::Timeout,
+            SynAnswer::None,
+            1,
+        )));
         assert_eq!(v["outcome"], "timeout");
         assert_eq!(v["failed_after_us"], 57);
         assert_eq!(v["error"], "ETIMEDOUT");
