@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lab::{Agent, EVENT_TIMEOUT, FirewallRule, RedisServer, free_port, nstat, serial};
+use lab::{Agent, FirewallRule, RedisServer, event_timeout, free_port, nstat, scaled, serial};
 use serde_json::Value;
 
 fn is_connect_to(port: u16) -> impl Fn(&Value) -> bool {
@@ -89,7 +89,7 @@ fn connect_to_a_port_without_listener_is_refused() -> anyhow::Result<()> {
     let error = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect_err("nothing listens");
     assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
 
-    let event = agent.wait_for(EVENT_TIMEOUT, is_connect_to(port))?;
+    let event = agent.wait_for(event_timeout(), is_connect_to(port))?;
     assert_eq!(event["outcome"], "refused", "{event}");
     assert_eq!(event["answer"], "rst", "{event}");
     assert_eq!(event["error"], "ECONNREFUSED", "{event}");
@@ -124,7 +124,7 @@ fn client_giving_up_on_a_dropped_syn_is_aborted() -> anyhow::Result<()> {
     let client_waited = started.elapsed();
     assert_eq!(error.kind(), io::ErrorKind::TimedOut);
 
-    let event = agent.wait_for(EVENT_TIMEOUT, is_connect_to(redis.port))?;
+    let event = agent.wait_for(event_timeout(), is_connect_to(redis.port))?;
     let retrans_after = nstat("TcpExtTCPSynRetrans")?;
     assert_eq!(
         retrans_after - retrans_before,
@@ -140,7 +140,7 @@ fn client_giving_up_on_a_dropped_syn_is_aborted() -> anyhow::Result<()> {
     let failed_after = Duration::from_micros(event["failed_after_us"].as_u64().unwrap());
     let gap = client_waited.abs_diff(failed_after);
     assert!(
-        gap < Duration::from_millis(100),
+        gap < scaled(Duration::from_millis(100)),
         "agent says {failed_after:?}, client waited {client_waited:?}"
     );
     agent.barrier()?;
@@ -167,7 +167,7 @@ fn kernel_giving_up_on_a_dropped_syn_is_timeout() -> anyhow::Result<()> {
     let client_waited = started.elapsed();
     assert_eq!(error.raw_os_error(), Some(libc::ETIMEDOUT), "{error}");
 
-    let event = agent.wait_for(EVENT_TIMEOUT, is_connect_to(redis.port))?;
+    let event = agent.wait_for(event_timeout(), is_connect_to(redis.port))?;
     // One retransmit on 5.10/6.1; two since tcp_syn_linear_timeouts (6.5)
     // spaces the first SYN retransmits 1 s apart. The kernel's count rules.
     let kernel_retransmits = nstat("TcpExtTCPSynRetrans")? - retrans_before;
@@ -180,7 +180,7 @@ fn kernel_giving_up_on_a_dropped_syn_is_timeout() -> anyhow::Result<()> {
     assert_eq!(event["path_drop_suspected"], true, "{event}");
     let failed_after = Duration::from_micros(event["failed_after_us"].as_u64().unwrap());
     assert!(
-        client_waited.abs_diff(failed_after) < Duration::from_millis(100),
+        client_waited.abs_diff(failed_after) < scaled(Duration::from_millis(100)),
         "agent says {failed_after:?}, client waited {client_waited:?}"
     );
     agent.barrier()?;

@@ -18,10 +18,31 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
+/// How much slower than the host this machine runs: `$RESPTRACE_TIME_SCALE`
+/// (default 1; the qemu TCG guests of `cargo xtask vm-test` set ~10). Every
+/// timeout and timing tolerance of the lab is multiplied by it.
+pub fn time_scale() -> u32 {
+    std::env::var("RESPTRACE_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&scale| scale >= 1)
+        .unwrap_or(1)
+}
+
+/// `duration` × [`time_scale`].
+pub fn scaled(duration: Duration) -> Duration {
+    duration * time_scale()
+}
+
 /// How long a test waits for the agent to attach its programs.
-pub const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
+pub fn agent_start_timeout() -> Duration {
+    scaled(Duration::from_secs(30))
+}
+
 /// How long a test waits for an event that should come.
-pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+pub fn event_timeout() -> Duration {
+    scaled(Duration::from_secs(10))
+}
 
 /// Tests that read node-wide kernel counters (`nstat`) run one at a time.
 pub fn serial() -> MutexGuard<'static, ()> {
@@ -122,7 +143,7 @@ impl Agent {
             seen: Vec::new(),
         };
         agent
-            .wait_for(AGENT_START_TIMEOUT, |e| e["type"] == "started")
+            .wait_for(agent_start_timeout(), |e| e["type"] == "started")
             .context("agent did not start")?;
         Ok(agent)
     }
@@ -168,7 +189,7 @@ impl Agent {
         let port = self.barrier_port;
         let attempt = TcpStream::connect((Ipv4Addr::LOCALHOST, port));
         anyhow::ensure!(attempt.is_err(), "something listens on barrier port {port}");
-        self.wait_for(EVENT_TIMEOUT, |e| {
+        self.wait_for(event_timeout(), |e| {
             e["type"] == "connect" && e["dst"]["port"] == port
         })?;
         Ok(())
@@ -192,7 +213,7 @@ impl Agent {
     /// it exits 0.
     pub fn stop(mut self) -> anyhow::Result<Vec<Value>> {
         signal(self.child.id(), libc::SIGINT);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + scaled(Duration::from_secs(10));
         let mut rest = std::mem::take(&mut self.seen);
         loop {
             match self
@@ -218,7 +239,7 @@ impl Drop for Agent {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             signal(self.child.id(), libc::SIGINT);
-            if !wait_until(Duration::from_secs(5), || {
+            if !wait_until(scaled(Duration::from_secs(5)), || {
                 matches!(self.child.try_wait(), Ok(Some(_)))
             }) {
                 let _ = self.child.kill();
@@ -250,7 +271,7 @@ impl RedisServer {
             .spawn()
             .context("starting redis-server (run `cargo xtask setup`)")?;
         let server = Self { child, port };
-        let ready = wait_until(Duration::from_secs(10), || {
+        let ready = wait_until(scaled(Duration::from_secs(10)), || {
             TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok()
         });
         anyhow::ensure!(ready, "redis-server did not listen on port {port}");
