@@ -243,12 +243,16 @@ fn a_full_ring_buffer_is_counted_not_silent() -> anyhow::Result<()> {
     let agent = Agent::start(&[redis.port], &["--ring-buffer-kib", "4"])?;
     lab::signal(agent.pid(), libc::SIGSTOP);
     let stopped = scopeguard_cont(agent.pid());
+    // Kept open until the agent has stopped: only connect events compete for
+    // the ring, none for the closes.
+    let mut streams = Vec::with_capacity(CONNECTS);
     for _ in 0..CONNECTS {
-        TcpStream::connect((Ipv4Addr::LOCALHOST, redis.port))?;
+        streams.push(TcpStream::connect((Ipv4Addr::LOCALHOST, redis.port))?);
     }
     drop(stopped);
 
     let events = agent.stop()?;
+    drop(streams);
     let delivered = events
         .iter()
         .filter(|e| is_connect_to(redis.port)(e))

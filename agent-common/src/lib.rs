@@ -12,6 +12,9 @@ pub const COMM_LEN: usize = 16;
 
 /// Sockets in the middle of a handshake tracked at once; LRU beyond that.
 pub const MAX_CONNECTS_IN_FLIGHT: u32 = 16_384;
+/// Established connections to or from watched ports tracked at once (a node
+/// near Redis' 10,000-client limit fits); LRU beyond that.
+pub const MAX_CONNECTIONS: u32 = 65_536;
 /// Default size of the event ring buffer, in bytes (a power of two, page aligned).
 pub const DEFAULT_RING_BUFFER_BYTES: u32 = 1 << 20;
 
@@ -21,12 +24,16 @@ pub const DEFAULT_RING_BUFFER_BYTES: u32 = 1 << 20;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
     Connect = 1,
+    Close = 2,
+    SynAckRetransmit = 3,
 }
 
 impl EventKind {
     pub fn from_u32(value: u32) -> Option<Self> {
         match value {
             1 => Some(Self::Connect),
+            2 => Some(Self::Close),
+            3 => Some(Self::SynAckRetransmit),
             _ => None,
         }
     }
@@ -150,6 +157,117 @@ pub struct ConnectEvent {
     pub duration_ns: u64,
 }
 
+/// Which end of a connection the traced socket is.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionRole {
+    /// It connected to a watched port.
+    Client = 1,
+    /// It was accepted on a watched port.
+    Server = 2,
+}
+
+impl ConnectionRole {
+    pub fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            1 => Some(Self::Client),
+            2 => Some(Self::Server),
+            _ => None,
+        }
+    }
+}
+
+/// Who ended an established connection, from its first state change.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closer {
+    Unknown = 0,
+    /// ESTABLISHED → FIN_WAIT1: this socket sent the first FIN.
+    Local = 1,
+    /// ESTABLISHED → CLOSE_WAIT: the peer sent the first FIN.
+    Peer = 2,
+    /// ESTABLISHED → CLOSE after a RST arrived.
+    PeerReset = 3,
+    /// ESTABLISHED → CLOSE without a RST arriving: this side aborted
+    /// (e.g. close() with unread data, SO_LINGER 0) and sent a RST.
+    LocalReset = 4,
+}
+
+impl Closer {
+    pub fn from_u8(value: u8) -> Option<Self> {
+        Some(match value {
+            0 => Self::Unknown,
+            1 => Self::Local,
+            2 => Self::Peer,
+            3 => Self::PeerReset,
+            4 => Self::LocalReset,
+            _ => return None,
+        })
+    }
+}
+
+/// Counters of one established connection, as the tracepoints fire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionCounters {
+    /// `tcp/tcp_retransmit_skb` on this socket after the handshake, in packets.
+    pub retransmits: u32,
+    /// `tcp/tcp_receive_reset` on this socket.
+    pub resets_received: u32,
+    /// `tcp/tcp_send_reset` on this socket.
+    pub resets_sent: u32,
+    pub _pad: u32,
+}
+
+/// `ConnectionState::flags`: the entry was seeded by userspace at start from
+/// a socket already open (its establishment time is unknown).
+pub const CONNECTION_SEEDED: u8 = 1 << 0;
+
+/// An established connection to or from a watched port, keyed by its
+/// [`FlowTuple`] as seen from this socket (so both ends on one node differ).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionState {
+    /// The owning process (client role: captured at connect; server role:
+    /// unknown in the kernel, all zero, because accept runs in softirq).
+    pub task: TaskInfo,
+    /// When the handshake completed (`bpf_ktime_get_ns`); for seeded entries,
+    /// when the agent started.
+    pub established_ns: u64,
+    pub counters: ConnectionCounters,
+    pub family: u16,
+    /// A [`ConnectionRole`] value.
+    pub role: u8,
+    /// A [`Closer`] value, set at the first state change out of ESTABLISHED.
+    pub closer: u8,
+    /// `CONNECTION_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+/// An established connection ended (transition to CLOSE).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CloseEvent {
+    pub header: EventHeader,
+    /// As seen from the traced socket: local address first.
+    pub flow: FlowTuple,
+    pub _pad: [u8; 4],
+    pub state: ConnectionState,
+}
+
+/// The server side retransmitted a SYN-ACK (`tcp/tcp_retransmit_synack`):
+/// the client's ACK did not arrive, or the accept queue was full.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SynAckRetransmitEvent {
+    pub header: EventHeader,
+    /// Local (server) address first.
+    pub flow: FlowTuple,
+    pub family: u16,
+    pub _pad: u16,
+}
+
 /// Ids of the per-CPU counters in the `STATS` map.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,10 +278,12 @@ pub enum StatId {
     ConnectMapFull = 1,
     /// A tracepoint field could not be read.
     ReadFailed = 2,
+    /// An established connection could not be tracked: its map was full.
+    ConnectionMapFull = 3,
 }
 
 /// Number of [`StatId`] slots.
-pub const STAT_COUNT: u32 = 3;
+pub const STAT_COUNT: u32 = 4;
 
 /// Offsets of the tracepoint fields the programs read, taken at startup from
 /// `/sys/kernel/tracing/events/<category>/<name>/format`, because they move
@@ -184,10 +304,31 @@ pub struct TracepointOffsets {
     /// `tcp/tcp_retransmit_skb` (4.15+).
     pub retransmit_skaddr: u16,
     pub retransmit_state: u16,
+    pub retransmit_sport: u16,
+    pub retransmit_dport: u16,
+    pub retransmit_saddr_v6: u16,
+    pub retransmit_daddr_v6: u16,
     /// `tcp/tcp_receive_reset` (4.15+).
     pub receive_reset_skaddr: u16,
+    pub receive_reset_sport: u16,
+    pub receive_reset_dport: u16,
+    pub receive_reset_saddr_v6: u16,
+    pub receive_reset_daddr_v6: u16,
     /// `tcp/tcp_destroy_sock` (4.15+).
     pub destroy_skaddr: u16,
+    pub destroy_sport: u16,
+    pub destroy_dport: u16,
+    pub destroy_saddr_v6: u16,
+    pub destroy_daddr_v6: u16,
+    /// `tcp/tcp_send_reset` (4.15+): only `skaddr` has the same shape on
+    /// every kernel (addresses became sockaddrs in 6.x).
+    pub send_reset_skaddr: u16,
+    /// `tcp/tcp_retransmit_synack` (4.15+).
+    pub synack_sport: u16,
+    pub synack_dport: u16,
+    pub synack_family: u16,
+    pub synack_saddr_v6: u16,
+    pub synack_daddr_v6: u16,
     /// `sock/inet_sk_error_report` (5.14+): no `skaddr`, matched by tuple.
     pub error_report_error: u16,
     pub error_report_sport: u16,
@@ -217,8 +358,12 @@ const _: () = assert!(core::mem::size_of::<EventHeader>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowTuple>() == 36);
 const _: () = assert!(core::mem::size_of::<TaskInfo>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 112);
-const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 40);
-const _: () = assert!(core::mem::size_of::<Config>() == 80);
+const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 76);
+const _: () = assert!(core::mem::size_of::<Config>() == 116);
+const _: () = assert!(core::mem::size_of::<ConnectionCounters>() == 16);
+const _: () = assert!(core::mem::size_of::<ConnectionState>() == 64);
+const _: () = assert!(core::mem::size_of::<CloseEvent>() == 120);
+const _: () = assert!(core::mem::size_of::<SynAckRetransmitEvent>() == 56);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -226,6 +371,8 @@ mod pod {
     // arrays, with no implicit padding (checked by the size assertions above).
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::TracepointOffsets {}
+    unsafe impl aya::Pod for super::FlowTuple {}
+    unsafe impl aya::Pod for super::ConnectionState {}
 }
 
 /// Errno values the kernel reports on failed connects (asm-generic/errno.h).

@@ -20,8 +20,9 @@
 //! otherwise (the kernel's retransmit timer), and ICMP errors show as timeouts.
 
 use agent_common::{
-    CONFIG_HAS_ERROR_REPORT, Config, ConnectEvent, ConnectOutcome, EventHeader, EventKind,
-    FlowTuple, MAX_CONNECTS_IN_FLIGHT, StatId, SynAnswer, TaskInfo, errno, failed_connect_outcome,
+    CONFIG_HAS_ERROR_REPORT, ConnectEvent, ConnectOutcome, ConnectionRole, EventHeader,
+    EventKind, FlowTuple, MAX_CONNECTS_IN_FLIGHT, StatId, SynAnswer, TaskInfo, errno,
+    failed_connect_outcome,
 };
 use aya_ebpf::{
     helpers::{
@@ -33,10 +34,14 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::maps::{CONFIG, EVENTS, count, is_watched_port};
+use crate::{
+    connection::{self, TCP_ESTABLISHED},
+    maps::{EVENTS, config_flags, count, is_watched_port},
+    offset,
+};
 
-const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
 const TCP_CLOSE: i32 = 7;
 const IPPROTO_TCP: u16 = 6;
 
@@ -101,52 +106,83 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 }
 
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
-    let config = CONFIG.load();
-    let off = &config.offsets;
-    let protocol: u16 = read(ctx, off.set_state_protocol)?;
+    let protocol: u16 = read(ctx, offset!(set_state_protocol))?;
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let old_state: i32 = read(ctx, off.set_state_oldstate)?;
-    let new_state: i32 = read(ctx, off.set_state_newstate)?;
-    if old_state != TCP_SYN_SENT && new_state != TCP_SYN_SENT {
+    let sport: u16 = read(ctx, offset!(set_state_sport))?;
+    let dport: u16 = read(ctx, offset!(set_state_dport))?;
+    // Client side: it connects to a watched port; server side: it was accepted on one.
+    let client_side = is_watched_port(dport);
+    if !client_side && !is_watched_port(sport) {
         return Ok(());
     }
-    let dport: u16 = read(ctx, off.set_state_dport)?;
-    if !is_watched_port(&config, dport) {
-        return Ok(());
-    }
-    let skaddr: u64 = read(ctx, off.set_state_skaddr)?;
+    let old_state: i32 = read(ctx, offset!(set_state_oldstate))?;
+    let new_state: i32 = read(ctx, offset!(set_state_newstate))?;
+    let skaddr: u64 = read(ctx, offset!(set_state_skaddr))?;
     let now = unsafe { bpf_ktime_get_ns() };
 
-    if new_state == TCP_SYN_SENT {
-        return on_syn_sent(ctx, &config, skaddr, now);
+    if client_side && new_state == TCP_SYN_SENT {
+        return on_syn_sent(ctx, skaddr, now);
     }
+    let flow = FlowTuple {
+        saddr: read(ctx, offset!(set_state_saddr_v6))?,
+        daddr: read(ctx, offset!(set_state_daddr_v6))?,
+        sport,
+        dport,
+    };
+    if client_side && old_state == TCP_SYN_SENT {
+        return on_handshake_end(skaddr, flow, new_state, now);
+    }
+    if old_state == TCP_SYN_RECV && new_state == TCP_ESTABLISHED && !client_side {
+        let family: u16 = read(ctx, offset!(set_state_family))?;
+        // Passive opens complete in softirq: the owner is not the current task.
+        let task = TaskInfo {
+            cgroup_id: 0,
+            pid: 0,
+            tid: 0,
+            comm: [0; 16],
+        };
+        connection::open(skaddr, &flow, family, ConnectionRole::Server, &task);
+        return Ok(());
+    }
+    if old_state == TCP_ESTABLISHED {
+        connection::leave_established(&flow, new_state);
+    }
+    if new_state == TCP_CLOSE {
+        connection::close(skaddr, &flow, now);
+    }
+    Ok(())
+}
+
+/// SYN_SENT → ESTABLISHED or CLOSE.
+#[inline(never)]
+fn on_handshake_end(
+    skaddr: u64,
+    flow: FlowTuple,
+    new_state: i32,
+    now: u64,
+) -> Result<(), i64> {
     let Some(state) = CONNECTS.get_ptr_mut(&skaddr) else {
         return Ok(());
     };
     // SAFETY: map value pointer, valid for this program run.
     let state = unsafe { &mut *state };
-    state.flow = read_set_state_flow(ctx, &config)?;
-
+    state.flow = flow;
     match new_state {
         TCP_ESTABLISHED => {
-            emit(
-                state,
-                now,
-                ConnectOutcome::Established,
-                SynAnswer::SynAck,
-                0,
-            );
+            emit(state, now, ConnectOutcome::Established, SynAnswer::SynAck, 0);
+            connection::open(skaddr, &flow, state.family, ConnectionRole::Client, &state.task);
             let _ = CONNECTS.remove(&skaddr);
         }
-        TCP_CLOSE => on_syn_sent_close(&config, skaddr, state, now),
+        TCP_CLOSE => on_syn_sent_close(skaddr, state, now),
         _ => {}
     }
     Ok(())
 }
 
-fn on_syn_sent(ctx: &TracePointContext, config: &Config, skaddr: u64, now: u64) -> Result<(), i64> {
+#[inline(never)]
+fn on_syn_sent(ctx: &TracePointContext, skaddr: u64, now: u64) -> Result<(), i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let state = ConnectState {
         task: TaskInfo {
@@ -157,8 +193,8 @@ fn on_syn_sent(ctx: &TracePointContext, config: &Config, skaddr: u64, now: u64) 
         },
         start_ns: now,
         closed_ns: 0,
-        flow: read_set_state_flow(ctx, config)?,
-        family: read(ctx, config.offsets.set_state_family)?,
+        flow: read_set_state_flow(ctx)?,
+        family: read(ctx, offset!(set_state_family))?,
         syn_retransmits: 0,
         answer: SynAnswer::None as u8,
         _pad: [0; 7],
@@ -171,7 +207,8 @@ fn on_syn_sent(ctx: &TracePointContext, config: &Config, skaddr: u64, now: u64) 
 
 /// SYN_SENT → CLOSE: the attempt failed; find out why, now or when the
 /// error report or the socket's destruction follows.
-fn on_syn_sent_close(config: &Config, skaddr: u64, state: &mut ConnectState, now: u64) {
+#[inline(never)]
+fn on_syn_sent_close(skaddr: u64, state: &mut ConnectState, now: u64) {
     if state.answer == SynAnswer::Rst as u8 {
         // tcp_reset() in SYN_SENT always fails the connect with ECONNREFUSED.
         emit(
@@ -194,7 +231,7 @@ fn on_syn_sent_close(config: &Config, skaddr: u64, state: &mut ConnectState, now
             return;
         }
     }
-    if config.flags & CONFIG_HAS_ERROR_REPORT != 0 {
+    if config_flags() & CONFIG_HAS_ERROR_REPORT != 0 {
         // Decided by inet_sk_error_report (timeout) or tcp_destroy_sock (aborted).
         state.closed_ns = now;
         if CLOSED_CONNECTS.insert(&state.flow, &skaddr, 0).is_err() {
@@ -212,13 +249,12 @@ fn on_syn_sent_close(config: &Config, skaddr: u64, state: &mut ConnectState, now
     let _ = CONNECTS.remove(&skaddr);
 }
 
-fn read_set_state_flow(ctx: &TracePointContext, config: &Config) -> Result<FlowTuple, i64> {
-    let off = &config.offsets;
+fn read_set_state_flow(ctx: &TracePointContext) -> Result<FlowTuple, i64> {
     Ok(FlowTuple {
-        saddr: read(ctx, off.set_state_saddr_v6)?,
-        daddr: read(ctx, off.set_state_daddr_v6)?,
-        sport: read(ctx, off.set_state_sport)?,
-        dport: read(ctx, off.set_state_dport)?,
+        saddr: read(ctx, offset!(set_state_saddr_v6))?,
+        daddr: read(ctx, offset!(set_state_daddr_v6))?,
+        sport: read(ctx, offset!(set_state_sport))?,
+        dport: read(ctx, offset!(set_state_dport))?,
     })
 }
 
@@ -229,17 +265,41 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 }
 
 fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), i64> {
-    let config = CONFIG.load();
-    let state: i32 = read(ctx, config.offsets.retransmit_state)?;
-    if state != TCP_SYN_SENT {
+    let state: i32 = read(ctx, offset!(retransmit_state))?;
+    if state == TCP_SYN_SENT {
+        let skaddr: u64 = read(ctx, offset!(retransmit_skaddr))?;
+        if let Some(connect) = CONNECTS.get_ptr_mut(&skaddr) {
+            // SAFETY: map value pointer, valid for this program run.
+            unsafe { (*connect).syn_retransmits += 1 };
+        }
         return Ok(());
     }
-    let skaddr: u64 = read(ctx, config.offsets.retransmit_skaddr)?;
-    if let Some(connect) = CONNECTS.get_ptr_mut(&skaddr) {
-        // SAFETY: map value pointer, valid for this program run.
-        unsafe { (*connect).syn_retransmits += 1 };
+    if let Some(flow) = read_watched_flow(
+        ctx,
+        [offset!(retransmit_saddr_v6), offset!(retransmit_daddr_v6), offset!(retransmit_sport), offset!(retransmit_dport)],
+    )? {
+        connection::retransmitted(&flow);
     }
     Ok(())
+}
+
+/// The 4-tuple at `[saddr_v6, daddr_v6, sport, dport]` offsets, if either
+/// port is watched.
+fn read_watched_flow(
+    ctx: &TracePointContext,
+    [saddr, daddr, sport, dport]: [u16; 4],
+) -> Result<Option<FlowTuple>, i64> {
+    let sport: u16 = read(ctx, sport)?;
+    let dport: u16 = read(ctx, dport)?;
+    if !is_watched_port(dport) && !is_watched_port(sport) {
+        return Ok(None);
+    }
+    Ok(Some(FlowTuple {
+        saddr: read(ctx, saddr)?,
+        daddr: read(ctx, daddr)?,
+        sport,
+        dport,
+    }))
 }
 
 #[tracepoint]
@@ -249,12 +309,59 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 }
 
 fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
-    let config = CONFIG.load();
-    let skaddr: u64 = read(ctx, config.offsets.receive_reset_skaddr)?;
+    let skaddr: u64 = read(ctx, offset!(receive_reset_skaddr))?;
     if let Some(connect) = CONNECTS.get_ptr_mut(&skaddr) {
         // SAFETY: map value pointer, valid for this program run.
         unsafe { (*connect).answer = SynAnswer::Rst as u8 };
+        return Ok(());
     }
+    if let Some(flow) = read_watched_flow(
+        ctx,
+        [
+            offset!(receive_reset_saddr_v6),
+            offset!(receive_reset_daddr_v6),
+            offset!(receive_reset_sport),
+            offset!(receive_reset_dport),
+        ],
+    )? {
+        connection::reset_received(&flow);
+    }
+    Ok(())
+}
+
+#[tracepoint]
+pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+    let _ = try_tcp_send_reset(&ctx);
+    0
+}
+
+fn try_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
+    let skaddr: u64 = read(ctx, offset!(send_reset_skaddr))?;
+    if skaddr != 0 {
+        connection::reset_sent(skaddr);
+    }
+    Ok(())
+}
+
+#[tracepoint]
+pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
+    let _ = try_tcp_retransmit_synack(&ctx);
+    0
+}
+
+fn try_tcp_retransmit_synack(ctx: &TracePointContext) -> Result<(), i64> {
+    let sport: u16 = read(ctx, offset!(synack_sport))?;
+    if !is_watched_port(sport) {
+        return Ok(());
+    }
+    let flow = FlowTuple {
+        saddr: read(ctx, offset!(synack_saddr_v6))?,
+        daddr: read(ctx, offset!(synack_daddr_v6))?,
+        sport,
+        dport: read(ctx, offset!(synack_dport))?,
+    };
+    let family: u16 = read(ctx, offset!(synack_family))?;
+    connection::synack_retransmitted(&flow, family, unsafe { bpf_ktime_get_ns() });
     Ok(())
 }
 
@@ -265,20 +372,18 @@ pub fn inet_sk_error_report(ctx: TracePointContext) -> u32 {
 }
 
 fn try_inet_sk_error_report(ctx: &TracePointContext) -> Result<(), i64> {
-    let config = CONFIG.load();
-    let off = &config.offsets;
-    let protocol: u16 = read(ctx, off.error_report_protocol)?;
-    let dport: u16 = read(ctx, off.error_report_dport)?;
-    if protocol != IPPROTO_TCP || !is_watched_port(&config, dport) {
+    let protocol: u16 = read(ctx, offset!(error_report_protocol))?;
+    let dport: u16 = read(ctx, offset!(error_report_dport))?;
+    if protocol != IPPROTO_TCP || !is_watched_port(dport) {
         return Ok(());
     }
     let flow = FlowTuple {
-        saddr: read(ctx, off.error_report_saddr_v6)?,
-        daddr: read(ctx, off.error_report_daddr_v6)?,
-        sport: read(ctx, off.error_report_sport)?,
+        saddr: read(ctx, offset!(error_report_saddr_v6))?,
+        daddr: read(ctx, offset!(error_report_daddr_v6))?,
+        sport: read(ctx, offset!(error_report_sport))?,
         dport,
     };
-    let error: i32 = read(ctx, off.error_report_error)?;
+    let error: i32 = read(ctx, offset!(error_report_error))?;
     let now = unsafe { bpf_ktime_get_ns() };
 
     // SAFETY: map value pointer, valid for this program run.
@@ -310,9 +415,14 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
 }
 
 fn try_tcp_destroy_sock(ctx: &TracePointContext) -> Result<(), i64> {
-    let config = CONFIG.load();
-    let skaddr: u64 = read(ctx, config.offsets.destroy_skaddr)?;
+    let skaddr: u64 = read(ctx, offset!(destroy_skaddr))?;
     let Some(state) = CONNECTS.get_ptr(&skaddr) else {
+        if let Some(flow) = read_watched_flow(
+            ctx,
+            [offset!(destroy_saddr_v6), offset!(destroy_daddr_v6), offset!(destroy_sport), offset!(destroy_dport)],
+        )? {
+            connection::destroy(skaddr, &flow);
+        }
         return Ok(());
     };
     // SAFETY: map value pointer, valid for this program run.
@@ -332,26 +442,31 @@ fn try_tcp_destroy_sock(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
+#[inline(never)]
 fn emit(state: &ConnectState, end_ns: u64, outcome: ConnectOutcome, answer: SynAnswer, error: i32) {
     let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
         count(StatId::RingBufferFull);
         return;
     };
-    entry.write(ConnectEvent {
-        header: EventHeader {
+    // Field by field into the ring buffer: a whole event built on the stack
+    // first would not fit the 512-byte BPF stack next to the callers' frames.
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reserved, exclusively owned ring buffer slot.
+    unsafe {
+        (*event).header = EventHeader {
             kind: EventKind::Connect as u32,
             _pad: 0,
             ts_ns: end_ns,
-        },
-        flow: state.flow,
-        family: state.family,
-        outcome: outcome as u8,
-        answer: answer as u8,
-        error,
-        syn_retransmits: state.syn_retransmits,
-        task: state.task,
-        start_ns: state.start_ns,
-        duration_ns: end_ns.saturating_sub(state.start_ns),
-    });
+        };
+        (*event).flow = state.flow;
+        (*event).family = state.family;
+        (*event).outcome = outcome as u8;
+        (*event).answer = answer as u8;
+        (*event).error = error;
+        (*event).syn_retransmits = state.syn_retransmits;
+        (*event).task = state.task;
+        (*event).start_ns = state.start_ns;
+        (*event).duration_ns = end_ns.saturating_sub(state.start_ns);
+    }
     entry.submit(0);
 }

@@ -4,6 +4,7 @@
 #![no_main]
 
 mod connect;
+mod connection;
 mod maps;
 
 #[cfg(not(test))]

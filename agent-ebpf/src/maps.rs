@@ -30,12 +30,45 @@ pub fn count(stat: StatId) {
     }
 }
 
+/// `CONFIG`, field by field. The loader writes the real value after
+/// compilation, so every read is volatile (the compiler would otherwise fold
+/// the all-zero initializer), and reading single fields keeps the 512-byte
+/// BPF stack free of a copy of the whole struct.
 #[inline(always)]
-pub fn is_watched_port(config: &Config, port: u16) -> bool {
-    let count = config.port_count as usize;
+pub fn config_ptr() -> *const Config {
+    // `Global<T>` is `repr(transparent)` over `MaybeUninit<T>`.
+    core::ptr::from_ref(&CONFIG).cast::<Config>()
+}
+
+/// A field of `CONFIG.offsets`, as `usize`-convertible `u16`.
+#[macro_export]
+macro_rules! offset {
+    ($field:ident) => {
+        // SAFETY: volatile read of a field of a static.
+        unsafe {
+            core::ptr::read_volatile(core::ptr::addr_of!(
+                (*$crate::maps::config_ptr()).offsets.$field
+            ))
+        }
+    };
+}
+
+#[inline(always)]
+pub fn config_flags() -> u32 {
+    // SAFETY: volatile read of a field of a static.
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*config_ptr()).flags)) }
+}
+
+#[inline(always)]
+pub fn is_watched_port(port: u16) -> bool {
+    let config = config_ptr();
+    // SAFETY: volatile reads of fields of a static; index bounded below.
+    let count = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*config).port_count)) };
+    let ports = unsafe { core::ptr::addr_of!((*config).ports) }.cast::<u16>();
     let mut i = 0;
-    while i < MAX_WATCHED_PORTS && i < count {
-        if config.ports.get(i).copied() == Some(port) {
+    while i < MAX_WATCHED_PORTS && i < count as usize {
+        // SAFETY: i < MAX_WATCHED_PORTS, the array's length.
+        if unsafe { core::ptr::read_volatile(ports.add(i)) } == port {
             return true;
         }
         i += 1;

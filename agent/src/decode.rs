@@ -4,12 +4,40 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use agent_common::{
-    AF_INET, AF_INET6, COMM_LEN, ConnectEvent, ConnectOutcome, EventHeader, EventKind, SynAnswer,
+    AF_INET, AF_INET6, CONNECTION_SEEDED, COMM_LEN, CloseEvent, Closer, ConnectEvent,
+    ConnectOutcome, ConnectionCounters, ConnectionRole, EventHeader, EventKind, FlowTuple,
+    SynAckRetransmitEvent, SynAnswer, TaskInfo,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Connect(Connect),
+    Close(Close),
+    SynAckRetransmit(SynAckRetransmit),
+}
+
+/// An established connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Close {
+    pub ts_ns: u64,
+    pub role: ConnectionRole,
+    /// The connecting side and the Redis side, whichever end was traced.
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    /// The traced socket's owner, when the kernel knows it (client role).
+    pub task: Option<Task>,
+    pub closer: Closer,
+    pub counters: ConnectionCounters,
+    /// Established → closed; `None` for a connection open before the agent.
+    pub duration_ns: Option<u64>,
+}
+
+/// A server-side SYN-ACK retransmit on a watched port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SynAckRetransmit {
+    pub ts_ns: u64,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
 }
 
 /// The process that owns a socket, as captured in its own context.
@@ -63,7 +91,78 @@ pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
             let raw: ConnectEvent = read_exact(kind, record)?;
             decode_connect(&raw).map(Event::Connect)
         }
+        EventKind::Close => {
+            let raw: CloseEvent = read_exact(kind, record)?;
+            decode_close(&raw).map(Event::Close)
+        }
+        EventKind::SynAckRetransmit => {
+            let raw: SynAckRetransmitEvent = read_exact(kind, record)?;
+            check_family(raw.family)?;
+            let (server, client) = endpoints(&raw.flow);
+            Ok(Event::SynAckRetransmit(SynAckRetransmit {
+                ts_ns: raw.header.ts_ns,
+                client,
+                server,
+            }))
+        }
     }
+}
+
+/// (local, remote) socket addresses of a tuple as seen from its socket.
+fn endpoints(flow: &FlowTuple) -> (SocketAddr, SocketAddr) {
+    (
+        SocketAddr::new(normalize_ip(flow.saddr), flow.sport),
+        SocketAddr::new(normalize_ip(flow.daddr), flow.dport),
+    )
+}
+
+fn check_family(family: u16) -> Result<(), DecodeError> {
+    if family == AF_INET || family == AF_INET6 {
+        Ok(())
+    } else {
+        Err(DecodeError::Value {
+            field: "family",
+            value: family.into(),
+        })
+    }
+}
+
+fn task(raw: &TaskInfo) -> Task {
+    Task {
+        pid: raw.pid,
+        tid: raw.tid,
+        comm: comm_to_string(&raw.comm),
+        cgroup_id: raw.cgroup_id,
+    }
+}
+
+fn decode_close(raw: &CloseEvent) -> Result<Close, DecodeError> {
+    let state = &raw.state;
+    check_family(state.family)?;
+    let role = ConnectionRole::from_u8(state.role).ok_or(DecodeError::Value {
+        field: "role",
+        value: state.role.into(),
+    })?;
+    let closer = Closer::from_u8(state.closer).ok_or(DecodeError::Value {
+        field: "closer",
+        value: state.closer.into(),
+    })?;
+    let (local, remote) = endpoints(&raw.flow);
+    let (client, server) = match role {
+        ConnectionRole::Client => (local, remote),
+        ConnectionRole::Server => (remote, local),
+    };
+    let seeded = state.flags & CONNECTION_SEEDED != 0;
+    Ok(Close {
+        ts_ns: raw.header.ts_ns,
+        role,
+        client,
+        server,
+        task: (state.task.pid != 0).then(|| task(&state.task)),
+        closer,
+        counters: state.counters,
+        duration_ns: (!seeded).then(|| raw.header.ts_ns.saturating_sub(state.established_ns)),
+    })
 }
 
 fn decode_connect(raw: &ConnectEvent) -> Result<Connect, DecodeError> {
@@ -75,12 +174,7 @@ fn decode_connect(raw: &ConnectEvent) -> Result<Connect, DecodeError> {
         field: "answer",
         value: raw.answer.into(),
     })?;
-    if raw.family != AF_INET && raw.family != AF_INET6 {
-        return Err(DecodeError::Value {
-            field: "family",
-            value: raw.family.into(),
-        });
-    }
+    check_family(raw.family)?;
     Ok(Connect {
         ts_ns: raw.header.ts_ns,
         src: SocketAddr::new(normalize_ip(raw.flow.saddr), raw.flow.sport),
@@ -89,12 +183,7 @@ fn decode_connect(raw: &ConnectEvent) -> Result<Connect, DecodeError> {
         answer,
         error: (raw.error != 0).then_some(raw.error),
         syn_retransmits: raw.syn_retransmits,
-        task: Task {
-            pid: raw.task.pid,
-            tid: raw.task.tid,
-            comm: comm_to_string(&raw.task.comm),
-            cgroup_id: raw.task.cgroup_id,
-        },
+        task: task(&raw.task),
         duration_ns: raw.duration_ns,
     })
 }
@@ -193,7 +282,9 @@ mod tests {
 
     #[test]
     fn decodes_an_ipv4_connect() {
-        let Event::Connect(c) = decode(&bytes_of(&raw_connect())).unwrap();
+        let Ok(Event::Connect(c)) = decode(&bytes_of(&raw_connect())) else {
+            panic!("not a connect")
+        };
         assert_eq!(c.src, "10.0.1.5:40312".parse().unwrap());
         assert_eq!(c.dst, "10.0.2.9:6379".parse().unwrap());
         assert_eq!(c.task.comm, "redis-cli");

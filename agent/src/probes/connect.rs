@@ -39,6 +39,20 @@ pub const PROGRAMS: &[TracepointProgram] = &[
         required: true,
     },
     TracepointProgram {
+        program: "tcp_send_reset",
+        category: "tcp",
+        name: "tcp_send_reset",
+        since: (4, 15),
+        required: true,
+    },
+    TracepointProgram {
+        program: "tcp_retransmit_synack",
+        category: "tcp",
+        name: "tcp_retransmit_synack",
+        since: (4, 15),
+        required: true,
+    },
+    TracepointProgram {
         program: "inet_sk_error_report",
         category: "sock",
         name: "inet_sk_error_report",
@@ -76,12 +90,38 @@ pub fn resolve(tracefs: &Path) -> anyhow::Result<Layout> {
     let retransmit = read("tcp", "tcp_retransmit_skb")?;
     offsets.retransmit_skaddr = retransmit.offset("skaddr", 8)?;
     offsets.retransmit_state = retransmit.offset("state", 4)?;
+    offsets.retransmit_sport = retransmit.offset("sport", 2)?;
+    offsets.retransmit_dport = retransmit.offset("dport", 2)?;
+    offsets.retransmit_saddr_v6 = retransmit.offset("saddr_v6", 16)?;
+    offsets.retransmit_daddr_v6 = retransmit.offset("daddr_v6", 16)?;
     available.push("tcp_retransmit_skb");
 
-    offsets.receive_reset_skaddr = read("tcp", "tcp_receive_reset")?.offset("skaddr", 8)?;
+    let reset = read("tcp", "tcp_receive_reset")?;
+    offsets.receive_reset_skaddr = reset.offset("skaddr", 8)?;
+    offsets.receive_reset_sport = reset.offset("sport", 2)?;
+    offsets.receive_reset_dport = reset.offset("dport", 2)?;
+    offsets.receive_reset_saddr_v6 = reset.offset("saddr_v6", 16)?;
+    offsets.receive_reset_daddr_v6 = reset.offset("daddr_v6", 16)?;
     available.push("tcp_receive_reset");
-    offsets.destroy_skaddr = read("tcp", "tcp_destroy_sock")?.offset("skaddr", 8)?;
+
+    let destroy = read("tcp", "tcp_destroy_sock")?;
+    offsets.destroy_skaddr = destroy.offset("skaddr", 8)?;
+    offsets.destroy_sport = destroy.offset("sport", 2)?;
+    offsets.destroy_dport = destroy.offset("dport", 2)?;
+    offsets.destroy_saddr_v6 = destroy.offset("saddr_v6", 16)?;
+    offsets.destroy_daddr_v6 = destroy.offset("daddr_v6", 16)?;
     available.push("tcp_destroy_sock");
+
+    offsets.send_reset_skaddr = read("tcp", "tcp_send_reset")?.offset("skaddr", 8)?;
+    available.push("tcp_send_reset");
+
+    let synack = read("tcp", "tcp_retransmit_synack")?;
+    offsets.synack_sport = synack.offset("sport", 2)?;
+    offsets.synack_dport = synack.offset("dport", 2)?;
+    offsets.synack_family = synack.offset("family", 2)?;
+    offsets.synack_saddr_v6 = synack.offset("saddr_v6", 16)?;
+    offsets.synack_daddr_v6 = synack.offset("daddr_v6", 16)?;
+    available.push("tcp_retransmit_synack");
 
     let mut flags = 0;
     match read("sock", "inet_sk_error_report") {

@@ -47,6 +47,7 @@ pub struct Probes {
 pub struct KernelStats {
     pub ring_buffer_full: u64,
     pub connect_map_full: u64,
+    pub connection_map_full: u64,
     pub read_failed: u64,
 }
 
@@ -111,10 +112,11 @@ impl Probes {
                 .map(|values| values.iter().sum())
                 .unwrap_or(0)
         };
-        debug_assert_eq!(STAT_COUNT, 3, "update KernelStats with the new counters");
+        debug_assert_eq!(STAT_COUNT, 4, "update KernelStats with the new counters");
         KernelStats {
             ring_buffer_full: sum(StatId::RingBufferFull),
             connect_map_full: sum(StatId::ConnectMapFull),
+            connection_map_full: sum(StatId::ConnectionMapFull),
             read_failed: sum(StatId::ReadFailed),
         }
     }

@@ -3,12 +3,12 @@
 
 use std::{io::Write, net::IpAddr, time::SystemTime};
 
-use agent_common::{ConnectOutcome, SynAnswer, errno};
+use agent_common::{Closer, ConnectOutcome, ConnectionRole, SynAnswer, errno};
 use serde::Serialize;
 
 use crate::{
     clock::Clock,
-    decode::{Connect, Event},
+    decode::{Close, Connect, Event, SynAckRetransmit, Task},
     probes::KernelStats,
 };
 
@@ -42,24 +42,61 @@ struct ConnectBody<'a> {
     path_drop_suspected: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
-    src: Source<'a>,
-    dst: Destination,
+    src: Endpoint<'a>,
+    dst: Endpoint<'a>,
+}
+
+/// One end of a connection; process fields only for the traced end, when known.
+#[derive(Serialize)]
+struct Endpoint<'a> {
+    ip: IpAddr,
+    port: u16,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    process: Option<Process<'a>>,
 }
 
 #[derive(Serialize)]
-struct Source<'a> {
-    ip: IpAddr,
-    port: u16,
+struct Process<'a> {
     pid: u32,
     tid: u32,
     comm: &'a str,
     cgroup_id: u64,
 }
 
+impl<'a> Endpoint<'a> {
+    fn new(addr: std::net::SocketAddr, task: Option<&'a Task>) -> Self {
+        Self {
+            ip: addr.ip(),
+            port: addr.port(),
+            process: task.map(|t| Process {
+                pid: t.pid,
+                tid: t.tid,
+                comm: &t.comm,
+                cgroup_id: t.cgroup_id,
+            }),
+        }
+    }
+}
+
 #[derive(Serialize)]
-struct Destination {
-    ip: IpAddr,
-    port: u16,
+struct CloseBody<'a> {
+    role: &'static str,
+    closed_by: &'static str,
+    /// Absent for connections that were open before the agent started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_us: Option<u64>,
+    open_before_agent: bool,
+    retransmits: u32,
+    resets_received: u32,
+    resets_sent: u32,
+    src: Endpoint<'a>,
+    dst: Endpoint<'a>,
+}
+
+#[derive(Serialize)]
+struct SynAckRetransmitBody<'a> {
+    src: Endpoint<'a>,
+    dst: Endpoint<'a>,
 }
 
 /// Facts about the running agent, written once after all programs attached.
@@ -80,6 +117,7 @@ pub struct Stats {
     pub decode_errors: u64,
     pub ring_buffer_full: u64,
     pub connect_map_full: u64,
+    pub connection_map_full: u64,
     pub read_failed: u64,
 }
 
@@ -87,6 +125,7 @@ impl Stats {
     pub fn with_kernel(mut self, kernel: KernelStats) -> Self {
         self.ring_buffer_full = kernel.ring_buffer_full;
         self.connect_map_full = kernel.connect_map_full;
+        self.connection_map_full = kernel.connection_map_full;
         self.read_failed = kernel.read_failed;
         self
     }
@@ -102,6 +141,14 @@ impl<W: Write> JsonSink<W> {
             Event::Connect(connect) => {
                 let ts = self.clock.wall_time(connect.ts_ns);
                 self.line(ts, "connect", connect_body(connect))
+            }
+            Event::Close(close) => {
+                let ts = self.clock.wall_time(close.ts_ns);
+                self.line(ts, "close", close_body(close))
+            }
+            Event::SynAckRetransmit(retransmit) => {
+                let ts = self.clock.wall_time(retransmit.ts_ns);
+                self.line(ts, "synack_retransmit", synack_body(retransmit))
             }
         }
     }
@@ -141,18 +188,46 @@ fn connect_body(c: &Connect) -> ConnectBody<'_> {
         syn_retransmits: c.syn_retransmits,
         path_drop_suspected: !established && c.answer == SynAnswer::None && c.syn_retransmits > 0,
         error: c.error.map(errno_name),
-        src: Source {
-            ip: c.src.ip(),
-            port: c.src.port(),
-            pid: c.task.pid,
-            tid: c.task.tid,
-            comm: &c.task.comm,
-            cgroup_id: c.task.cgroup_id,
+        src: Endpoint::new(c.src, Some(&c.task)),
+        dst: Endpoint::new(c.dst, None),
+    }
+}
+
+fn close_body(c: &Close) -> CloseBody<'_> {
+    let (client_task, server_task) = match c.role {
+        ConnectionRole::Client => (c.task.as_ref(), None),
+        ConnectionRole::Server => (None, c.task.as_ref()),
+    };
+    CloseBody {
+        role: match c.role {
+            ConnectionRole::Client => "client",
+            ConnectionRole::Server => "server",
         },
-        dst: Destination {
-            ip: c.dst.ip(),
-            port: c.dst.port(),
-        },
+        closed_by: closer_name(c.closer),
+        duration_us: c.duration_ns.map(|ns| ns.div_ceil(1_000)),
+        open_before_agent: c.duration_ns.is_none(),
+        retransmits: c.counters.retransmits,
+        resets_received: c.counters.resets_received,
+        resets_sent: c.counters.resets_sent,
+        src: Endpoint::new(c.client, client_task),
+        dst: Endpoint::new(c.server, server_task),
+    }
+}
+
+fn synack_body(r: &SynAckRetransmit) -> SynAckRetransmitBody<'_> {
+    SynAckRetransmitBody {
+        src: Endpoint::new(r.client, None),
+        dst: Endpoint::new(r.server, None),
+    }
+}
+
+pub fn closer_name(closer: Closer) -> &'static str {
+    match closer {
+        Closer::Unknown => "unknown",
+        Closer::Local => "local",
+        Closer::Peer => "peer",
+        Closer::PeerReset => "peer_reset",
+        Closer::LocalReset => "local_reset",
     }
 }
 

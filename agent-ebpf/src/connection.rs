@@ -1,0 +1,149 @@
+//! Established connections to or from watched ports: data retransmits,
+//! resets, who closed first, lifetime.
+//!
+//! Retransmits and resets fire in softirq or timer context, where the current
+//! task is arbitrary: attribution comes from the state captured at connect
+//! time (client role) or stays unknown in the kernel (server role: passive
+//! opens complete in softirq). Keyed by the 4-tuple as seen from the socket,
+//! which every tracepoint used here carries on every kernel, so userspace can
+//! seed the map with connections that were open before the agent started.
+//! `tcp/tcp_send_reset` carries only `skaddr` in the same shape on all
+//! kernels, hence the small `skaddr → tuple` side map.
+
+use agent_common::{
+    CloseEvent, Closer, ConnectionCounters, ConnectionRole, ConnectionState, EventHeader,
+    EventKind, FlowTuple, MAX_CONNECTIONS, StatId, SynAckRetransmitEvent, TaskInfo,
+};
+use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
+
+use crate::maps::{EVENTS, count};
+
+pub const TCP_ESTABLISHED: i32 = 1;
+pub const TCP_FIN_WAIT1: i32 = 4;
+pub const TCP_CLOSE_WAIT: i32 = 8;
+
+#[map]
+pub static CONNECTIONS: LruHashMap<FlowTuple, ConnectionState> =
+    LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+
+#[map]
+static SOCKET_FLOWS: LruHashMap<u64, FlowTuple> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+
+/// A handshake completed: start tracking the connection.
+#[inline(never)]
+pub fn open(skaddr: u64, flow: &FlowTuple, family: u16, role: ConnectionRole, task: &TaskInfo) {
+    // At most five arguments in a BPF call: the time is taken here.
+    let state = ConnectionState {
+        task: *task,
+        established_ns: unsafe { bpf_ktime_get_ns() },
+        counters: ConnectionCounters::default(),
+        family,
+        role: role as u8,
+        closer: Closer::Unknown as u8,
+        flags: 0,
+        _pad: [0; 3],
+    };
+    if CONNECTIONS.insert(flow, &state, 0).is_err() {
+        count(StatId::ConnectionMapFull);
+        return;
+    }
+    let _ = SOCKET_FLOWS.insert(&skaddr, flow, 0);
+}
+
+/// The first state change out of ESTABLISHED tells who closed first.
+#[inline(never)]
+pub fn leave_established(flow: &FlowTuple, new_state: i32) {
+    let Some(state) = CONNECTIONS.get_ptr_mut(flow) else {
+        return;
+    };
+    // SAFETY: map value pointer, valid for this program run.
+    let state = unsafe { &mut *state };
+    if state.closer != Closer::Unknown as u8 {
+        return;
+    }
+    state.closer = match new_state {
+        TCP_FIN_WAIT1 => Closer::Local,
+        TCP_CLOSE_WAIT => Closer::Peer,
+        _ if state.counters.resets_received > 0 => Closer::PeerReset,
+        _ => Closer::LocalReset,
+    } as u8;
+}
+
+/// Transition to CLOSE: report the connection and forget it.
+#[inline(never)]
+pub fn close(skaddr: u64, flow: &FlowTuple, now: u64) {
+    let Some(state) = CONNECTIONS.get_ptr(flow) else {
+        return;
+    };
+    if let Some(mut entry) = EVENTS.reserve::<CloseEvent>(0) {
+        let event = entry.as_mut_ptr();
+        // SAFETY: `event` is a reserved ring buffer slot; `state` a map value
+        // valid for this program run.
+        unsafe {
+            (*event).header = EventHeader {
+                kind: EventKind::Close as u32,
+                _pad: 0,
+                ts_ns: now,
+            };
+            (*event).flow = *flow;
+            (*event)._pad = [0; 4];
+            (*event).state = *state;
+        }
+        entry.submit(0);
+    } else {
+        count(StatId::RingBufferFull);
+    }
+    let _ = CONNECTIONS.remove(flow);
+    let _ = SOCKET_FLOWS.remove(&skaddr);
+}
+
+/// The socket is freed: drop whatever is left (a CLOSE we did not see).
+pub fn destroy(skaddr: u64, flow: &FlowTuple) {
+    if CONNECTIONS.get_ptr(flow).is_some() {
+        let _ = CONNECTIONS.remove(flow);
+    }
+    let _ = SOCKET_FLOWS.remove(&skaddr);
+}
+
+pub fn retransmitted(flow: &FlowTuple) {
+    if let Some(state) = CONNECTIONS.get_ptr_mut(flow) {
+        // SAFETY: map value pointer, valid for this program run.
+        unsafe { (*state).counters.retransmits += 1 };
+    }
+}
+
+pub fn reset_received(flow: &FlowTuple) {
+    if let Some(state) = CONNECTIONS.get_ptr_mut(flow) {
+        // SAFETY: map value pointer, valid for this program run.
+        unsafe { (*state).counters.resets_received += 1 };
+    }
+}
+
+pub fn reset_sent(skaddr: u64) {
+    // SAFETY: map value pointer, valid for this program run.
+    let Some(flow) = SOCKET_FLOWS.get_ptr(&skaddr).map(|p| unsafe { *p }) else {
+        return;
+    };
+    if let Some(state) = CONNECTIONS.get_ptr_mut(&flow) {
+        // SAFETY: map value pointer, valid for this program run.
+        unsafe { (*state).counters.resets_sent += 1 };
+    }
+}
+
+pub fn synack_retransmitted(flow: &FlowTuple, family: u16, now: u64) {
+    let Some(mut entry) = EVENTS.reserve::<SynAckRetransmitEvent>(0) else {
+        count(StatId::RingBufferFull);
+        return;
+    };
+    entry.write(SynAckRetransmitEvent {
+        header: EventHeader {
+            kind: EventKind::SynAckRetransmit as u32,
+            _pad: 0,
+            ts_ns: now,
+        },
+        flow: *flow,
+        family,
+        _pad: 0,
+    });
+    entry.submit(0);
+}
