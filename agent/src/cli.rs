@@ -26,6 +26,11 @@ pub struct Cli {
     #[arg(long, default_value_t = 1024, value_parser = parse_ring_buffer_kib)]
     pub ring_buffer_kib: u32,
 
+    /// How often to write the open-connection gauges (`connections` events),
+    /// e.g. `10s`, `1m`.
+    #[arg(long, default_value = "10s", value_parser = parse_interval)]
+    pub interval: Duration,
+
     /// How often to write a `stats` event (agent counters, drops), e.g. `30s`,
     /// `5m`; `0s` writes it only at exit.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
@@ -62,6 +67,14 @@ fn parse_port(value: &str) -> Result<u16, String> {
         Ok(port) => Err(format!("{port} is not a TCP port (1-65535)")),
         Err(_) => Err(format!("`{value}` is not a port number (1-65535)")),
     }
+}
+
+fn parse_interval(value: &str) -> Result<Duration, String> {
+    let interval = humantime::parse_duration(value).map_err(|e| format!("`{value}`: {e}"))?;
+    if interval < Duration::from_millis(100) {
+        return Err(format!("`{value}`: the interval must be at least 100ms"));
+    }
+    Ok(interval)
 }
 
 fn parse_ring_buffer_kib(value: &str) -> Result<u32, String> {

@@ -23,7 +23,7 @@ impl Clock {
     }
 }
 
-#[cfg(test)]
+/// CLOCK_MONOTONIC now, the clock of `bpf_ktime_get_ns()`.
 pub fn monotonic_ns() -> u64 {
     read_clock(libc::CLOCK_MONOTONIC) as u64
 }

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use agent_common::{
-    AF_INET, AF_INET6, CONNECTION_SEEDED, COMM_LEN, CloseEvent, Closer, ConnectEvent,
+    AF_INET, AF_INET6, COMM_LEN, CONNECTION_SEEDED, CloseEvent, Closer, ConnectEvent,
     ConnectOutcome, ConnectionCounters, ConnectionRole, EventHeader, EventKind, FlowTuple,
     SynAckRetransmitEvent, SynAnswer, TaskInfo,
 };
@@ -47,6 +47,8 @@ pub struct Task {
     pub tid: u32,
     pub comm: String,
     pub cgroup_id: u64,
+    /// The process's cgroup path, filled in by `enrich` (not from the kernel).
+    pub cgroup: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,6 +135,7 @@ fn task(raw: &TaskInfo) -> Task {
         tid: raw.tid,
         comm: comm_to_string(&raw.comm),
         cgroup_id: raw.cgroup_id,
+        cgroup: None,
     }
 }
 

@@ -4,8 +4,11 @@
 mod cli;
 mod clock;
 mod decode;
+mod enrich;
+mod gauges;
 mod preflight;
 mod probes;
+mod procfs;
 mod run;
 mod sinks;
 mod tracefs;

@@ -1,7 +1,10 @@
 //! The agent's main loop: ring buffer → decode → sink, stats on a timer,
 //! clean detach on SIGINT/SIGTERM.
 
-use std::io::{BufWriter, ErrorKind, Write};
+use std::{
+    collections::BTreeSet,
+    io::{BufWriter, ErrorKind, Write},
+};
 
 use anyhow::Context as _;
 use tokio::{
@@ -11,10 +14,13 @@ use tokio::{
 
 use crate::{
     cli::Cli,
-    clock::Clock,
+    clock::{Clock, monotonic_ns},
     decode::decode,
+    enrich::Enricher,
+    gauges::open_connection_gauges,
     preflight,
-    probes::{LoadOptions, Probes},
+    probes::{LoadOptions, Probes, connection},
+    procfs,
     sinks::json::{JsonSink, SCHEMA_VERSION, Started, Stats},
 };
 
@@ -29,6 +35,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         tracefs: &kernel.tracefs,
     })?;
     let attached = std::mem::take(&mut probes.attached);
+    let seeds = connection::seeds(&ports, procfs::cgroup2_mount().as_deref(), monotonic_ns());
+    let seeded_connections = probes.seed_connections(&seeds);
     tracing::info!(
         "watching TCP ports {ports:?} with {} tracepoints on Linux {}",
         attached.len(),
@@ -47,6 +55,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         kernel: &kernel.release,
         ports: &ports,
         tracepoints: &attached,
+        seeded_connections,
     })?;
     sink.flush()?;
 
@@ -56,6 +65,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         timer.reset();
         timer
     });
+    let mut gauge_timer = tokio::time::interval(cli.interval);
+    gauge_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    gauge_timer.reset();
+    let mut gauge_keys = BTreeSet::new();
+    let mut enricher = Enricher::default();
     let mut stats = Stats::default();
     // SAFETY: the ring buffer owns its fd, which stays open and the same until
     // the AsyncFd (and the ring buffer inside it) is dropped.
@@ -67,7 +81,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         tokio::select! {
             ready = events.readable_mut() => {
                 let mut guard = ready.context("waiting for events")?;
-                drain(guard.get_inner_mut(), &mut sink, &mut stats)?;
+                drain(guard.get_inner_mut(), &mut enricher, &mut sink, &mut stats)?;
                 guard.clear_ready();
                 sink.flush()?;
             }
@@ -76,12 +90,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 sink.stats(&stats.with_kernel(kernel))?;
                 sink.flush()?;
             }
+            _ = gauge_timer.tick() => {
+                let gauges = open_connection_gauges(&probes.open_connections(), &gauge_keys);
+                gauge_keys = gauges.iter().filter(|g| g.open > 0).map(|g| g.key.clone()).collect();
+                sink.gauges(&gauges).map_err(output_error)?;
+                sink.flush()?;
+            }
             _ = sigint.recv() => break Ok(()),
             _ = sigterm.recv() => break Ok(()),
         }
     };
     // Whatever is still queued, then the final counters.
-    drain(events.get_mut(), &mut sink, &mut stats)?;
+    drain(events.get_mut(), &mut enricher, &mut sink, &mut stats)?;
     let kernel = probes.kernel_stats();
     sink.stats(&stats.with_kernel(kernel))?;
     sink.flush()?;
@@ -92,13 +112,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 /// Writes every queued event; a closed stdout ends the agent quietly.
 fn drain<W: Write>(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    enricher: &mut Enricher,
     sink: &mut JsonSink<W>,
     stats: &mut Stats,
 ) -> anyhow::Result<()> {
     while let Some(record) = ring.next() {
         match decode(&record) {
-            Ok(event) => {
+            Ok(mut event) => {
                 stats.events += 1;
+                enricher.enrich(&mut event);
                 if let Err(err) = sink.event(&event) {
                     return Err(output_error(err));
                 }

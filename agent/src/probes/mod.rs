@@ -1,14 +1,15 @@
 //! Loading the kernel programs, attaching them, and reading their counters.
 
 pub mod connect;
+pub mod connection;
 
 use std::path::Path;
 
-use agent_common::{Config, STAT_COUNT, StatId};
+use agent_common::{Config, ConnectionState, FlowTuple, STAT_COUNT, StatId};
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
 
@@ -38,6 +39,7 @@ pub struct Probes {
     // Keeps programs and links alive.
     _ebpf: Ebpf,
     stats: PerCpuArray<MapData, u64>,
+    connections: HashMap<MapData, FlowTuple, ConnectionState>,
     /// `category/name` of every attached tracepoint.
     pub attached: Vec<String>,
 }
@@ -97,12 +99,33 @@ impl Probes {
             .context("map EVENTS is not a ring buffer")?;
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("map STATS missing")?)
             .context("map STATS is not a per-CPU array")?;
+        let connections = HashMap::try_from(
+            ebpf.take_map("CONNECTIONS")
+                .context("map CONNECTIONS missing")?,
+        )
+        .context("map CONNECTIONS is not a hash map")?;
         let probes = Self {
             _ebpf: ebpf,
             stats,
+            connections,
             attached,
         };
         Ok((probes, events))
+    }
+
+    /// Adds connections that were open before the programs attached; entries
+    /// the programs created meanwhile are kept. Returns how many were added.
+    pub fn seed_connections(&mut self, seeds: &[(FlowTuple, ConnectionState)]) -> usize {
+        const BPF_NOEXIST: u64 = 1;
+        seeds
+            .iter()
+            .filter(|(flow, state)| self.connections.insert(flow, state, BPF_NOEXIST).is_ok())
+            .count()
+    }
+
+    /// The connections the kernel tracks right now.
+    pub fn open_connections(&self) -> Vec<(FlowTuple, ConnectionState)> {
+        self.connections.iter().filter_map(Result::ok).collect()
     }
 
     pub fn kernel_stats(&self) -> KernelStats {

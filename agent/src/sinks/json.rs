@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::{
     clock::Clock,
     decode::{Close, Connect, Event, SynAckRetransmit, Task},
+    gauges::Gauge,
     probes::KernelStats,
 };
 
@@ -61,6 +62,8 @@ struct Process<'a> {
     tid: u32,
     comm: &'a str,
     cgroup_id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup: Option<&'a str>,
 }
 
 impl<'a> Endpoint<'a> {
@@ -73,6 +76,7 @@ impl<'a> Endpoint<'a> {
                 tid: t.tid,
                 comm: &t.comm,
                 cgroup_id: t.cgroup_id,
+                cgroup: t.cgroup.as_deref(),
             }),
         }
     }
@@ -99,6 +103,22 @@ struct SynAckRetransmitBody<'a> {
     dst: Endpoint<'a>,
 }
 
+#[derive(Serialize)]
+struct ConnectionsBody<'a> {
+    role: &'static str,
+    open: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    src: Option<GaugeSource<'a>>,
+    dst: Endpoint<'a>,
+}
+
+#[derive(Serialize)]
+struct GaugeSource<'a> {
+    cgroup_id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    comm: Option<&'a str>,
+}
+
 /// Facts about the running agent, written once after all programs attached.
 #[derive(Serialize)]
 pub struct Started<'a> {
@@ -108,6 +128,8 @@ pub struct Started<'a> {
     pub kernel: &'a str,
     pub ports: &'a [u16],
     pub tracepoints: &'a [String],
+    /// Connections open before the agent started, now tracked.
+    pub seeded_connections: usize,
 }
 
 /// Counters of the agent, written every `--stats-interval` and at exit.
@@ -151,6 +173,24 @@ impl<W: Write> JsonSink<W> {
                 self.line(ts, "synack_retransmit", synack_body(retransmit))
             }
         }
+    }
+
+    /// One `connections` line per gauge.
+    pub fn gauges(&mut self, gauges: &[Gauge]) -> std::io::Result<()> {
+        let now = SystemTime::now();
+        for gauge in gauges {
+            let body = ConnectionsBody {
+                role: gauge.key.role,
+                open: gauge.open,
+                src: (gauge.key.role == "client").then(|| GaugeSource {
+                    cgroup_id: gauge.key.cgroup_id,
+                    comm: gauge.comm.as_deref(),
+                }),
+                dst: Endpoint::new(gauge.key.server, None),
+            };
+            self.line(now, "connections", body)?;
+        }
+        Ok(())
     }
 
     pub fn started(&mut self, started: &Started<'_>) -> std::io::Result<()> {
@@ -282,6 +322,7 @@ mod tests {
                 tid: 812,
                 comm: "java".into(),
                 cgroup_id: 4242,
+                cgroup: Some("/kubepods/burstable/pod1234/abc".into()),
             },
             duration_ns: 56_001,
         }
@@ -310,6 +351,7 @@ mod tests {
         assert_eq!(v["path_drop_suspected"], false);
         assert_eq!(v["src"]["ip"], "10.0.1.5");
         assert_eq!(v["src"]["comm"], "java");
+        assert_eq!(v["src"]["cgroup"], "/kubepods/burstable/pod1234/abc");
         assert_eq!(v["dst"]["ip"], "2001:db8::9");
         assert_eq!(v["dst"]["port"], 6379);
         assert!(v["ts"].as_str().unwrap().ends_with('Z'));
