@@ -182,7 +182,7 @@ impl<W: Write> JsonSink<W> {
             let body = ConnectionsBody {
                 role: gauge.key.role,
                 open: gauge.open,
-                src: (gauge.key.role == "client").then(|| GaugeSource {
+                src: (gauge.key.role == "client").then_some(GaugeSource {
                     cgroup_id: gauge.key.cgroup_id,
                     comm: gauge.comm.as_deref(),
                 }),
