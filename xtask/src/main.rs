@@ -1,8 +1,10 @@
 //! `cargo xtask`: what is not a plain `cargo build` — setting up a fresh
-//! machine, running the agent as root, and the test suite.
+//! machine, running the agent as root, the test suite, and the test suite on
+//! other kernels under qemu.
 
 mod setup;
 mod util;
+mod vm;
 
 use std::path::PathBuf;
 
@@ -37,6 +39,24 @@ enum Command {
         /// Only run tests whose name contains this filter.
         filter: Option<String>,
     },
+    /// Boot the kernels of EKS nodes (Debian's 5.10 and 6.1) under qemu and
+    /// run integration test binaries built here inside them, with a real
+    /// redis-server; report which programs attach and which tests pass, and
+    /// refresh the table in docs/kernels.md.
+    VmTest {
+        /// Which kernels: 6.1 (AL2023, Bottlerocket), 5.10 (Amazon Linux 2), or all.
+        #[arg(long, value_enum, default_value = "6.1")]
+        kernel: vm::KernelChoice,
+        /// Test binaries of the `tests` package to run (repeatable).
+        #[arg(long = "test", default_values = vm::DEFAULT_TESTS)]
+        tests: Vec<String>,
+        /// Timeouts of the test lab are multiplied by this in the guest
+        /// (`RESPTRACE_TIME_SCALE`).
+        #[arg(long, default_value_t = vm::DEFAULT_TIME_SCALE)]
+        time_scale: u32,
+        /// Only run tests whose name contains this filter.
+        filter: Option<String>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,6 +85,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             require_root("cargo xtask test loads eBPF programs and changes firewall rules")?;
             setup::ensure()?;
             test(filter.as_deref())
+        }
+        Command::VmTest {
+            kernel,
+            tests,
+            time_scale,
+            filter,
+        } => {
+            require_root("cargo xtask vm-test installs packages and loads eBPF programs")?;
+            setup::ensure()?;
+            vm::run(&vm::Options {
+                kernel,
+                tests,
+                filter,
+                time_scale,
+            })
         }
     }
 }

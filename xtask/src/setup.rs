@@ -78,7 +78,7 @@ fn run_step(name: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Resul
     f().with_context(|| format!("setup step `{name}` failed"))
 }
 
-fn cache_dir() -> PathBuf {
+pub fn cache_dir() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
@@ -114,6 +114,17 @@ fn apt_install(packages: &[String]) -> anyhow::Result<()> {
             .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// Installs those of `packages` that are missing (for commands with needs
+/// of their own, e.g. `vm-test`).
+pub fn ensure_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let packages: Vec<String> = packages.iter().map(|p| p.to_string()).collect();
+    let missing = missing_packages(&packages);
+    if !missing.is_empty() {
+        apt_install(&missing)?;
+    }
+    Ok(())
 }
 
 fn install_packages() -> anyhow::Result<()> {
