@@ -192,6 +192,177 @@ fn kernel_giving_up_on_a_dropped_syn_is_timeout() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A firewall answering the SYN with a RST (`REJECT --reject-with tcp-reset`).
+#[test]
+fn reject_with_reset_is_refused() -> anyhow::Result<()> {
+    let redis = RedisServer::start()?;
+    let mut agent = Agent::start(&[redis.port], &[])?;
+    let _reject = FirewallRule::insert(
+        false,
+        "INPUT",
+        &[
+            "-p",
+            "tcp",
+            "--syn",
+            "--dport",
+            &redis.port.to_string(),
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ],
+    )?;
+    let error = TcpStream::connect((Ipv4Addr::LOCALHOST, redis.port)).expect_err("rejected");
+    assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
+
+    let event = agent.wait_for(event_timeout(), is_connect_to(redis.port))?;
+    assert_eq!(event["outcome"], "refused", "{event}");
+    assert_eq!(event["answer"], "rst", "{event}");
+    assert_eq!(event["syn_retransmits"], 0, "{event}");
+    assert_eq!(event["path_drop_suspected"], false, "{event}");
+    agent.stop()?;
+    Ok(())
+}
+
+/// A firewall answering the SYN with ICMP host unreachable.
+#[test]
+fn reject_with_icmp_is_unreachable() -> anyhow::Result<()> {
+    // On loopback the first ICMP finds the socket owned by connect() (a soft
+    // error) and the SYN is retransmitted: keep that out of other tests' counts.
+    let _serial = serial();
+    let redis = RedisServer::start()?;
+    let mut agent = Agent::start(&[redis.port], &[])?;
+    let _reject = FirewallRule::insert(
+        false,
+        "INPUT",
+        &[
+            "-p",
+            "tcp",
+            "--syn",
+            "--dport",
+            &redis.port.to_string(),
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "icmp-host-unreachable",
+        ],
+    )?;
+    let started = Instant::now();
+    let error = TcpStream::connect((Ipv4Addr::LOCALHOST, redis.port)).expect_err("rejected");
+    let client_waited = started.elapsed();
+    assert_eq!(error.raw_os_error(), Some(libc::EHOSTUNREACH), "{error}");
+
+    let event = agent.wait_for(event_timeout(), is_connect_to(redis.port))?;
+    assert_eq!(event["outcome"], "unreachable", "{event}");
+    assert_eq!(event["answer"], "icmp", "{event}");
+    assert_eq!(event["error"], "EHOSTUNREACH", "{event}");
+    let failed_after = Duration::from_micros(event["failed_after_us"].as_u64().unwrap());
+    assert!(
+        failed_after <= client_waited,
+        "{failed_after:?} > {client_waited:?}"
+    );
+    agent.barrier()?;
+    assert!(
+        agent.connects_to(redis.port).is_empty(),
+        "a single event per attempt"
+    );
+    agent.stop()?;
+    Ok(())
+}
+
+/// A listener that never accepts (backlog 1): once its accept queue is full,
+/// SYNs are dropped (client SYN retransmits) and handshakes whose final ACK
+/// finds the queue full are retried by the server (SYN-ACK retransmits).
+/// Every retransmit the kernel counts shows up in the agent's events.
+#[test]
+fn full_accept_queue_shows_retransmits_on_both_sides() -> anyhow::Result<()> {
+    const CLIENTS: usize = 6;
+    let _serial = serial();
+    let (listener, port) = listener_with_backlog(1)?;
+    let mut agent = Agent::start(&[port], &[])?;
+
+    let overflows_before = nstat("TcpExtListenOverflows")?;
+    let retrans_before = nstat("TcpExtTCPSynRetrans")?;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            std::thread::spawn(move || {
+                TcpStream::connect_timeout(
+                    &SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                    Duration::from_millis(2500),
+                )
+            })
+        })
+        .collect();
+    let results: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    // Closing the listener ends every pending handshake before the counts.
+    drop(listener);
+    drop(results);
+    agent.barrier()?;
+    let kernel_retransmits = nstat("TcpExtTCPSynRetrans")? - retrans_before;
+    let overflows = nstat("TcpExtListenOverflows")? - overflows_before;
+
+    let events = agent.take_seen(|e| e["dst"]["port"] == port);
+    let connects: Vec<&Value> = events.iter().filter(|e| e["type"] == "connect").collect();
+    assert_eq!(
+        connects.len(),
+        CLIENTS,
+        "one connect event per client: {events:#?}"
+    );
+    let syn_retransmits: u64 = connects
+        .iter()
+        .map(|e| e["syn_retransmits"].as_u64().unwrap())
+        .sum();
+    let synack_retransmits = events
+        .iter()
+        .filter(|e| e["type"] == "synack_retransmit")
+        .count() as u64;
+    assert!(overflows > 0, "the accept queue overflowed");
+    assert!(
+        syn_retransmits > 0,
+        "client side: SYNs retransmitted: {events:#?}"
+    );
+    assert_eq!(
+        syn_retransmits + synack_retransmits,
+        kernel_retransmits,
+        "every SYN and SYN-ACK retransmit the kernel counted: {events:#?}"
+    );
+    agent.stop()?;
+    Ok(())
+}
+
+/// A listening socket with the given accept backlog, never accepting.
+fn listener_with_backlog(backlog: libc::c_int) -> io::Result<(OwnedFd, u16)> {
+    // SAFETY: plain socket syscalls on an fd this function owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let socket = OwnedFd::from_raw_fd(fd);
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        if libc::bind(
+            socket.as_raw_fd(),
+            (&sin as *const libc::sockaddr_in).cast(),
+            len,
+        ) != 0
+            || libc::listen(socket.as_raw_fd(), backlog) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        let listener = std::net::TcpListener::from(socket);
+        let port = listener.local_addr()?.port();
+        Ok((OwnedFd::from(listener), port))
+    }
+}
+
 /// A blocking connect with `TCP_SYNCNT` set, through libc (std has no knob).
 fn connect_with_syn_count(addr: SocketAddr, syn_count: libc::c_int) -> io::Result<TcpStream> {
     let SocketAddr::V4(v4) = addr else {

@@ -384,6 +384,10 @@ fn try_inet_sk_error_report(ctx: &TracePointContext) -> Result<(), i64> {
         dport,
     };
     let error: i32 = read(ctx, offset!(error_report_error))?;
+    if error == 0 {
+        // Soft ICMP errors are reported with sk_err still 0: nothing to learn.
+        return Ok(());
+    }
     let now = unsafe { bpf_ktime_get_ns() };
 
     // SAFETY: map value pointer, valid for this program run.
