@@ -18,6 +18,20 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
+pub mod cgroup;
+pub mod delay;
+pub mod faults;
+pub mod netns;
+pub mod sweep;
+pub mod topology;
+
+pub use cgroup::{CgroupSpec, PodCgroup};
+pub use delay::DelaySpec;
+pub use faults::{Direction, Fault, FaultGuard, FullListener, Path, inject_loopback};
+pub use netns::{Counters, Netns, Process};
+pub use sweep::sweep;
+pub use topology::{Host, Lab};
+
 /// How much slower than the host this machine runs: `$RESPTRACE_TIME_SCALE`
 /// (default 1; the qemu TCG guests of `cargo xtask vm-test` set ~10). Every
 /// timeout and timing tolerance of the lab is multiplied by it.
