@@ -188,9 +188,10 @@ pub enum Closer {
     Peer = 2,
     /// ESTABLISHED → CLOSE after a RST arrived.
     PeerReset = 3,
-    /// ESTABLISHED → CLOSE without a RST arriving: this side aborted
-    /// (e.g. close() with unread data, SO_LINGER 0) and sent a RST.
-    LocalReset = 4,
+    /// ESTABLISHED → CLOSE without a RST arriving: this side aborted — an
+    /// application close() with unread data or SO_LINGER 0 (a RST follows),
+    /// or the kernel giving up on retransmissions.
+    LocalAbort = 4,
 }
 
 impl Closer {
@@ -200,7 +201,7 @@ impl Closer {
             1 => Self::Local,
             2 => Self::Peer,
             3 => Self::PeerReset,
-            4 => Self::LocalReset,
+            4 => Self::LocalAbort,
             _ => return None,
         })
     }

@@ -65,7 +65,7 @@ pub fn leave_established(flow: &FlowTuple, new_state: i32) {
         TCP_FIN_WAIT1 => Closer::Local,
         TCP_CLOSE_WAIT => Closer::Peer,
         _ if state.counters.resets_received > 0 => Closer::PeerReset,
-        _ => Closer::LocalReset,
+        _ => Closer::LocalAbort,
     } as u8;
 }
 

@@ -170,13 +170,16 @@ impl Agent {
         self.child.id()
     }
 
-    /// Waits for the next event matching `predicate`; events before it are
-    /// kept in [`Agent::seen`].
+    /// Returns the first event matching `predicate`, among those read past
+    /// earlier or, waiting, among new ones; others are kept in `seen`.
     pub fn wait_for(
         &mut self,
         timeout: Duration,
         predicate: impl Fn(&Value) -> bool,
     ) -> anyhow::Result<Value> {
+        if let Some(index) = self.seen.iter().position(&predicate) {
+            return Ok(self.seen.remove(index));
+        }
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());

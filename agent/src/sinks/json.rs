@@ -267,7 +267,7 @@ pub fn closer_name(closer: Closer) -> &'static str {
         Closer::Local => "local",
         Closer::Peer => "peer",
         Closer::PeerReset => "peer_reset",
-        Closer::LocalReset => "local_reset",
+        Closer::LocalAbort => "local_abort",
     }
 }
 

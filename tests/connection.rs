@@ -1,0 +1,292 @@
+//! Established connections (`agent-ebpf/src/connection.rs`): who closed
+//! first, lifetime, per-connection retransmits and resets, connections open
+//! before the agent, open-connection gauges. Ground truth: what the test did
+//! itself, the kernel's `TCP_INFO` for its own sockets, `ss` for the server's.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, TcpStream},
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use lab::{Agent, FirewallRule, RedisServer, event_timeout};
+use serde_json::Value;
+
+fn close_of(role: &'static str, client_port: u16) -> impl Fn(&Value) -> bool {
+    move |e: &Value| e["type"] == "close" && e["role"] == role && e["src"]["port"] == client_port
+}
+
+/// One RESP round trip: `PING` → `+PONG`.
+fn ping(stream: &mut TcpStream) -> anyhow::Result<()> {
+    stream.write_all(b"*1\r\n$4\r\nPING\r\n")?;
+    let mut reply = [0u8; 7];
+    stream.read_exact(&mut reply)?;
+    anyhow::ensure!(&reply == b"+PONG\r\n", "unexpected reply {reply:?}");
+    Ok(())
+}
+
+#[test]
+fn client_closing_first_is_local_for_the_client_and_peer_for_the_server() -> anyhow::Result<()> {
+    let redis = RedisServer::start()?;
+    let mut agent = Agent::start(&[redis.port], &[])?;
+    let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, redis.port))?;
+    let opened = Instant::now();
+    ping(&mut stream)?;
+    let client_port = stream.local_addr()?.port();
+    drop(stream);
+    let held_open = opened.elapsed();
+
+    let client = agent.wait_for(event_timeout(), close_of("client", client_port))?;
+    let server = agent.wait_for(event_timeout(), close_of("server", client_port))?;
+    assert_eq!(client["closed_by"], "local", "{client}");
+    assert_eq!(server["closed_by"], "peer", "{server}");
+    assert_eq!(client["src"]["pid"], std::process::id(), "{client}");
+    assert_eq!(client["open_before_agent"], false);
+    assert_eq!(client["retransmits"], 0);
+    assert_eq!(client["resets_received"], 0);
+    let duration = Duration::from_micros(client["duration_us"].as_u64().unwrap());
+    assert!(
+        duration >= held_open.saturating_sub(Duration::from_millis(1)),
+        "{duration:?} vs {held_open:?}"
+    );
+    assert!(
+        server["src"].get("pid").is_none(),
+        "the server side's owner is not known: {server}"
+    );
+    agent.stop()?;
+    Ok(())
+}
+
+#[test]
+fn server_closing_first_is_peer_for_the_client() -> anyhow::Result<()> {
+    let redis = RedisServer::start()?;
+    let mut agent = Agent::start(&[redis.port], &[])?;
+    let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, redis.port))?;
+    let client_port = stream.local_addr()?.port();
+    // QUIT: Redis replies +OK and closes the connection itself.
+    stream.write_all(b"*1\r\n$4\r\nQUIT\r\n")?;
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest)?;
+    assert_eq!(rest, b"+OK\r\n");
+    drop(stream);
+
+    let client = agent.wait_for(event_timeout(), close_of("client", client_port))?;
+    let server = agent.wait_for(event_timeout(), close_of("server", client_port))?;
+    assert_eq!(client["closed_by"], "peer", "{client}");
+    assert_eq!(server["closed_by"], "local", "{server}");
+    agent.stop()?;
+    Ok(())
+}
+
+#[test]
+fn abortive_close_is_a_reset_on_both_sides() -> anyhow::Result<()> {
+    let redis = RedisServer::start()?;
+    let mut agent = Agent::start(&[redis.port], &[])?;
+    let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, redis.port))?;
+    ping(&mut stream)?;
+    let client_port = stream.local_addr()?.port();
+    // SO_LINGER 0: close() sends a RST instead of a FIN.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid socket and option buffer.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    drop(stream);
+
+    let client = agent.wait_for(event_timeout(), close_of("client", client_port))?;
+    let server = agent.wait_for(event_timeout(), close_of("server", client_port))?;
+    assert_eq!(client["closed_by"], "local_abort", "{client}");
+    assert_eq!(server["closed_by"], "peer_reset", "{server}");
+    assert_eq!(server["resets_received"], 1, "{server}");
+    agent.stop()?;
+    Ok(())
+}
+
+/// `tcpi_total_retrans` of a socket: the kernel's own retransmit count.
+fn total_retransmits(stream: &TcpStream) -> u32 {
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: valid socket and buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO");
+    info.tcpi_total_retrans
+}
+
+/// The server side's total retransmits for one connection, from `ss -ti`
+/// (`retrans:<unacked>/<total>`).
+fn ss_total_retransmits(server_port: u16, client_port: u16) -> anyhow::Result<u32> {
+    let output = Command::new("ss")
+        .args(["-tinH", "state", "established"])
+        .arg(format!(
+            "( sport = :{server_port} and dport = :{client_port} )"
+        ))
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    Ok(text
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("retrans:"))
+        .and_then(|r| r.split('/').nth(1))
+        .and_then(|total| total.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Random loss on an established flow, both directions: each connection's
+/// retransmits, per side, equal the kernel's own per-socket counters.
+#[test]
+fn data_retransmits_are_counted_per_connection() -> anyhow::Result<()> {
+    const CONNECTIONS: usize = 3;
+    const ROUND_TRIPS: usize = 40;
+    let redis = RedisServer::start()?;
+    let mut agent = Agent::start(&[redis.port], &[])?;
+    let mut streams = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, redis.port))?;
+        stream.set_nodelay(true)?;
+        streams.push(stream);
+    }
+    {
+        let port = redis.port.to_string();
+        let loss = [
+            "-m",
+            "statistic",
+            "--mode",
+            "random",
+            "--probability",
+            "0.1",
+            "-j",
+            "DROP",
+        ];
+        let to_server = [
+            &["-p", "tcp", "!", "--syn", "--dport", port.as_str()][..],
+            &loss[..],
+        ]
+        .concat();
+        let to_client = [&["-p", "tcp", "--sport", port.as_str()][..], &loss[..]].concat();
+        let _to_server = FirewallRule::insert(false, "INPUT", &to_server)?;
+        let _to_client = FirewallRule::insert(false, "INPUT", &to_client)?;
+        for _ in 0..ROUND_TRIPS {
+            for stream in &mut streams {
+                ping(stream)?;
+            }
+        }
+    }
+    // Loss is over: one more round trip each, then nothing is left to resend.
+    for stream in &mut streams {
+        ping(stream)?;
+    }
+    let mut expected = Vec::new();
+    for stream in &streams {
+        let client_port = stream.local_addr()?.port();
+        let server_side = ss_total_retransmits(redis.port, client_port)?;
+        expected.push((client_port, total_retransmits(stream), server_side));
+    }
+    drop(streams);
+
+    let mut total = 0;
+    for (client_port, client_retransmits, server_retransmits) in expected {
+        let client = agent.wait_for(event_timeout(), close_of("client", client_port))?;
+        let server = agent.wait_for(event_timeout(), close_of("server", client_port))?;
+        assert_eq!(
+            client["retransmits"], client_retransmits,
+            "client side: {client}"
+        );
+        assert_eq!(
+            server["retransmits"], server_retransmits,
+            "server side: {server}"
+        );
+        total += client_retransmits + server_retransmits;
+    }
+    assert!(
+        total > 0,
+        "10% loss over {ROUND_TRIPS} round trips caused retransmits"
+    );
+    agent.stop()?;
+    Ok(())
+}
+
+/// The cgroup v2 id of this process: the inode of its cgroup directory.
+fn own_cgroup_id() -> u64 {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let root = mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_owned())
+        })
+        .expect("a cgroup2 mount");
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+    std::fs::metadata(format!("{root}{path}")).unwrap().ino()
+}
+
+#[test]
+fn connections_open_before_the_agent_are_seeded_and_gauged() -> anyhow::Result<()> {
+    const OPEN: usize = 3;
+    let redis = RedisServer::start()?;
+    let mut streams = Vec::new();
+    for _ in 0..OPEN {
+        streams.push(TcpStream::connect((Ipv4Addr::LOCALHOST, redis.port))?);
+    }
+    let mut agent = Agent::start(&[redis.port], &["--interval", "200ms"])?;
+
+    let gauge = agent.wait_for(event_timeout(), |e| {
+        e["type"] == "connections" && e["role"] == "client" && e["dst"]["port"] == redis.port
+    })?;
+    assert_eq!(gauge["open"], OPEN, "{gauge}");
+    assert_eq!(gauge["src"]["cgroup_id"], own_cgroup_id(), "{gauge}");
+
+    // One more, opened while the agent runs, shows in a later gauge.
+    let extra = TcpStream::connect((Ipv4Addr::LOCALHOST, redis.port))?;
+    agent.wait_for(event_timeout(), |e| {
+        e["type"] == "connections"
+            && e["role"] == "client"
+            && e["dst"]["port"] == redis.port
+            && e["open"] == OPEN + 1
+    })?;
+
+    let ports: Vec<u16> = streams
+        .iter()
+        .map(|s| s.local_addr().unwrap().port())
+        .collect();
+    drop(streams);
+    for port in ports {
+        let close = agent.wait_for(event_timeout(), close_of("client", port))?;
+        assert_eq!(close["open_before_agent"], true, "{close}");
+        assert!(close.get("duration_us").is_none(), "{close}");
+        assert_eq!(close["src"]["pid"], std::process::id(), "{close}");
+        assert_eq!(close["closed_by"], "local", "{close}");
+    }
+    let extra_port = extra.local_addr()?.port();
+    drop(extra);
+    let close = agent.wait_for(event_timeout(), close_of("client", extra_port))?;
+    assert_eq!(close["open_before_agent"], false, "{close}");
+    // Every connection is gone: the client gauge drops to zero once.
+    agent.wait_for(event_timeout(), |e| {
+        e["type"] == "connections"
+            && e["role"] == "client"
+            && e["dst"]["port"] == redis.port
+            && e["open"] == 0
+    })?;
+    agent.stop()?;
+    Ok(())
+}
