@@ -83,6 +83,7 @@ fn bulk(client: &Host, server: &Host, port: u16, bytes: usize) -> anyhow::Result
     let listener = server.within(|| TcpListener::bind(addr))??;
     let sink = thread::spawn(move || -> io::Result<(usize, u64)> {
         let (mut stream, _) = listener.accept()?;
+        stream.set_read_timeout(Some(scaled(Duration::from_secs(20))))?;
         let (mut total, mut sum) = (0usize, 0u64);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -101,6 +102,8 @@ fn bulk(client: &Host, server: &Host, port: u16, bytes: usize) -> anyhow::Result
         .iter()
         .fold(0u64, |sum, &b| sum.wrapping_mul(31).wrapping_add(b as u64));
     let mut stream = client.within(|| TcpStream::connect(addr))??;
+    // A path that swallows everything fails the test instead of hanging it.
+    stream.set_write_timeout(Some(scaled(Duration::from_secs(20))))?;
     stream.write_all(&data)?;
     stream.shutdown(std::net::Shutdown::Write)?;
     let (received, sum) = sink.join().expect("sink thread")?;
@@ -503,6 +506,7 @@ fn loopback_delay_and_reset() -> anyhow::Result<()> {
     let connect = |port| -> anyhow::Result<TcpStream> {
         let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
         stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(scaled(Duration::from_secs(10))))?;
         Ok(stream)
     };
     let (mut delayed, mut plain) = (connect(delayed_server.port)?, connect(plain_server.port)?);
