@@ -316,6 +316,9 @@ fn full_accept_queue_shows_retransmits_on_both_sides() -> anyhow::Result<()> {
         .iter()
         .filter(|e| e["type"] == "synack_retransmit")
         .count() as u64;
+    eprintln!(
+        "accept queue full: {overflows} overflows, {syn_retransmits} SYN and {synack_retransmits} SYN-ACK retransmits (kernel: {kernel_retransmits})"
+    );
     assert!(overflows > 0, "the accept queue overflowed");
     assert!(
         syn_retransmits > 0,
@@ -325,6 +328,55 @@ fn full_accept_queue_shows_retransmits_on_both_sides() -> anyhow::Result<()> {
         syn_retransmits + synack_retransmits,
         kernel_retransmits,
         "every SYN and SYN-ACK retransmit the kernel counted: {events:#?}"
+    );
+    agent.stop()?;
+    Ok(())
+}
+
+/// The client's final ACK of the handshake is lost: the server retransmits
+/// its SYN-ACK (`synack_retransmit` events), one for each the kernel counts.
+#[test]
+fn lost_handshake_ack_shows_synack_retransmits() -> anyhow::Result<()> {
+    let _serial = serial();
+    let redis = RedisServer::start()?;
+    let mut agent = Agent::start(&[redis.port], &[])?;
+    let retrans_before = nstat("TcpExtTCPSynRetrans")?;
+    let stream = {
+        // Pure ACKs to the server are dropped; the client is established at
+        // once, the server waits for an ACK and retransmits its SYN-ACK.
+        let _drop_acks = FirewallRule::insert(
+            false,
+            "INPUT",
+            &[
+                "-p",
+                "tcp",
+                "--dport",
+                &redis.port.to_string(),
+                "--tcp-flags",
+                "ALL",
+                "ACK",
+                "-j",
+                "DROP",
+            ],
+        )?;
+        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, redis.port))?;
+        agent.wait_for(scaled(Duration::from_secs(5)), |e| {
+            e["type"] == "synack_retransmit" && e["dst"]["port"] == redis.port
+        })?;
+        stream
+    };
+    let client_port = stream.local_addr()?.port();
+    drop(stream);
+    agent.barrier()?;
+    let kernel_retransmits = nstat("TcpExtTCPSynRetrans")? - retrans_before;
+    let synacks = 1 + agent
+        .take_seen(|e| e["type"] == "synack_retransmit" && e["dst"]["port"] == redis.port)
+        .iter()
+        .inspect(|e| assert_eq!(e["src"]["port"], client_port, "{e}"))
+        .count() as u64;
+    assert_eq!(
+        synacks, kernel_retransmits,
+        "every SYN-ACK retransmit the kernel counted"
     );
     agent.stop()?;
     Ok(())
