@@ -20,9 +20,8 @@
 //! otherwise (the kernel's retransmit timer), and ICMP errors show as timeouts.
 
 use agent_common::{
-    CONFIG_HAS_ERROR_REPORT, ConnectEvent, ConnectOutcome, ConnectionRole, EventHeader,
-    EventKind, FlowTuple, MAX_CONNECTS_IN_FLIGHT, StatId, SynAnswer, TaskInfo, errno,
-    failed_connect_outcome,
+    CONFIG_HAS_ERROR_REPORT, ConnectEvent, ConnectOutcome, ConnectionRole, EventHeader, EventKind,
+    FlowTuple, MAX_CONNECTS_IN_FLIGHT, StatId, SynAnswer, TaskInfo, errno, failed_connect_outcome,
 };
 use aya_ebpf::{
     helpers::{
@@ -157,12 +156,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
 
 /// SYN_SENT → ESTABLISHED or CLOSE.
 #[inline(never)]
-fn on_handshake_end(
-    skaddr: u64,
-    flow: FlowTuple,
-    new_state: i32,
-    now: u64,
-) -> Result<(), i64> {
+fn on_handshake_end(skaddr: u64, flow: FlowTuple, new_state: i32, now: u64) -> Result<(), i64> {
     let Some(state) = CONNECTS.get_ptr_mut(&skaddr) else {
         return Ok(());
     };
@@ -171,8 +165,20 @@ fn on_handshake_end(
     state.flow = flow;
     match new_state {
         TCP_ESTABLISHED => {
-            emit(state, now, ConnectOutcome::Established, SynAnswer::SynAck, 0);
-            connection::open(skaddr, &flow, state.family, ConnectionRole::Client, &state.task);
+            emit(
+                state,
+                now,
+                ConnectOutcome::Established,
+                SynAnswer::SynAck,
+                0,
+            );
+            connection::open(
+                skaddr,
+                &flow,
+                state.family,
+                ConnectionRole::Client,
+                &state.task,
+            );
             let _ = CONNECTS.remove(&skaddr);
         }
         TCP_CLOSE => on_syn_sent_close(skaddr, state, now),
@@ -276,7 +282,12 @@ fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), i64> {
     }
     if let Some(flow) = read_watched_flow(
         ctx,
-        [offset!(retransmit_saddr_v6), offset!(retransmit_daddr_v6), offset!(retransmit_sport), offset!(retransmit_dport)],
+        [
+            offset!(retransmit_saddr_v6),
+            offset!(retransmit_daddr_v6),
+            offset!(retransmit_sport),
+            offset!(retransmit_dport),
+        ],
     )? {
         connection::retransmitted(&flow);
     }
@@ -423,7 +434,12 @@ fn try_tcp_destroy_sock(ctx: &TracePointContext) -> Result<(), i64> {
     let Some(state) = CONNECTS.get_ptr(&skaddr) else {
         if let Some(flow) = read_watched_flow(
             ctx,
-            [offset!(destroy_saddr_v6), offset!(destroy_daddr_v6), offset!(destroy_sport), offset!(destroy_dport)],
+            [
+                offset!(destroy_saddr_v6),
+                offset!(destroy_daddr_v6),
+                offset!(destroy_sport),
+                offset!(destroy_dport),
+            ],
         )? {
             connection::destroy(skaddr, &flow);
         }
