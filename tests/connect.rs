@@ -17,6 +17,26 @@ fn is_connect_to(port: u16) -> impl Fn(&Value) -> bool {
     move |e: &Value| e["type"] == "connect" && e["dst"]["port"] == port
 }
 
+/// Waits past a barrier and checks no other connect event came for `port`.
+fn assert_no_second_event(agent: &mut Agent, port: u16) -> anyhow::Result<()> {
+    agent.barrier()?;
+    let extra = agent.connects_to(port);
+    assert!(
+        extra.is_empty(),
+        "a single event per attempt, also got {extra:#?}"
+    );
+    Ok(())
+}
+
+/// The agent's `failed_after_us` is what the client itself waited.
+fn assert_failed_after_matches(event: &Value, client_waited: Duration) {
+    let failed_after = Duration::from_micros(event["failed_after_us"].as_u64().unwrap());
+    assert!(
+        client_waited.abs_diff(failed_after) < scaled(Duration::from_millis(100)),
+        "agent says {failed_after:?}, client waited {client_waited:?}"
+    );
+}
+
 #[test]
 fn each_connect_from_a_real_client_is_one_established_event() -> anyhow::Result<()> {
     let redis = RedisServer::start()?;
@@ -95,11 +115,7 @@ fn connect_to_a_port_without_listener_is_refused() -> anyhow::Result<()> {
     assert_eq!(event["error"], "ECONNREFUSED", "{event}");
     assert_eq!(event["src"]["pid"], std::process::id());
     assert!(event.get("handshake_us").is_none(), "{event}");
-    agent.barrier()?;
-    assert!(
-        agent.connects_to(port).is_empty(),
-        "a single event per attempt"
-    );
+    assert_no_second_event(&mut agent, port)?;
     agent.stop()?;
     Ok(())
 }
@@ -137,17 +153,8 @@ fn client_giving_up_on_a_dropped_syn_is_aborted() -> anyhow::Result<()> {
     assert_eq!(event["syn_retransmits"], 1, "{event}");
     assert_eq!(event["path_drop_suspected"], true, "{event}");
     assert_eq!(event["src"]["pid"], std::process::id());
-    let failed_after = Duration::from_micros(event["failed_after_us"].as_u64().unwrap());
-    let gap = client_waited.abs_diff(failed_after);
-    assert!(
-        gap < scaled(Duration::from_millis(100)),
-        "agent says {failed_after:?}, client waited {client_waited:?}"
-    );
-    agent.barrier()?;
-    assert!(
-        agent.connects_to(redis.port).is_empty(),
-        "a single event per attempt"
-    );
+    assert_failed_after_matches(&event, client_waited);
+    assert_no_second_event(&mut agent, redis.port)?;
     agent.stop()?;
     Ok(())
 }
@@ -178,16 +185,8 @@ fn kernel_giving_up_on_a_dropped_syn_is_timeout() -> anyhow::Result<()> {
     assert_eq!(event["answer"], "none", "{event}");
     assert_eq!(event["syn_retransmits"], kernel_retransmits, "{event}");
     assert_eq!(event["path_drop_suspected"], true, "{event}");
-    let failed_after = Duration::from_micros(event["failed_after_us"].as_u64().unwrap());
-    assert!(
-        client_waited.abs_diff(failed_after) < scaled(Duration::from_millis(100)),
-        "agent says {failed_after:?}, client waited {client_waited:?}"
-    );
-    agent.barrier()?;
-    assert!(
-        agent.connects_to(redis.port).is_empty(),
-        "a single event per attempt"
-    );
+    assert_failed_after_matches(&event, client_waited);
+    assert_no_second_event(&mut agent, redis.port)?;
     agent.stop()?;
     Ok(())
 }
@@ -261,11 +260,7 @@ fn reject_with_icmp_is_unreachable() -> anyhow::Result<()> {
         failed_after <= client_waited,
         "{failed_after:?} > {client_waited:?}"
     );
-    agent.barrier()?;
-    assert!(
-        agent.connects_to(redis.port).is_empty(),
-        "a single event per attempt"
-    );
+    assert_no_second_event(&mut agent, redis.port)?;
     agent.stop()?;
     Ok(())
 }
@@ -386,11 +381,7 @@ fn lost_handshake_ack_shows_synack_retransmits() -> anyhow::Result<()> {
 fn listener_with_backlog(backlog: libc::c_int) -> io::Result<(OwnedFd, u16)> {
     // SAFETY: plain socket syscalls on an fd this function owns.
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let socket = OwnedFd::from_raw_fd(fd);
+        let socket = tcp_socket()?;
         let sin = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,
@@ -415,6 +406,17 @@ fn listener_with_backlog(backlog: libc::c_int) -> io::Result<(OwnedFd, u16)> {
     }
 }
 
+/// A new IPv4 TCP socket.
+fn tcp_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the fd is owned by the returned value.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// A blocking connect with `TCP_SYNCNT` set, through libc (std has no knob).
 fn connect_with_syn_count(addr: SocketAddr, syn_count: libc::c_int) -> io::Result<TcpStream> {
     let SocketAddr::V4(v4) = addr else {
@@ -422,11 +424,7 @@ fn connect_with_syn_count(addr: SocketAddr, syn_count: libc::c_int) -> io::Resul
     };
     // SAFETY: plain socket syscalls on an fd this function owns.
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let socket = OwnedFd::from_raw_fd(fd);
+        let socket = tcp_socket()?;
         let rc = libc::setsockopt(
             socket.as_raw_fd(),
             libc::IPPROTO_TCP,
