@@ -64,6 +64,22 @@ pub fn script(plan: &Plan<'_>) -> String {
         "mount -t cgroup2 cgroup2 /sys/fs/cgroup || fail \"cgroup2\"\n".to_owned()
     };
 
+    // Fresh /tmp and /var/tmp, unless they hold what the guest must run
+    // (the overlay root keeps them writable anyway).
+    let used: Vec<&Path> = [plan.workspace, plan.agent]
+        .into_iter()
+        .chain(plan.tests.iter().map(|(_, exe)| exe.as_path()))
+        .collect();
+    let mut scratch = String::new();
+    for dir in ["/tmp", "/var/tmp"] {
+        if used.iter().all(|path| !path.starts_with(dir)) {
+            let _ = writeln!(
+                scratch,
+                "mount -t tmpfs tmpfs {dir} || fail \"tmpfs {dir}\""
+            );
+        }
+    }
+
     let mut tests = String::new();
     for (name, exe) in plan.tests {
         let filter = plan.filter.map(sh_quote).unwrap_or_default();
@@ -88,8 +104,7 @@ fail() {{ mark "failed: $*"; exit 1; }}
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp LANG=C.UTF-8
 mark "step guest up: $(uname -r)"
 
-mount -t tmpfs tmpfs /tmp && mount -t tmpfs tmpfs /var/tmp || fail "tmpfs /tmp"
-mkdir -p /dev/pts /dev/shm && mount -t devpts devpts /dev/pts && mount -t tmpfs tmpfs /dev/shm || fail "devpts"
+{scratch}mkdir -p /dev/pts /dev/shm && mount -t devpts devpts /dev/pts && mount -t tmpfs tmpfs /dev/shm || fail "devpts"
 mount -t bpf bpf /sys/fs/bpf || fail "bpffs"
 mount -t tracefs tracefs /sys/kernel/tracing || fail "tracefs"
 mount -t debugfs debugfs /sys/kernel/debug || fail "debugfs"

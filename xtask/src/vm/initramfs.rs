@@ -22,26 +22,28 @@ const BUSYBOX: &str = "/bin/busybox";
 /// kernels; the `cloud` flavour lacks 9p, so it is not used).
 const BOOT_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay"];
 
+/// The kernel runs `/sbin/modprobe` to autoload modules (nf_tables for
+/// iptables-nft, veth, ...) in the root of PID 1, which stays the initramfs
+/// (`/init` chroots, it does not switch_root): hand over to the host's kmod in
+/// the guest root, where the kernel's own modules are bound.
+const MODPROBE: &str = "#!/bin/busybox sh\nexec /bin/chroot /newroot /sbin/modprobe \"$@\"\n";
+
 /// Mount tags of the two 9p shares qemu exports (see `guest::qemu`).
 pub const ROOT_TAG: &str = "hostroot";
 pub const RESULTS_TAG: &str = "results";
 /// Where the results share appears in the guest.
 pub const GUEST_RESULTS: &str = "/run/resptrace-vm";
 
-/// Builds `<dir>/initramfs.cpio` unless an identical one is there.
+/// Builds `<dir>/initramfs.cpio` and writes it unless an identical one is
+/// there (building takes well under a second: no other cache key needed).
 pub fn ensure(kernel: &Kernel, dir: &Path) -> anyhow::Result<PathBuf> {
     let modules = load_order(&kernel.modules(), BOOT_MODULES)?;
     let init = init_script(&modules);
     let path = dir.join("initramfs.cpio");
-    let init_copy = dir.join("initramfs.init");
-    if path.is_file() && fs::read_to_string(&init_copy).ok().as_deref() == Some(init.as_str()) {
-        eprintln!("    cached: {}", path.display());
-        return Ok(path);
-    }
 
     let mut cpio = Cpio::default();
     for dir in [
-        "bin", "dev", "proc", "sys", "modules", "lower", "rw", "newroot",
+        "bin", "sbin", "dev", "proc", "sys", "modules", "lower", "rw", "newroot",
     ] {
         cpio.dir(dir);
     }
@@ -56,10 +58,15 @@ pub fn ensure(kernel: &Kernel, dir: &Path) -> anyhow::Result<PathBuf> {
         cpio.file(&format!("modules/{}", file_name(module)), 0o644, &data);
     }
     cpio.file("init", 0o755, init.as_bytes());
+    cpio.file("sbin/modprobe", 0o755, MODPROBE.as_bytes());
+    let archive = cpio.finish();
+    if fs::read(&path).is_ok_and(|old| old == archive) {
+        eprintln!("    up to date: {}", path.display());
+        return Ok(path);
+    }
     let tmp = path.with_extension("tmp");
-    fs::write(&tmp, cpio.finish())?;
+    fs::write(&tmp, archive)?;
     fs::rename(&tmp, &path)?;
-    fs::write(&init_copy, &init)?;
     eprintln!("    built {} ({} modules)", path.display(), modules.len());
     Ok(path)
 }
