@@ -320,7 +320,7 @@ fn row_of(run: &KernelRun, date: &str) -> Row {
             let total = t.passed.len() + t.failed.len();
             let mut cell = format!("{} {}/{}", t.binary, t.passed.len(), total);
             if !t.failed.is_empty() {
-                let _ = write!(cell, " (failed: {})", t.failed.join(", "));
+                let _ = write!(cell, " (failed: {})", names(&t.failed));
             } else if !t.ok() {
                 cell.push_str(" (did not finish)");
             }
@@ -344,6 +344,16 @@ fn row_of(run: &KernelRun, date: &str) -> Row {
         },
         measured: format!("{date}; boot {}, tests {}", secs(t.boot), secs(t.tests)),
     }
+}
+
+/// A few test names, then how many more (the summary lists them all).
+fn names(tests: &[String]) -> String {
+    const SHOWN: usize = 3;
+    let mut text = tests[..tests.len().min(SHOWN)].join(", ");
+    if tests.len() > SHOWN {
+        let _ = write!(text, " and {} more", tests.len() - SHOWN);
+    }
+    text
 }
 
 fn one_line(text: &str) -> String {
