@@ -353,6 +353,10 @@ pub struct Config {
     /// `CONFIG_*` bits.
     pub flags: u32,
     pub offsets: TracepointOffsets,
+    /// Wake the agent only once this much data waits in the ring buffer;
+    /// below it, the agent drains on its own timer. A wakeup per event would
+    /// cost every traced connection a cross-CPU interrupt.
+    pub wakeup_bytes: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 16);
@@ -360,7 +364,7 @@ const _: () = assert!(core::mem::size_of::<FlowTuple>() == 36);
 const _: () = assert!(core::mem::size_of::<TaskInfo>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 112);
 const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 76);
-const _: () = assert!(core::mem::size_of::<Config>() == 116);
+const _: () = assert!(core::mem::size_of::<Config>() == 120);
 const _: () = assert!(core::mem::size_of::<ConnectionCounters>() == 16);
 const _: () = assert!(core::mem::size_of::<ConnectionState>() == 64);
 const _: () = assert!(core::mem::size_of::<CloseEvent>() == 120);

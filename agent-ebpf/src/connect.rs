@@ -35,7 +35,8 @@ use aya_ebpf::{
 
 use crate::{
     connection::{self, TCP_ESTABLISHED},
-    maps::{EVENTS, config_flags, count, is_watched_port},
+    maps::BPF_F_NO_COMMON_LRU,
+    maps::{EVENTS, config_flags, count, is_watched_port, submit_flags},
     offset,
 };
 
@@ -77,17 +78,17 @@ struct SocketError {
 /// Key: `struct sock *` (the tracepoints' `skaddr`).
 #[map]
 static CONNECTS: LruHashMap<u64, ConnectState> =
-    LruHashMap::with_max_entries(MAX_CONNECTS_IN_FLIGHT, 0);
+    LruHashMap::with_max_entries(MAX_CONNECTS_IN_FLIGHT, BPF_F_NO_COMMON_LRU);
 
 /// Attempts closed in SYN_SENT whose error report may still follow.
 #[map]
 static CLOSED_CONNECTS: LruHashMap<FlowTuple, u64> =
-    LruHashMap::with_max_entries(MAX_CONNECTS_IN_FLIGHT, 0);
+    LruHashMap::with_max_entries(MAX_CONNECTS_IN_FLIGHT, BPF_F_NO_COMMON_LRU);
 
 /// Error reports that came before their CLOSE.
 #[map]
 static RECENT_ERRORS: LruHashMap<FlowTuple, SocketError> =
-    LruHashMap::with_max_entries(MAX_RECENT_ERRORS, 0);
+    LruHashMap::with_max_entries(MAX_RECENT_ERRORS, BPF_F_NO_COMMON_LRU);
 
 #[inline(always)]
 fn read<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i64> {
@@ -118,6 +119,17 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     }
     let old_state: i32 = read(ctx, offset!(set_state_oldstate))?;
     let new_state: i32 = read(ctx, offset!(set_state_newstate))?;
+    // Half of a connection's transitions (LISTEN → SYN_RECV, FIN_WAIT1 →
+    // FIN_WAIT2, CLOSE_WAIT → LAST_ACK, …) tell nothing: leave before any
+    // further read.
+    let relevant = new_state == TCP_SYN_SENT
+        || old_state == TCP_SYN_SENT
+        || (old_state == TCP_SYN_RECV && new_state == TCP_ESTABLISHED)
+        || old_state == TCP_ESTABLISHED
+        || new_state == TCP_CLOSE;
+    if !relevant {
+        return Ok(());
+    }
     let skaddr: u64 = read(ctx, offset!(set_state_skaddr))?;
     let now = unsafe { bpf_ktime_get_ns() };
 
@@ -488,5 +500,5 @@ fn emit(state: &ConnectState, end_ns: u64, outcome: ConnectOutcome, answer: SynA
         (*event).start_ns = state.start_ns;
         (*event).duration_ns = end_ns.saturating_sub(state.start_ns);
     }
-    entry.submit(0);
+    entry.submit(submit_flags());
 }

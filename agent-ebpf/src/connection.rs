@@ -16,7 +16,7 @@ use agent_common::{
 };
 use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
 
-use crate::maps::{EVENTS, count};
+use crate::maps::{BPF_F_NO_COMMON_LRU, EVENTS, count, submit_flags};
 
 pub const TCP_ESTABLISHED: i32 = 1;
 pub const TCP_FIN_WAIT1: i32 = 4;
@@ -24,10 +24,11 @@ pub const TCP_CLOSE_WAIT: i32 = 8;
 
 #[map]
 pub static CONNECTIONS: LruHashMap<FlowTuple, ConnectionState> =
-    LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+    LruHashMap::with_max_entries(MAX_CONNECTIONS, BPF_F_NO_COMMON_LRU);
 
 #[map]
-static SOCKET_FLOWS: LruHashMap<u64, FlowTuple> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+static SOCKET_FLOWS: LruHashMap<u64, FlowTuple> =
+    LruHashMap::with_max_entries(MAX_CONNECTIONS, BPF_F_NO_COMMON_LRU);
 
 /// A handshake completed: start tracking the connection.
 #[inline(never)]
@@ -89,7 +90,7 @@ pub fn close(skaddr: u64, flow: &FlowTuple, now: u64) {
             (*event)._pad = [0; 4];
             (*event).state = *state;
         }
-        entry.submit(0);
+        entry.submit(submit_flags());
     } else {
         count(StatId::RingBufferFull);
     }
@@ -145,5 +146,5 @@ pub fn synack_retransmitted(flow: &FlowTuple, family: u16, now: u64) {
         family,
         _pad: 0,
     });
-    entry.submit(0);
+    entry.submit(submit_flags());
 }

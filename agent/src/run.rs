@@ -24,6 +24,9 @@ use crate::{
     sinks::json::{JsonSink, SCHEMA_VERSION, Started, Stats},
 };
 
+/// Longest time an event waits in the ring buffer before it is written.
+const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let ports = cli.watched_ports().map_err(anyhow::Error::msg)?;
     let kernel = preflight::check()?;
@@ -65,6 +68,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         timer.reset();
         timer
     });
+    // The kernel wakes us only when the ring buffer fills up (see
+    // `Config::wakeup_bytes`); below that, events wait at most this long.
+    let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
+    drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut gauge_timer = tokio::time::interval(cli.interval);
     gauge_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     gauge_timer.reset();
@@ -88,6 +95,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             _ = async { stats_timer.as_mut().unwrap().tick().await }, if stats_timer.is_some() => {
                 let kernel = probes.kernel_stats();
                 sink.stats(&stats.with_kernel(kernel))?;
+                sink.flush()?;
+            }
+            _ = drain_timer.tick() => {
+                drain(events.get_mut(), &mut enricher, &mut sink, &mut stats)?;
                 sink.flush()?;
             }
             _ = gauge_timer.tick() => {

@@ -2,6 +2,7 @@
 //! machine, running the agent as root, the test suite, and the test suite on
 //! other kernels under qemu.
 
+mod bench;
 mod setup;
 mod util;
 mod vm;
@@ -38,6 +39,17 @@ enum Command {
     Test {
         /// Only run tests whose name contains this filter.
         filter: Option<String>,
+    },
+    /// What the agent costs the traced applications: redis-benchmark
+    /// throughput with the agent ÷ without, alternating, over several rounds;
+    /// BPF run time per request, agent CPU and memory.
+    Bench {
+        /// Rounds per workload (each: no agent, agent, no agent).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Only the workloads whose name contains this.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Boot the kernels of EKS nodes (Debian's 5.10 and 6.1) under qemu and
     /// run integration test binaries built here inside them, with a real
@@ -85,6 +97,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             require_root("cargo xtask test loads eBPF programs and changes firewall rules")?;
             setup::ensure()?;
             test(filter.as_deref())
+        }
+        Command::Bench { rounds, only } => {
+            require_root("cargo xtask bench loads eBPF programs")?;
+            setup::ensure()?;
+            build_agent()?;
+            bench::run(&agent_binary(), rounds, only.as_deref())
         }
         Command::VmTest {
             kernel,

@@ -61,6 +61,7 @@ impl Probes {
             port_count: options.ports.len() as u32,
             flags: layout.flags,
             offsets: layout.offsets,
+            wakeup_bytes: options.ring_buffer_bytes / 4,
             ..Default::default()
         };
         config.ports[..options.ports.len()].copy_from_slice(options.ports);
