@@ -102,6 +102,31 @@ fn each_connect_from_a_real_client_is_one_established_event() -> anyhow::Result<
     Ok(())
 }
 
+/// Java and Node open dual-stack AF_INET6 sockets and connect them to
+/// IPv4-mapped addresses: the event names the plain IPv4 endpoint.
+#[test]
+fn dual_stack_socket_to_an_ipv4_redis_is_reported_as_ipv4() -> anyhow::Result<()> {
+    let redis = RedisServer::start()?;
+    let mut agent = Agent::start(&[redis.port], &[])?;
+    let mapped = Ipv4Addr::LOCALHOST.to_ipv6_mapped();
+    let stream = TcpStream::connect((mapped, redis.port))?;
+    assert!(stream.local_addr()?.is_ipv6(), "an AF_INET6 socket");
+    let local_port = stream.local_addr()?.port();
+
+    let event = agent.wait_for(event_timeout(), is_connect_to(redis.port))?;
+    assert_eq!(event["outcome"], "established", "{event}");
+    assert_eq!(event["src"]["port"], local_port, "{event}");
+    assert_eq!(event["src"]["ip"], "127.0.0.1", "{event}");
+    assert_eq!(event["dst"]["ip"], "127.0.0.1", "{event}");
+    drop(stream);
+    let close = agent.wait_for(event_timeout(), |e| {
+        e["type"] == "close" && e["role"] == "client" && e["src"]["port"] == local_port
+    })?;
+    assert_eq!(close["dst"]["ip"], "127.0.0.1", "{close}");
+    agent.stop()?;
+    Ok(())
+}
+
 #[test]
 fn connect_to_a_port_without_listener_is_refused() -> anyhow::Result<()> {
     let port = free_port();
