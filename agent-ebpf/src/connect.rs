@@ -15,6 +15,9 @@
 //! - `tcp/tcp_destroy_sock` (4.15+): the socket is freed; an attempt closed
 //!   without a report by then was aborted by the application.
 //!
+//! The same programs feed `connection.rs` (established connections) and
+//! carry `tcp/tcp_send_reset` and `tcp/tcp_retransmit_synack` for it.
+//!
 //! Without `inet_sk_error_report` (5.10), an attempt that ends without a RST
 //! is `aborted` when the CLOSE runs in the owning process and `timeout`
 //! otherwise (the kernel's retransmit timer), and ICMP errors show as timeouts.
@@ -35,8 +38,7 @@ use aya_ebpf::{
 
 use crate::{
     connection::{self, TCP_ESTABLISHED},
-    maps::BPF_F_NO_COMMON_LRU,
-    maps::{EVENTS, config_flags, count, is_watched_port, submit_flags},
+    maps::{BPF_F_NO_COMMON_LRU, EVENTS, config_flags, count, is_watched_port, submit_flags},
     offset,
 };
 
