@@ -3,7 +3,7 @@
 //! Everything that crosses the kernel/user boundary is defined here once, as
 //! `#[repr(C)]` structs without implicit padding (explicit `_pad` fields and a
 //! compile-time size check each), so both sides agree byte for byte.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 /// Most ports the kernel programs can watch (`--ports`).
 pub const MAX_WATCHED_PORTS: usize = 16;
@@ -53,6 +53,23 @@ pub struct EventHeader {
 /// Address family values as the tracepoints report them.
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
+
+/// The family of an address as the tracepoints store it: IPv4 sockets'
+/// addresses are IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
+pub fn family_of(addr: &[u8; 16]) -> u16 {
+    let mut i = 0;
+    while i < 10 {
+        if addr[i] != 0 {
+            return AF_INET6;
+        }
+        i += 1;
+    }
+    if addr[10] == 0xff && addr[11] == 0xff {
+        AF_INET
+    } else {
+        AF_INET6
+    }
+}
 
 /// A TCP 4-tuple as the `sock`/`tcp` tracepoints report it: IPv4 addresses as
 /// IPv4-mapped IPv6 (`::ffff:a.b.c.d`, what the tracepoints' `*_v6` fields hold
@@ -324,10 +341,10 @@ pub struct TracepointOffsets {
     /// `tcp/tcp_send_reset` (4.15+): only `skaddr` has the same shape on
     /// every kernel (addresses became sockaddrs in 6.x).
     pub send_reset_skaddr: u16,
-    /// `tcp/tcp_retransmit_synack` (4.15+).
+    /// `tcp/tcp_retransmit_synack` (4.15+; no `family` field before 5.x:
+    /// the family is told from the address).
     pub synack_sport: u16,
     pub synack_dport: u16,
-    pub synack_family: u16,
     pub synack_saddr_v6: u16,
     pub synack_daddr_v6: u16,
     /// `sock/inet_sk_error_report` (5.14+): no `skaddr`, matched by tuple.
@@ -337,7 +354,6 @@ pub struct TracepointOffsets {
     pub error_report_protocol: u16,
     pub error_report_saddr_v6: u16,
     pub error_report_daddr_v6: u16,
-    pub _pad: u16,
 }
 
 /// `Config::flags`: the kernel has `sock/inet_sk_error_report` (5.14+).
@@ -363,8 +379,8 @@ const _: () = assert!(core::mem::size_of::<EventHeader>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowTuple>() == 36);
 const _: () = assert!(core::mem::size_of::<TaskInfo>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 112);
-const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 76);
-const _: () = assert!(core::mem::size_of::<Config>() == 120);
+const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 72);
+const _: () = assert!(core::mem::size_of::<Config>() == 116);
 const _: () = assert!(core::mem::size_of::<ConnectionCounters>() == 16);
 const _: () = assert!(core::mem::size_of::<ConnectionState>() == 64);
 const _: () = assert!(core::mem::size_of::<CloseEvent>() == 120);
@@ -400,5 +416,41 @@ pub fn failed_connect_outcome(error: i32) -> (ConnectOutcome, SynAnswer) {
             (ConnectOutcome::Unreachable, SynAnswer::Icmp)
         }
         _ => (ConnectOutcome::Failed, SynAnswer::None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn family_from_tracepoint_addresses() {
+        let mut mapped = [0u8; 16];
+        mapped[10..].copy_from_slice(&[0xff, 0xff, 10, 0, 0, 1]);
+        assert_eq!(family_of(&mapped), AF_INET);
+        let mut loopback6 = [0u8; 16];
+        loopback6[15] = 1;
+        assert_eq!(family_of(&loopback6), AF_INET6);
+        let mut doc = [0u8; 16];
+        doc[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+        doc[10..12].copy_from_slice(&[0xff, 0xff]);
+        assert_eq!(family_of(&doc), AF_INET6);
+    }
+
+    #[test]
+    fn errno_to_outcome() {
+        assert_eq!(
+            failed_connect_outcome(errno::ECONNREFUSED).0,
+            ConnectOutcome::Refused
+        );
+        assert_eq!(
+            failed_connect_outcome(errno::ETIMEDOUT).0,
+            ConnectOutcome::Timeout
+        );
+        assert_eq!(
+            failed_connect_outcome(errno::EHOSTUNREACH),
+            (ConnectOutcome::Unreachable, SynAnswer::Icmp)
+        );
+        assert_eq!(failed_connect_outcome(1).0, ConnectOutcome::Failed);
     }
 }

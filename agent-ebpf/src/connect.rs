@@ -23,16 +23,17 @@
 //! otherwise (the kernel's retransmit timer), and ICMP errors show as timeouts.
 
 use agent_common::{
-    CONFIG_HAS_ERROR_REPORT, ConnectEvent, ConnectOutcome, ConnectionRole, EventHeader, EventKind,
-    FlowTuple, MAX_CONNECTS_IN_FLIGHT, StatId, SynAnswer, TaskInfo, errno, failed_connect_outcome,
+    COMM_LEN, CONFIG_HAS_ERROR_REPORT, ConnectEvent, ConnectOutcome, ConnectionRole, EventHeader,
+    EventKind, FlowTuple, MAX_CONNECTS_IN_FLIGHT, StatId, SynAnswer, TaskInfo, errno,
+    failed_connect_outcome, family_of,
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+        bpf_get_current_pid_tgid,
+        generated::{self as helper, bpf_get_current_cgroup_id, bpf_ktime_get_ns},
     },
     macros::{map, tracepoint},
-    maps::LruHashMap,
+    maps::{LruHashMap, PerCpuArray},
     programs::TracePointContext,
 };
 
@@ -76,6 +77,10 @@ struct SocketError {
     _pad: u32,
     ts_ns: u64,
 }
+
+/// Where `on_syn_sent` builds a new entry.
+#[map]
+static CONNECT_SCRATCH: PerCpuArray<ConnectState> = PerCpuArray::with_max_entries(1, 0);
 
 /// Key: `struct sock *` (the tracepoints' `skaddr`).
 #[map]
@@ -203,23 +208,35 @@ fn on_handshake_end(skaddr: u64, flow: FlowTuple, new_state: i32, now: u64) -> R
 
 #[inline(never)]
 fn on_syn_sent(ctx: &TracePointContext, skaddr: u64, now: u64) -> Result<(), i64> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let state = ConnectState {
-        task: TaskInfo {
-            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-            pid: (pid_tgid >> 32) as u32,
-            tid: pid_tgid as u32,
-            comm: bpf_get_current_comm().unwrap_or_default(),
-        },
-        start_ns: now,
-        closed_ns: 0,
-        flow: read_set_state_flow(ctx)?,
-        family: read(ctx, offset!(set_state_family))?,
-        syn_retransmits: 0,
-        answer: SynAnswer::None as u8,
-        _pad: [0; 7],
+    // Built in a per-CPU scratch slot, not on the stack: the caller's frame
+    // plus this one must fit the verifier's 512-byte limit for a call chain
+    // (6.1 and 5.10 reject what 6.18 lets through).
+    let Some(state) = CONNECT_SCRATCH.get_ptr_mut(0) else {
+        return Ok(());
     };
-    if CONNECTS.insert(&skaddr, &state, 0).is_err() {
+    // SAFETY: per-CPU map value, exclusively ours for this program run.
+    let state = unsafe { &mut *state };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    state.task.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    state.task.pid = (pid_tgid >> 32) as u32;
+    state.task.tid = pid_tgid as u32;
+    // SAFETY: writes at most COMM_LEN bytes into the map value's array.
+    if unsafe { helper::bpf_get_current_comm(state.task.comm.as_mut_ptr().cast(), COMM_LEN as u32) }
+        != 0
+    {
+        state.task.comm = [0; COMM_LEN];
+    }
+    state.start_ns = now;
+    state.closed_ns = 0;
+    state.flow.saddr = read(ctx, offset!(set_state_saddr_v6))?;
+    state.flow.daddr = read(ctx, offset!(set_state_daddr_v6))?;
+    state.flow.sport = read(ctx, offset!(set_state_sport))?;
+    state.flow.dport = read(ctx, offset!(set_state_dport))?;
+    state.family = read(ctx, offset!(set_state_family))?;
+    state.syn_retransmits = 0;
+    state.answer = SynAnswer::None as u8;
+    state._pad = [0; 7];
+    if CONNECTS.insert(&skaddr, state, 0).is_err() {
         count(StatId::ConnectMapFull);
     }
     Ok(())
@@ -267,15 +284,6 @@ fn on_syn_sent_close(skaddr: u64, state: &mut ConnectState, now: u64) {
     };
     emit(state, now, outcome, SynAnswer::None, 0);
     let _ = CONNECTS.remove(&skaddr);
-}
-
-fn read_set_state_flow(ctx: &TracePointContext) -> Result<FlowTuple, i64> {
-    Ok(FlowTuple {
-        saddr: read(ctx, offset!(set_state_saddr_v6))?,
-        daddr: read(ctx, offset!(set_state_daddr_v6))?,
-        sport: read(ctx, offset!(set_state_sport))?,
-        dport: read(ctx, offset!(set_state_dport))?,
-    })
 }
 
 #[tracepoint]
@@ -385,8 +393,7 @@ fn try_tcp_retransmit_synack(ctx: &TracePointContext) -> Result<(), i64> {
         sport,
         dport: read(ctx, offset!(synack_dport))?,
     };
-    let family: u16 = read(ctx, offset!(synack_family))?;
-    connection::synack_retransmitted(&flow, family, unsafe { bpf_ktime_get_ns() });
+    connection::synack_retransmitted(&flow, family_of(&flow.saddr), unsafe { bpf_ktime_get_ns() });
     Ok(())
 }
 

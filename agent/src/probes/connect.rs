@@ -118,7 +118,6 @@ pub fn resolve(tracefs: &Path) -> anyhow::Result<Layout> {
     let synack = read("tcp", "tcp_retransmit_synack")?;
     offsets.synack_sport = synack.offset("sport", 2)?;
     offsets.synack_dport = synack.offset("dport", 2)?;
-    offsets.synack_family = synack.offset("family", 2)?;
     offsets.synack_saddr_v6 = synack.offset("saddr_v6", 16)?;
     offsets.synack_daddr_v6 = synack.offset("daddr_v6", 16)?;
     available.push("tcp_retransmit_synack");
