@@ -1,0 +1,506 @@
+//! Command names as data: Redis 7.4 / Valkey 8 top-level commands and the
+//! subcommands of container commands. Names reported by the parser come only
+//! from these tables, so a client cannot inject strings (or unbounded metric
+//! cardinality) through a command name. Both lists are sorted for binary
+//! search (a test checks it).
+
+/// Top-level command names, uppercase, sorted.
+pub(super) static COMMANDS: &[&str] = &[
+    "ACL",
+    "APPEND",
+    "ASKING",
+    "AUTH",
+    "BGREWRITEAOF",
+    "BGSAVE",
+    "BITCOUNT",
+    "BITFIELD",
+    "BITFIELD_RO",
+    "BITOP",
+    "BITPOS",
+    "BLMOVE",
+    "BLMPOP",
+    "BLPOP",
+    "BRPOP",
+    "BRPOPLPUSH",
+    "BZMPOP",
+    "BZPOPMAX",
+    "BZPOPMIN",
+    "CLIENT",
+    "CLUSTER",
+    "COMMAND",
+    "CONFIG",
+    "COPY",
+    "DBSIZE",
+    "DEBUG",
+    "DECR",
+    "DECRBY",
+    "DEL",
+    "DISCARD",
+    "DUMP",
+    "ECHO",
+    "EVAL",
+    "EVALSHA",
+    "EVALSHA_RO",
+    "EVAL_RO",
+    "EXEC",
+    "EXISTS",
+    "EXPIRE",
+    "EXPIREAT",
+    "EXPIRETIME",
+    "FAILOVER",
+    "FCALL",
+    "FCALL_RO",
+    "FLUSHALL",
+    "FLUSHDB",
+    "FUNCTION",
+    "GEOADD",
+    "GEODIST",
+    "GEOHASH",
+    "GEOPOS",
+    "GEORADIUS",
+    "GEORADIUSBYMEMBER",
+    "GEORADIUSBYMEMBER_RO",
+    "GEORADIUS_RO",
+    "GEOSEARCH",
+    "GEOSEARCHSTORE",
+    "GET",
+    "GETBIT",
+    "GETDEL",
+    "GETEX",
+    "GETRANGE",
+    "GETSET",
+    "HDEL",
+    "HELLO",
+    "HEXISTS",
+    "HEXPIRE",
+    "HEXPIREAT",
+    "HEXPIRETIME",
+    "HGET",
+    "HGETALL",
+    "HGETDEL",
+    "HGETEX",
+    "HINCRBY",
+    "HINCRBYFLOAT",
+    "HKEYS",
+    "HLEN",
+    "HMGET",
+    "HMSET",
+    "HPERSIST",
+    "HPEXPIRE",
+    "HPEXPIREAT",
+    "HPEXPIRETIME",
+    "HPTTL",
+    "HRANDFIELD",
+    "HSCAN",
+    "HSET",
+    "HSETEX",
+    "HSETNX",
+    "HSTRLEN",
+    "HTTL",
+    "HVALS",
+    "INCR",
+    "INCRBY",
+    "INCRBYFLOAT",
+    "INFO",
+    "KEYS",
+    "LASTSAVE",
+    "LATENCY",
+    "LCS",
+    "LINDEX",
+    "LINSERT",
+    "LLEN",
+    "LMOVE",
+    "LMPOP",
+    "LOLWUT",
+    "LPOP",
+    "LPOS",
+    "LPUSH",
+    "LPUSHX",
+    "LRANGE",
+    "LREM",
+    "LSET",
+    "LTRIM",
+    "MEMORY",
+    "MGET",
+    "MIGRATE",
+    "MODULE",
+    "MONITOR",
+    "MOVE",
+    "MSET",
+    "MSETNX",
+    "MULTI",
+    "OBJECT",
+    "PERSIST",
+    "PEXPIRE",
+    "PEXPIREAT",
+    "PEXPIRETIME",
+    "PFADD",
+    "PFCOUNT",
+    "PFDEBUG",
+    "PFMERGE",
+    "PFSELFTEST",
+    "PING",
+    "PSETEX",
+    "PSUBSCRIBE",
+    "PSYNC",
+    "PTTL",
+    "PUBLISH",
+    "PUBSUB",
+    "PUNSUBSCRIBE",
+    "QUIT",
+    "RANDOMKEY",
+    "READONLY",
+    "READWRITE",
+    "RENAME",
+    "RENAMENX",
+    "REPLCONF",
+    "REPLICAOF",
+    "RESET",
+    "RESTORE",
+    "RESTORE-ASKING",
+    "ROLE",
+    "RPOP",
+    "RPOPLPUSH",
+    "RPUSH",
+    "RPUSHX",
+    "SADD",
+    "SAVE",
+    "SCAN",
+    "SCARD",
+    "SCRIPT",
+    "SDIFF",
+    "SDIFFSTORE",
+    "SELECT",
+    "SET",
+    "SETBIT",
+    "SETEX",
+    "SETNX",
+    "SETRANGE",
+    "SHUTDOWN",
+    "SINTER",
+    "SINTERCARD",
+    "SINTERSTORE",
+    "SISMEMBER",
+    "SLAVEOF",
+    "SLOWLOG",
+    "SMEMBERS",
+    "SMISMEMBER",
+    "SMOVE",
+    "SORT",
+    "SORT_RO",
+    "SPOP",
+    "SPUBLISH",
+    "SRANDMEMBER",
+    "SREM",
+    "SSCAN",
+    "SSUBSCRIBE",
+    "STRLEN",
+    "SUBSCRIBE",
+    "SUBSTR",
+    "SUNION",
+    "SUNIONSTORE",
+    "SUNSUBSCRIBE",
+    "SWAPDB",
+    "SYNC",
+    "TIME",
+    "TOUCH",
+    "TTL",
+    "TYPE",
+    "UNLINK",
+    "UNSUBSCRIBE",
+    "UNWATCH",
+    "WAIT",
+    "WAITAOF",
+    "WATCH",
+    "XACK",
+    "XADD",
+    "XAUTOCLAIM",
+    "XCLAIM",
+    "XDEL",
+    "XGROUP",
+    "XINFO",
+    "XLEN",
+    "XPENDING",
+    "XRANGE",
+    "XREAD",
+    "XREADGROUP",
+    "XREVRANGE",
+    "XSETID",
+    "XTRIM",
+    "ZADD",
+    "ZCARD",
+    "ZCOUNT",
+    "ZDIFF",
+    "ZDIFFSTORE",
+    "ZINCRBY",
+    "ZINTER",
+    "ZINTERCARD",
+    "ZINTERSTORE",
+    "ZLEXCOUNT",
+    "ZMPOP",
+    "ZMSCORE",
+    "ZPOPMAX",
+    "ZPOPMIN",
+    "ZRANDMEMBER",
+    "ZRANGE",
+    "ZRANGEBYLEX",
+    "ZRANGEBYSCORE",
+    "ZRANGESTORE",
+    "ZRANK",
+    "ZREM",
+    "ZREMRANGEBYLEX",
+    "ZREMRANGEBYRANK",
+    "ZREMRANGEBYSCORE",
+    "ZREVRANGE",
+    "ZREVRANGEBYLEX",
+    "ZREVRANGEBYSCORE",
+    "ZREVRANK",
+    "ZSCAN",
+    "ZSCORE",
+    "ZUNION",
+    "ZUNIONSTORE",
+];
+
+/// Container commands (reported as `CONTAINER SUB`) and their subcommands,
+/// both sorted.
+pub(super) static CONTAINERS: &[(&str, &[&str])] = &[
+    (
+        "ACL",
+        &[
+            "CAT", "DELUSER", "DRYRUN", "GENPASS", "GETUSER", "HELP", "LIST", "LOAD", "LOG",
+            "SAVE", "SETUSER", "USERS", "WHOAMI",
+        ],
+    ),
+    (
+        "CLIENT",
+        &[
+            "CACHING",
+            "CAPA",
+            "GETNAME",
+            "GETREDIR",
+            "HELP",
+            "ID",
+            "INFO",
+            "KILL",
+            "LIST",
+            "NO-EVICT",
+            "NO-TOUCH",
+            "PAUSE",
+            "REPLY",
+            "SETINFO",
+            "SETNAME",
+            "TRACKING",
+            "TRACKINGINFO",
+            "UNBLOCK",
+            "UNPAUSE",
+        ],
+    ),
+    (
+        "CLUSTER",
+        &[
+            "ADDSLOTS",
+            "ADDSLOTSRANGE",
+            "BUMPEPOCH",
+            "COUNT-FAILURE-REPORTS",
+            "COUNTKEYSINSLOT",
+            "DELSLOTS",
+            "DELSLOTSRANGE",
+            "FAILOVER",
+            "FLUSHSLOTS",
+            "FORGET",
+            "GETKEYSINSLOT",
+            "HELP",
+            "INFO",
+            "KEYSLOT",
+            "LINKS",
+            "MEET",
+            "MYID",
+            "MYSHARDID",
+            "NODES",
+            "REPLICAS",
+            "REPLICATE",
+            "RESET",
+            "SAVECONFIG",
+            "SET-CONFIG-EPOCH",
+            "SETSLOT",
+            "SHARDS",
+            "SLAVES",
+            "SLOTS",
+        ],
+    ),
+    (
+        "COMMAND",
+        &[
+            "COUNT",
+            "DOCS",
+            "GETKEYS",
+            "GETKEYSANDFLAGS",
+            "HELP",
+            "INFO",
+            "LIST",
+        ],
+    ),
+    ("CONFIG", &["GET", "HELP", "RESETSTAT", "REWRITE", "SET"]),
+    (
+        "DEBUG",
+        &[
+            "ASSERT",
+            "CHANGE-REPL-ID",
+            "DIGEST",
+            "DIGEST-VALUE",
+            "HELP",
+            "JMAP",
+            "LEAK",
+            "LISTPACK",
+            "LOG",
+            "OBJECT",
+            "OOM",
+            "PANIC",
+            "POPULATE",
+            "PROTOCOL",
+            "QUICKLIST-PACKED-THRESHOLD",
+            "RELOAD",
+            "REPLYBUFFER",
+            "RESTART",
+            "SDSLEN",
+            "SEGFAULT",
+            "SET-ACTIVE-EXPIRE",
+            "SLEEP",
+            "STRINGMATCH-LEN",
+            "STRUCTSIZE",
+        ],
+    ),
+    (
+        "FUNCTION",
+        &[
+            "DELETE", "DUMP", "FLUSH", "HELP", "KILL", "LIST", "LOAD", "RESTORE", "STATS",
+        ],
+    ),
+    (
+        "LATENCY",
+        &[
+            "DOCTOR",
+            "GRAPH",
+            "HELP",
+            "HISTOGRAM",
+            "HISTORY",
+            "LATEST",
+            "RESET",
+        ],
+    ),
+    (
+        "MEMORY",
+        &["DOCTOR", "HELP", "MALLOC-STATS", "PURGE", "STATS", "USAGE"],
+    ),
+    ("MODULE", &["HELP", "LIST", "LOAD", "LOADEX", "UNLOAD"]),
+    (
+        "OBJECT",
+        &["ENCODING", "FREQ", "HELP", "IDLETIME", "REFCOUNT"],
+    ),
+    (
+        "PUBSUB",
+        &[
+            "CHANNELS",
+            "HELP",
+            "NUMPAT",
+            "NUMSUB",
+            "SHARDCHANNELS",
+            "SHARDNUMSUB",
+        ],
+    ),
+    (
+        "SCRIPT",
+        &["DEBUG", "EXISTS", "FLUSH", "HELP", "KILL", "LOAD"],
+    ),
+    ("SLOWLOG", &["GET", "HELP", "LEN", "RESET"]),
+    (
+        "XGROUP",
+        &[
+            "CREATE",
+            "CREATECONSUMER",
+            "DELCONSUMER",
+            "DESTROY",
+            "HELP",
+            "SETID",
+        ],
+    ),
+    ("XINFO", &["CONSUMERS", "GROUPS", "HELP", "STREAM"]),
+];
+
+/// The longest name in either table; longer arguments are not commands.
+const MAX_NAME: usize = 32;
+
+/// Case-insensitive lookup of a known name; `None` for anything else.
+fn find(table: &[&'static str], word: &[u8]) -> Option<&'static str> {
+    let mut upper = [0u8; MAX_NAME];
+    let upper = upper.get_mut(..word.len())?;
+    for (u, b) in upper.iter_mut().zip(word) {
+        *u = b.to_ascii_uppercase();
+    }
+    let i = table
+        .binary_search_by(|name| name.as_bytes().cmp(upper))
+        .ok()?;
+    Some(table[i])
+}
+
+/// The command named by a request's first two arguments: `None` when the
+/// first is not a known command. A container with a missing or unknown
+/// subcommand is reported by its own name.
+pub(super) fn lookup(arg0: &[u8], arg1: Option<&[u8]>) -> Option<super::Command> {
+    let name = find(COMMANDS, arg0)?;
+    let sub = CONTAINERS
+        .binary_search_by(|(container, _)| container.cmp(&name))
+        .ok()
+        .and_then(|i| arg1.and_then(|arg1| find(CONTAINERS[i].1, arg1)));
+    Some(super::Command { name, sub })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_are_sorted_uppercase_and_short() {
+        assert!(COMMANDS.windows(2).all(|w| w[0] < w[1]));
+        assert!(CONTAINERS.windows(2).all(|w| w[0].0 < w[1].0));
+        for (container, subs) in CONTAINERS {
+            assert!(COMMANDS.contains(container), "{container}");
+            assert!(subs.windows(2).all(|w| w[0] < w[1]), "{container}");
+        }
+        let all = COMMANDS
+            .iter()
+            .chain(CONTAINERS.iter().flat_map(|(_, subs)| subs.iter()));
+        for name in all {
+            assert!(name.len() <= MAX_NAME, "{name}");
+            assert_eq!(name.to_ascii_uppercase(), *name);
+        }
+    }
+
+    #[test]
+    fn lookup_is_case_insensitive_and_names_containers() {
+        let get = lookup(b"get", None).unwrap();
+        assert_eq!(get.to_string(), "GET");
+        let setname = lookup(b"client", Some(b"setName")).unwrap();
+        assert_eq!(setname.to_string(), "CLIENT SETNAME");
+        assert_eq!(
+            (setname.name(), setname.subcommand()),
+            ("CLIENT", Some("SETNAME"))
+        );
+        assert_eq!(
+            lookup(b"XINFO", Some(b"stream")).unwrap().to_string(),
+            "XINFO STREAM"
+        );
+        // A key after a plain command is not a subcommand.
+        assert_eq!(lookup(b"GET", Some(b"info")).unwrap().to_string(), "GET");
+        // Unknown subcommand or none: the container alone.
+        assert_eq!(
+            lookup(b"CONFIG", Some(b"frobnicate")).unwrap().to_string(),
+            "CONFIG"
+        );
+        assert_eq!(lookup(b"COMMAND", None).unwrap().to_string(), "COMMAND");
+        assert!(lookup(b"GETT", None).is_none());
+        assert!(lookup(b"", None).is_none());
+        assert!(lookup(&[b'A'; 100], None).is_none());
+        assert!(lookup(b"G\xffT", None).is_none());
+    }
+}
