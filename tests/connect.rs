@@ -13,6 +13,9 @@ use std::{
 use lab::{Agent, FirewallRule, RedisServer, event_timeout, free_port, nstat, scaled, serial};
 use serde_json::Value;
 
+/// Linux 5.14+; its absence (5.10) has a documented fallback.
+const ERROR_REPORT: &str = "sock/inet_sk_error_report";
+
 fn is_connect_to(port: u16) -> impl Fn(&Value) -> bool {
     move |e: &Value| e["type"] == "connect" && e["dst"]["port"] == port
 }
@@ -206,7 +209,13 @@ fn kernel_giving_up_on_a_dropped_syn_is_timeout() -> anyhow::Result<()> {
     assert!(kernel_retransmits >= 1);
 
     assert_eq!(event["outcome"], "timeout", "{event}");
-    assert_eq!(event["error"], "ETIMEDOUT", "{event}");
+    if agent.attached(ERROR_REPORT) {
+        assert_eq!(event["error"], "ETIMEDOUT", "{event}");
+    } else {
+        // 5.10 fallback (docs/kernels.md): the errno is not known.
+        eprintln!("no {ERROR_REPORT} on this kernel: the errno is not reported");
+        assert!(event.get("error").is_none(), "{event}");
+    }
     assert_eq!(event["answer"], "none", "{event}");
     assert_eq!(event["syn_retransmits"], kernel_retransmits, "{event}");
     assert_eq!(event["path_drop_suspected"], true, "{event}");
@@ -277,6 +286,15 @@ fn reject_with_icmp_is_unreachable() -> anyhow::Result<()> {
     assert_eq!(error.raw_os_error(), Some(libc::EHOSTUNREACH), "{error}");
 
     let event = agent.wait_for(event_timeout(), is_connect_to(redis.port))?;
+    if !agent.attached(ERROR_REPORT) {
+        // 5.10 fallback (docs/kernels.md): without the errno an ICMP error
+        // cannot be told from the kernel giving up.
+        eprintln!("no {ERROR_REPORT} on this kernel: ICMP errors show as timeouts");
+        assert_eq!(event["outcome"], "timeout", "{event}");
+        assert_eq!(event["answer"], "none", "{event}");
+        agent.stop()?;
+        return Ok(());
+    }
     assert_eq!(event["outcome"], "unreachable", "{event}");
     assert_eq!(event["answer"], "icmp", "{event}");
     assert_eq!(event["error"], "EHOSTUNREACH", "{event}");

@@ -102,6 +102,8 @@ pub struct Agent {
     barrier_port: u16,
     /// Events read past while waiting for others, in order.
     seen: Vec<Value>,
+    /// The agent's `started` event.
+    started: Value,
 }
 
 impl Agent {
@@ -155,11 +157,20 @@ impl Agent {
             stderr,
             barrier_port,
             seen: Vec::new(),
+            started: Value::Null,
         };
-        agent
+        agent.started = agent
             .wait_for(agent_start_timeout(), |e| e["type"] == "started")
             .context("agent did not start")?;
         Ok(agent)
+    }
+
+    /// Whether the agent attached `category/name` (kernels differ: e.g.
+    /// `sock/inet_sk_error_report` exists from 5.14).
+    pub fn attached(&self, tracepoint: &str) -> bool {
+        self.started["tracepoints"]
+            .as_array()
+            .is_some_and(|list| list.iter().any(|t| t == tracepoint))
     }
 
     pub fn stderr(&self) -> String {
