@@ -124,6 +124,12 @@ impl Matcher {
         self.core.outstanding
     }
 
+    /// FIFO entries, markers included (the memory bound).
+    #[cfg(test)]
+    pub(super) fn slots(&self) -> usize {
+        self.core.fifo.len()
+    }
+
     pub fn stats(&self) -> Stats {
         Stats {
             unparsed_request_bytes: self.requests.unparsed_bytes(),
@@ -393,11 +399,10 @@ impl Core {
 
     fn reply(&mut self, frame: &Frame, complete: bool, out: &mut Vec<Event>) {
         let ts = frame.first_ts_ns;
-        if matches!(
-            frame.ty,
-            b'_' | b',' | b'#' | b'(' | b'=' | b'!' | b'%' | b'~' | b'>'
-        ) {
-            self.resp3 = true; // e.g. attached after HELLO 3
+        if frame.ty == b'>' {
+            // Only RESP3 has pushes: attached after HELLO 3. (Other RESP3
+            // types prove nothing about how pub/sub frames will look.)
+            self.resp3 = true;
         }
         let word = match (frame.ty, &frame.elems[0]) {
             (b'*' | b'>', Elem::Str(capture)) => capture.whole(),
