@@ -3,6 +3,7 @@
 
 use proptest::collection::vec;
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 
 use super::testing::cmd;
 use super::{Chunk, Config, Event, Matcher, ReplyKind};
@@ -155,7 +156,13 @@ fn noise() -> impl Strategy<Value = Vec<u8>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    // Failing seeds are kept next to this file (proptests.regressions) and
+    // replayed first.
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
+        ..ProptestConfig::default()
+    })]
 
     /// Any split of a valid stream into chunks gives the same matches as
     /// the unsplit stream, and one byte at a time too.
