@@ -74,7 +74,9 @@ fn handshakes_across_a_2ms_delay_line_match_the_client() -> anyhow::Result<()> {
         agent_median >= Duration::from_millis(2),
         "the 2 ms delay is inside the handshake"
     );
-    let tolerance = client_median / 10;
+    // ±10% on the host; a qemu guest's slow syscalls stretch the client's
+    // side of the measurement, so the band widens with the time scale there.
+    let tolerance = client_median / 10 * lab::time_scale();
     assert!(
         agent_median.abs_diff(client_median) <= tolerance,
         "agent {agent_median:?} vs client {client_median:?} ± {tolerance:?}"
@@ -84,64 +86,72 @@ fn handshakes_across_a_2ms_delay_line_match_the_client() -> anyhow::Result<()> {
 }
 
 /// A pod's process connecting (a long-lived `redis-cli`, as a pooled client
-/// would be): its connect and close events name the pod's cgroup — the v2 id
-/// and path on a cgroup v2 node, the v1 path on a cgroup-v1-only node
-/// (Amazon Linux 2), where BPF sees every process in the v2 root.
+/// would be) on a cgroup v2 node: its connect and close events carry the
+/// pod's v2 cgroup id and path.
 #[test]
-fn events_name_the_pods_cgroup_on_v2_and_v1_nodes() -> anyhow::Result<()> {
+fn events_name_the_pods_cgroup_on_a_v2_node() -> anyhow::Result<()> {
+    if lab::cgroup::cgroup2_mount().is_err() {
+        eprintln!("skipped: no cgroup2 mount on this host (a cgroup-v1-only node)");
+        return Ok(());
+    }
+    pod_cgroup_is_named(CgroupSpec::default())
+}
+
+/// The same on a cgroup-v1-only node (Amazon Linux 2), where BPF sees every
+/// process in the v2 root: the events name the pod by its v1 cgroup path.
+#[test]
+fn events_name_the_pods_cgroup_on_a_v1_node() -> anyhow::Result<()> {
+    if lab::cgroup::v1_mounts()
+        .map(|m| m.is_empty())
+        .unwrap_or(true)
+    {
+        eprintln!("skipped: no cgroup v1 hierarchy is mounted on this host");
+        return Ok(());
+    }
+    pod_cgroup_is_named(CgroupSpec::v1_host())
+}
+
+fn pod_cgroup_is_named(spec: CgroupSpec) -> anyhow::Result<()> {
     let port = free_port();
     let lab = Lab::builder()
-        .pod("v2pod", 'a')
-        .pod_with("v1pod", 'a', CgroupSpec::v1_host())
+        .pod_with("pod", 'a', spec)
         .host("redis", 'b')
         .build()?;
-    let redis = lab.host("redis");
+    let (pod, redis) = (lab.host("pod"), lab.host("redis"));
     let _redis = redis.start_redis(port)?;
     let mut agent = Agent::start(&[port], &[])?;
+    let cgroup = pod.pod().expect("a pod");
 
-    for name in ["v2pod", "v1pod"] {
-        let pod = lab.host(name);
-        let cgroup = pod.pod().expect("a pod");
-        let mut cli = pod.spawn(
-            pod.command("redis-cli")
-                .args(["-h", &redis.ip().to_string(), "-p", &port.to_string()])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped()),
-        )?;
-        // The connect happens when redis-cli starts; it stays connected.
-        let is_pods_connect = |e: &Value| {
-            e["type"] == "connect"
-                && e["dst"]["port"] == port
-                && e["src"]["ip"] == pod.ip().to_string()
-        };
-        let connect = agent.wait_for(event_timeout(), is_pods_connect)?;
-        assert_eq!(connect["outcome"], "established", "{connect}");
-        assert_eq!(connect["src"]["pid"], cli.pid(), "{connect}");
-        assert_eq!(
-            connect["src"]["cgroup_id"],
-            cgroup.cgroup_id()?,
-            "{name}: {connect}"
-        );
-        assert_eq!(connect["src"]["cgroup"], cgroup.path(), "{name}: {connect}");
+    let mut cli = pod.spawn(
+        pod.command("redis-cli")
+            .args(["-h", &redis.ip().to_string(), "-p", &port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    )?;
+    // The connect happens when redis-cli starts; it stays connected.
+    let connect = agent.wait_for(event_timeout(), |e: &Value| {
+        e["type"] == "connect" && e["dst"]["port"] == port && e["src"]["ip"] == pod.ip().to_string()
+    })?;
+    assert_eq!(connect["outcome"], "established", "{connect}");
+    assert_eq!(connect["src"]["pid"], cli.pid(), "{connect}");
+    assert_eq!(
+        connect["src"]["cgroup_id"],
+        cgroup.cgroup_id()?,
+        "{connect}"
+    );
+    assert_eq!(connect["src"]["cgroup"], cgroup.path(), "{connect}");
 
-        let stdin = cli.child_mut().stdin.take();
-        if let Some(mut stdin) = stdin {
-            stdin.write_all(b"PING\n")?;
-        }
-        let output = cli.wait_with_output()?;
-        assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "PONG");
-        let close = agent.wait_for(scaled(Duration::from_secs(10)), |e| {
-            e["type"] == "close"
-                && e["role"] == "client"
-                && e["src"]["port"] == connect["src"]["port"]
-        })?;
-        assert_eq!(
-            close["src"]["cgroup_id"],
-            cgroup.cgroup_id()?,
-            "{name}: {close}"
-        );
-        assert_eq!(close["closed_by"], "local", "{close}");
+    if let Some(mut stdin) = cli.child_mut().stdin.take() {
+        stdin.write_all(b"PING\n")?;
     }
+    let output = cli.wait_with_output()?;
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "PONG");
+    let close = agent.wait_for(scaled(Duration::from_secs(10)), |e| {
+        e["type"] == "close" && e["role"] == "client" && e["src"]["port"] == connect["src"]["port"]
+    })?;
+    assert_eq!(close["src"]["cgroup_id"], cgroup.cgroup_id()?, "{close}");
+    assert_eq!(close["src"]["cgroup"], cgroup.path(), "{close}");
+    assert_eq!(close["closed_by"], "local", "{close}");
     agent.stop()?;
     Ok(())
 }

@@ -92,13 +92,17 @@ pub struct PodCgroup {
     path: String,
     /// Hierarchy roots the pod exists in (the cgroup2 mount, or v1 mounts).
     roots: Vec<PathBuf>,
-    cgroup2: PathBuf,
+    /// `None` on a cgroup-v1-only host (Amazon Linux 2, the 5.10 guest).
+    cgroup2: Option<PathBuf>,
 }
 
 impl PodCgroup {
     pub fn create(spec: CgroupSpec) -> anyhow::Result<Self> {
         crate::sweep::sweep_once();
-        let cgroup2 = cgroup2_mount()?;
+        let cgroup2 = match spec.hierarchy {
+            Hierarchy::V2 => Some(cgroup2_mount()?),
+            Hierarchy::V1 => cgroup2_mount().ok(),
+        };
         let uid = format!(
             "{:08x}-{UID_MARKER}-{:04x}-{:012x}",
             std::process::id(),
@@ -110,7 +114,7 @@ impl PodCgroup {
             .collect();
         let path = pod_path(spec, &uid, &container_id);
         let roots = match spec.hierarchy {
-            Hierarchy::V2 => vec![cgroup2.clone()],
+            Hierarchy::V2 => cgroup2.clone().into_iter().collect(),
             Hierarchy::V1 => v1_mounts()?,
         };
         let pod = Self {
@@ -156,9 +160,11 @@ impl PodCgroup {
     /// (`bpf_get_current_cgroup_id`, `bpf_skb_cgroup_id`): the inode number
     /// of the v2 directory — the cgroup2 root's in [`Hierarchy::V1`] mode.
     pub fn cgroup_id(&self) -> anyhow::Result<u64> {
-        let dir = match self.spec.hierarchy {
-            Hierarchy::V2 => self.cgroup2.join(self.path.trim_start_matches('/')),
-            Hierarchy::V1 => self.cgroup2.clone(),
+        let dir = match (self.spec.hierarchy, &self.cgroup2) {
+            (Hierarchy::V2, Some(root)) => root.join(self.path.trim_start_matches('/')),
+            (Hierarchy::V1, Some(root)) => root.clone(),
+            // No cgroup2 mount: BPF reports the default hierarchy's root, id 1.
+            (_, None) => return Ok(ROOT_CGROUP_ID),
         };
         Ok(fs::metadata(&dir)
             .with_context(|| format!("stat {}", dir.display()))?
@@ -186,9 +192,9 @@ impl PodCgroup {
             .iter()
             .map(|dir| cstring(&dir.join("cgroup.procs")))
             .collect();
-        if self.spec.hierarchy == Hierarchy::V1 {
+        if let (Hierarchy::V1, Some(root)) = (self.spec.hierarchy, &self.cgroup2) {
             // The test process may itself sit in a v2 cgroup; a v1 pod's is the root.
-            files.push(cstring(&self.cgroup2.join("cgroup.procs")));
+            files.push(cstring(&root.join("cgroup.procs")));
         }
         // SAFETY: open/write/close are async-signal-safe; nothing allocates.
         unsafe {
@@ -303,6 +309,10 @@ pub(crate) fn read_procs(dir: &Path) -> Vec<u32> {
         .map(|text| text.lines().filter_map(|l| l.parse().ok()).collect())
         .unwrap_or_default()
 }
+
+/// The cgroup v2 id of the root cgroup, which BPF reports for every process
+/// on a cgroup-v1-only host.
+pub const ROOT_CGROUP_ID: u64 = 1;
 
 /// The cgroup2 mount point, from `/proc/mounts` (`/sys/fs/cgroup` on a
 /// unified host, `/sys/fs/cgroup/unified` on a hybrid one).

@@ -11,6 +11,9 @@ use agent_common::{
 
 use crate::procfs;
 
+/// The cgroup v2 id of the root cgroup.
+const ROOT_CGROUP_ID: u64 = 1;
+
 /// An already open connection to or from a watched port, keyed as the
 /// tracepoints will see it.
 pub fn seeds(
@@ -71,9 +74,11 @@ fn task_info(pid: u32, cgroup2: Option<&Path>) -> TaskInfo {
         comm[..len].copy_from_slice(&name.as_bytes()[..len]);
     }
     TaskInfo {
-        cgroup_id: cgroup2
-            .and_then(|root| procfs::process_cgroup_id(pid, root))
-            .unwrap_or(0),
+        cgroup_id: match cgroup2 {
+            Some(root) => procfs::process_cgroup_id(pid, root).unwrap_or(0),
+            // What BPF reports for every process on a cgroup-v1-only node.
+            None => ROOT_CGROUP_ID,
+        },
         pid,
         tid: pid,
         comm,
