@@ -76,6 +76,12 @@ fn handshakes_across_a_2ms_delay_line_match_the_client() -> anyhow::Result<()> {
         agent_median >= Duration::from_millis(2),
         "the 2 ms delay is inside the handshake"
     );
+    // The handshake is the injected 2 ms plus a path as fast as loopback.
+    let injected = Duration::from_millis(2);
+    assert!(
+        agent_median.abs_diff(injected) <= injected / 10 * lab::time_scale(),
+        "agent {agent_median:?} vs injected {injected:?} ± 10%"
+    );
     // ±10% on the host; a qemu guest's slow syscalls stretch the client's
     // side of the measurement, so the band widens with the time scale there.
     let tolerance = client_median / 10 * lab::time_scale();
