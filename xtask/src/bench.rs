@@ -138,8 +138,10 @@ fn range(values: &[f64]) -> (f64, f64) {
 
 /// Requests per second over the workload's tests (mean of GET and SET).
 fn redis_benchmark(port: u16, workload: &Workload) -> anyhow::Result<f64> {
-    let output = Command::new("redis-benchmark")
-        .args(["-p", &port.to_string(), "--csv"])
+    // Server and client each on their own CPU: left to the scheduler, their
+    // placement on 2 cores swings throughput by ±20% between runs.
+    let output = Command::new("taskset")
+        .args(["-c", "1", "redis-benchmark", "-p", &port.to_string(), "--csv"])
         .args(workload.args)
         .stderr(Stdio::null())
         .output()
