@@ -163,3 +163,94 @@ fn pod_cgroup_is_named(spec: CgroupSpec) -> anyhow::Result<()> {
     agent.stop()?;
     Ok(())
 }
+
+/// A Redis whose accept queue fills up (backlog 1, never accepting):
+/// - a handshake from a client across a 60 ms path gets its SYN-ACK, but its
+///   final ACK arrives after a nearby client filled the queue: dropped, so the
+///   server retransmits its SYN-ACK;
+/// - a later SYN finds the queue full: dropped, so the client retransmits it.
+///
+/// Each side's count in the events equals its own network namespace's
+/// `TcpExtTCPSynRetrans`.
+#[test]
+fn full_accept_queue_shows_retransmits_on_both_sides() -> anyhow::Result<()> {
+    let _serial = serial();
+    let port = free_port();
+    let lab = Lab::builder()
+        .host("far", 'a')
+        .host("near", 'b')
+        .host("redis", 'b')
+        .build()?;
+    let (far, near, redis) = (lab.host("far"), lab.host("near"), lab.host("redis"));
+    let addr = SocketAddrV4::new(redis.ip(), port);
+    let listener = redis.within(|| -> anyhow::Result<socket2::Socket> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1)?;
+        Ok(socket)
+    })??;
+    let mut agent = Agent::start(&[port], &[])?;
+    let _delay = lab.inject(
+        Path::between(far.ip(), redis.ip(), port),
+        Fault::delay(Duration::from_millis(60)),
+    )?;
+    let first = near.within(|| TcpStream::connect(addr))??;
+    let (far_before, near_before, server_before) =
+        (far.counters()?, near.counters()?, redis.counters()?);
+
+    let timeout = scaled(Duration::from_millis(1500));
+    let far_connect = far
+        .within(|| std::thread::spawn(move || TcpStream::connect_timeout(&addr.into(), timeout)))?;
+    let syn_received = lab::wait_until(scaled(Duration::from_secs(5)), || {
+        redis
+            .netns()
+            .command("ss")
+            .args(["-Htn", "state", "syn-recv"])
+            .output()
+            .is_ok_and(|o| !o.stdout.is_empty())
+    });
+    assert!(syn_received, "the far client's SYN reached the server");
+    // A SYN cookie handshake (the SYN queue holds one request) fills the queue.
+    let second = near.within(|| TcpStream::connect(addr))??;
+    agent.wait_for(scaled(Duration::from_secs(5)), |e| {
+        e["type"] == "synack_retransmit" && e["dst"]["port"] == port
+    })?;
+    let late = near.within(|| TcpStream::connect_timeout(&addr.into(), timeout))?;
+    assert!(
+        late.is_err(),
+        "the queue is full: the late SYN gets no answer"
+    );
+    let far_stream = far_connect.join().expect("far connect thread");
+    // No more SYN-ACKs once the listener is gone: the counts are final.
+    drop(listener);
+    drop((first, second, far_stream));
+    agent.barrier()?;
+    let client_kernel = far.counters()?.since(&far_before, "TcpExtTCPSynRetrans")
+        + near.counters()?.since(&near_before, "TcpExtTCPSynRetrans");
+    let server_kernel = redis
+        .counters()?
+        .since(&server_before, "TcpExtTCPSynRetrans");
+
+    let events = agent.take_seen(|e| e["dst"]["port"] == port);
+    let syn_retransmits: u64 = events
+        .iter()
+        .filter(|e| e["type"] == "connect")
+        .map(|e| e["syn_retransmits"].as_u64().unwrap())
+        .sum();
+    // The first was read by the wait above.
+    let synack_retransmits = 1 + events
+        .iter()
+        .filter(|e| e["type"] == "synack_retransmit")
+        .count() as u64;
+    eprintln!(
+        "full accept queue: clients {syn_retransmits} SYN retransmits (kernel {client_kernel}), server {synack_retransmits} SYN-ACK retransmits (kernel {server_kernel})"
+    );
+    assert!(
+        syn_retransmits > 0 && synack_retransmits > 0,
+        "both sides retransmitted: {events:#?}"
+    );
+    assert_eq!(syn_retransmits, client_kernel, "client side");
+    assert_eq!(synack_retransmits, server_kernel, "server side");
+    agent.stop()?;
+    Ok(())
+}
