@@ -308,12 +308,12 @@ fn reject_with_icmp_is_unreachable() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A listener that never accepts (backlog 1): once its accept queue is full,
-/// SYNs are dropped (client SYN retransmits) and handshakes whose final ACK
-/// finds the queue full are retried by the server (SYN-ACK retransmits).
-/// Every retransmit the kernel counts shows up in the agent's events.
+/// A listener that never accepts (backlog 1), on loopback: once its accept
+/// queue is full, SYNs are dropped and retransmitted. Every SYN (and SYN-ACK)
+/// retransmit the kernel counts shows up in the agent's events. The server
+/// side's SYN-ACK retransmits: `tests/pods.rs`, across a delayed path.
 #[test]
-fn full_accept_queue_shows_retransmits_on_both_sides() -> anyhow::Result<()> {
+fn full_accept_queue_drops_and_retransmits_syns() -> anyhow::Result<()> {
     const CLIENTS: usize = 6;
     let _serial = serial();
     let (listener, port) = listener_with_backlog(1)?;
