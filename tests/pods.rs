@@ -192,7 +192,9 @@ fn full_accept_queue_shows_retransmits_on_both_sides() -> anyhow::Result<()> {
     let mut agent = Agent::start(&[port], &[])?;
     let _delay = lab.inject(
         Path::between(far.ip(), redis.ip(), port),
-        Fault::delay(Duration::from_millis(60)),
+        // Wide enough for the steps below to happen inside it, also in a
+        // slow qemu guest.
+        Fault::delay(scaled(Duration::from_millis(60))),
     )?;
     let first = near.within(|| TcpStream::connect(addr))??;
     let (far_before, near_before, server_before) =
@@ -211,7 +213,7 @@ fn full_accept_queue_shows_retransmits_on_both_sides() -> anyhow::Result<()> {
     });
     assert!(syn_received, "the far client's SYN reached the server");
     // A SYN cookie handshake (the SYN queue holds one request) fills the queue.
-    let second = near.within(|| TcpStream::connect(addr))??;
+    let second = near.within(|| TcpStream::connect_timeout(&addr.into(), timeout))??;
     agent.wait_for(scaled(Duration::from_secs(5)), |e| {
         e["type"] == "synack_retransmit" && e["dst"]["port"] == port
     })?;
