@@ -203,13 +203,19 @@ fn full_accept_queue_shows_retransmits_on_both_sides() -> anyhow::Result<()> {
     let timeout = scaled(Duration::from_millis(1500));
     let far_connect = far
         .within(|| std::thread::spawn(move || TcpStream::connect_timeout(&addr.into(), timeout)))?;
+    // The request socket (SYN_RECV, `st` 03) shows in the server netns's
+    // /proc/net/tcp on every kernel (`ss` misses it on 5.10).
     let syn_received = lab::wait_until(scaled(Duration::from_secs(5)), || {
         redis
             .netns()
-            .command("ss")
-            .args(["-Htn", "state", "syn-recv"])
+            .command("cat")
+            .arg("/proc/net/tcp")
             .output()
-            .is_ok_and(|o| !o.stdout.is_empty())
+            .is_ok_and(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .any(|line| line.split_whitespace().nth(3) == Some("03"))
+            })
     });
     assert!(syn_received, "the far client's SYN reached the server");
     // A SYN cookie handshake (the SYN queue holds one request) fills the queue.
