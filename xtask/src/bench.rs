@@ -141,7 +141,14 @@ fn redis_benchmark(port: u16, workload: &Workload) -> anyhow::Result<f64> {
     // Server and client each on their own CPU: left to the scheduler, their
     // placement on 2 cores swings throughput by ±20% between runs.
     let output = Command::new("taskset")
-        .args(["-c", "1", "redis-benchmark", "-p", &port.to_string(), "--csv"])
+        .args([
+            "-c",
+            "1",
+            "redis-benchmark",
+            "-p",
+            &port.to_string(),
+            "--csv",
+        ])
         .args(workload.args)
         .stderr(Stdio::null())
         .output()
