@@ -262,3 +262,129 @@ fn full_accept_queue_shows_retransmits_on_both_sides() -> anyhow::Result<()> {
     agent.stop()?;
     Ok(())
 }
+
+/// 5% loss and 5% reordering both ways on the path: every connection's
+/// retransmits, on each side, equal the kernel's own per-socket count
+/// (`TCP_INFO` for the client's sockets, `ss -ti` in the server's netns).
+#[test]
+fn retransmits_under_loss_and_reordering_match_the_kernel_per_connection() -> anyhow::Result<()> {
+    const CONNECTIONS: usize = 3;
+    const ROUND_TRIPS: usize = 40;
+    let _serial = serial();
+    let port = free_port();
+    let lab = Lab::builder()
+        .host("client", 'a')
+        .host("redis", 'b')
+        .build()?;
+    let (client, redis) = (lab.host("client"), lab.host("redis"));
+    let _redis = redis.start_redis(port)?;
+    let mut agent = Agent::start(&[port], &[])?;
+    let addr = SocketAddrV4::new(redis.ip(), port);
+    let mut streams = client.within(|| -> std::io::Result<Vec<TcpStream>> {
+        (0..CONNECTIONS).map(|_| TcpStream::connect(addr)).collect()
+    })??;
+    // A 4 KiB value: each request and reply spans several segments.
+    let value = vec![b'x'; 4096];
+    let mut request = format!("*2\r\n$4\r\nECHO\r\n${}\r\n", value.len()).into_bytes();
+    request.extend_from_slice(&value);
+    request.extend_from_slice(b"\r\n");
+    let reply_len = format!("${}\r\n", value.len()).len() + value.len() + 2;
+    {
+        let path = Path::between(client.ip(), redis.ip(), port).both_ways();
+        let _loss = lab.inject(path, Fault::Loss { probability: 0.05 })?;
+        let _reorder = lab.inject(path, Fault::reorder(0.05, Duration::from_millis(1)))?;
+        for _ in 0..ROUND_TRIPS {
+            for stream in &mut streams {
+                stream.write_all(&request)?;
+                let mut reply = vec![0u8; reply_len];
+                std::io::Read::read_exact(stream, &mut reply)?;
+                assert!(reply.ends_with(b"x\r\n"), "ECHO reply");
+            }
+        }
+    }
+    let mut expected = Vec::new();
+    for stream in &streams {
+        let client_port = stream.local_addr()?.port();
+        let server_side = ss_total_retransmits(redis, port, client_port)?;
+        expected.push((client_port, total_retransmits(stream), server_side));
+    }
+    drop(streams);
+
+    let mut total = 0;
+    for (client_port, client_retransmits, server_retransmits) in expected {
+        let closed = |role: &'static str| {
+            move |e: &Value| {
+                e["type"] == "close" && e["role"] == role && e["src"]["port"] == client_port
+            }
+        };
+        let client_close = agent.wait_for(event_timeout(), closed("client"))?;
+        let server_close = agent.wait_for(event_timeout(), closed("server"))?;
+        eprintln!(
+            "connection :{client_port}: client {client_retransmits} retransmits (agent {}), server {server_retransmits} (agent {})",
+            client_close["retransmits"], server_close["retransmits"]
+        );
+        assert_eq!(
+            client_close["retransmits"], client_retransmits,
+            "client side: {client_close}"
+        );
+        assert_eq!(
+            server_close["retransmits"], server_retransmits,
+            "server side: {server_close}"
+        );
+        total += client_retransmits + server_retransmits;
+    }
+    assert!(
+        total > 0,
+        "5% loss over {ROUND_TRIPS} round trips caused retransmits"
+    );
+    agent.stop()?;
+    Ok(())
+}
+
+/// `tcpi_total_retrans` of a socket: the kernel's own retransmit count.
+fn total_retransmits(stream: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: all-zero is a valid tcp_info.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: valid socket and buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO");
+    info.tcpi_total_retrans
+}
+
+/// The server side's total retransmits for one connection, from `ss -ti` in
+/// its netns (`retrans:<unacked>/<total>`; absent when 0).
+fn ss_total_retransmits(
+    host: &lab::Host,
+    server_port: u16,
+    client_port: u16,
+) -> anyhow::Result<u32> {
+    let output = host
+        .netns()
+        .command("ss")
+        .args(["-tinH", "state", "established"])
+        .arg(format!(
+            "( sport = :{server_port} and dport = :{client_port} )"
+        ))
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(
+        !text.trim().is_empty(),
+        "ss found no connection :{server_port} → :{client_port}"
+    );
+    Ok(text
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("retrans:"))
+        .and_then(|r| r.split('/').nth(1))
+        .and_then(|total| total.parse().ok())
+        .unwrap_or(0))
+}
