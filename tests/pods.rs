@@ -204,16 +204,15 @@ fn full_accept_queue_shows_retransmits_on_both_sides() -> anyhow::Result<()> {
     let far_connect = far
         .within(|| std::thread::spawn(move || TcpStream::connect_timeout(&addr.into(), timeout)))?;
     // The request socket (SYN_RECV, `st` 03) shows in the server netns's
-    // /proc/net/tcp on every kernel (`ss` misses it on 5.10).
+    // /proc/net/tcp on every kernel (`ss` misses it on 5.10). Read from a
+    // thread in that netns (`thread-self`): no process start in the window.
     let syn_received = lab::wait_until(scaled(Duration::from_secs(5)), || {
         redis
-            .netns()
-            .command("cat")
-            .arg("/proc/net/tcp")
-            .output()
-            .is_ok_and(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
+            .within(|| std::fs::read_to_string("/proc/thread-self/net/tcp"))
+            .ok()
+            .and_then(Result::ok)
+            .is_some_and(|text| {
+                text.lines()
                     .any(|line| line.split_whitespace().nth(3) == Some("03"))
             })
     });
