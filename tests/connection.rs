@@ -7,11 +7,13 @@ use std::{
     io::{Read, Write},
     net::{Ipv4Addr, TcpStream},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
-    process::Command,
     time::{Duration, Instant},
 };
 
-use lab::{Agent, FirewallRule, RedisServer, event_timeout};
+use lab::{
+    Agent, FirewallRule, RedisServer, event_timeout,
+    kernel::{ss_total_retransmits, total_retransmits},
+};
 use serde_json::Value;
 
 fn close_of(role: &'static str, client_port: u16) -> impl Fn(&Value) -> bool {
@@ -114,42 +116,6 @@ fn abortive_close_is_a_reset_on_both_sides() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `tcpi_total_retrans` of a socket: the kernel's own retransmit count.
-fn total_retransmits(stream: &TcpStream) -> u32 {
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: valid socket and buffer of `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_INFO");
-    info.tcpi_total_retrans
-}
-
-/// The server side's total retransmits for one connection, from `ss -ti`
-/// (`retrans:<unacked>/<total>`).
-fn ss_total_retransmits(server_port: u16, client_port: u16) -> anyhow::Result<u32> {
-    let output = Command::new("ss")
-        .args(["-tinH", "state", "established"])
-        .arg(format!(
-            "( sport = :{server_port} and dport = :{client_port} )"
-        ))
-        .output()?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    Ok(text
-        .split_whitespace()
-        .find_map(|field| field.strip_prefix("retrans:"))
-        .and_then(|r| r.split('/').nth(1))
-        .and_then(|total| total.parse().ok())
-        .unwrap_or(0))
-}
-
 /// Random loss on an established flow, both directions: each connection's
 /// retransmits, per side, equal the kernel's own per-socket counters.
 #[test]
@@ -197,7 +163,7 @@ fn data_retransmits_are_counted_per_connection() -> anyhow::Result<()> {
     let mut expected = Vec::new();
     for stream in &streams {
         let client_port = stream.local_addr()?.port();
-        let server_side = ss_total_retransmits(redis.port, client_port)?;
+        let server_side = ss_total_retransmits(None, redis.port, client_port)?;
         expected.push((client_port, total_retransmits(stream), server_side));
     }
     drop(streams);

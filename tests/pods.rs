@@ -10,7 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lab::{Agent, CgroupSpec, Fault, Lab, Path, event_timeout, free_port, scaled, serial};
+use lab::{
+    Agent, CgroupSpec, Fault, Lab, Path, event_timeout, free_port,
+    kernel::{ss_total_retransmits, total_retransmits},
+    scaled, serial,
+};
 use serde_json::Value;
 
 fn median(samples: &mut [Duration]) -> Duration {
@@ -304,7 +308,7 @@ fn retransmits_under_loss_and_reordering_match_the_kernel_per_connection() -> an
     let mut expected = Vec::new();
     for stream in &streams {
         let client_port = stream.local_addr()?.port();
-        let server_side = ss_total_retransmits(redis, port, client_port)?;
+        let server_side = ss_total_retransmits(Some(redis.netns()), port, client_port)?;
         expected.push((client_port, total_retransmits(stream), server_side));
     }
     drop(streams);
@@ -338,52 +342,4 @@ fn retransmits_under_loss_and_reordering_match_the_kernel_per_connection() -> an
     );
     agent.stop()?;
     Ok(())
-}
-
-/// `tcpi_total_retrans` of a socket: the kernel's own retransmit count.
-fn total_retransmits(stream: &TcpStream) -> u32 {
-    use std::os::fd::AsRawFd;
-    // SAFETY: all-zero is a valid tcp_info.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: valid socket and buffer of `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_INFO");
-    info.tcpi_total_retrans
-}
-
-/// The server side's total retransmits for one connection, from `ss -ti` in
-/// its netns (`retrans:<unacked>/<total>`; absent when 0).
-fn ss_total_retransmits(
-    host: &lab::Host,
-    server_port: u16,
-    client_port: u16,
-) -> anyhow::Result<u32> {
-    let output = host
-        .netns()
-        .command("ss")
-        .args(["-tinH", "state", "established"])
-        .arg(format!(
-            "( sport = :{server_port} and dport = :{client_port} )"
-        ))
-        .output()?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    anyhow::ensure!(
-        !text.trim().is_empty(),
-        "ss found no connection :{server_port} → :{client_port}"
-    );
-    Ok(text
-        .split_whitespace()
-        .find_map(|field| field.strip_prefix("retrans:"))
-        .and_then(|r| r.split('/').nth(1))
-        .and_then(|total| total.parse().ok())
-        .unwrap_or(0))
 }

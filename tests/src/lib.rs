@@ -21,6 +21,7 @@ use serde_json::Value;
 pub mod cgroup;
 pub mod delay;
 pub mod faults;
+pub mod kernel;
 pub mod netns;
 pub mod sweep;
 pub mod topology;
