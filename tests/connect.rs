@@ -230,21 +230,7 @@ fn kernel_giving_up_on_a_dropped_syn_is_timeout() -> anyhow::Result<()> {
 fn reject_with_reset_is_refused() -> anyhow::Result<()> {
     let redis = RedisServer::start()?;
     let mut agent = Agent::start(&[redis.port], &[])?;
-    let _reject = FirewallRule::insert(
-        false,
-        "INPUT",
-        &[
-            "-p",
-            "tcp",
-            "--syn",
-            "--dport",
-            &redis.port.to_string(),
-            "-j",
-            "REJECT",
-            "--reject-with",
-            "tcp-reset",
-        ],
-    )?;
+    let _reject = FirewallRule::on_syns_to(redis.port, &["REJECT", "--reject-with", "tcp-reset"])?;
     let error = TcpStream::connect((Ipv4Addr::LOCALHOST, redis.port)).expect_err("rejected");
     assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
 
@@ -265,20 +251,9 @@ fn reject_with_icmp_is_unreachable() -> anyhow::Result<()> {
     let _serial = serial();
     let redis = RedisServer::start()?;
     let mut agent = Agent::start(&[redis.port], &[])?;
-    let _reject = FirewallRule::insert(
-        false,
-        "INPUT",
-        &[
-            "-p",
-            "tcp",
-            "--syn",
-            "--dport",
-            &redis.port.to_string(),
-            "-j",
-            "REJECT",
-            "--reject-with",
-            "icmp-host-unreachable",
-        ],
+    let _reject = FirewallRule::on_syns_to(
+        redis.port,
+        &["REJECT", "--reject-with", "icmp-host-unreachable"],
     )?;
     let started = Instant::now();
     let error = TcpStream::connect((Ipv4Addr::LOCALHOST, redis.port)).expect_err("rejected");

@@ -10,10 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lab::{
-    Agent, FirewallRule, RedisServer, event_timeout,
-    kernel::{ss_total_retransmits, total_retransmits},
-};
+use lab::{Agent, FirewallRule, RedisServer, event_timeout, kernel::ConnectionRetransmits};
 use serde_json::Value;
 
 fn close_of(role: &'static str, client_port: u16) -> impl Fn(&Value) -> bool {
@@ -160,28 +157,13 @@ fn data_retransmits_are_counted_per_connection() -> anyhow::Result<()> {
     for stream in &mut streams {
         ping(stream)?;
     }
-    let mut expected = Vec::new();
-    for stream in &streams {
-        let client_port = stream.local_addr()?.port();
-        let server_side = ss_total_retransmits(None, redis.port, client_port)?;
-        expected.push((client_port, total_retransmits(stream), server_side));
-    }
+    let expected = streams
+        .iter()
+        .map(|stream| ConnectionRetransmits::read(stream, None, redis.port))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     drop(streams);
 
-    let mut total = 0;
-    for (client_port, client_retransmits, server_retransmits) in expected {
-        let client = agent.wait_for(event_timeout(), close_of("client", client_port))?;
-        let server = agent.wait_for(event_timeout(), close_of("server", client_port))?;
-        assert_eq!(
-            client["retransmits"], client_retransmits,
-            "client side: {client}"
-        );
-        assert_eq!(
-            server["retransmits"], server_retransmits,
-            "server side: {server}"
-        );
-        total += client_retransmits + server_retransmits;
-    }
+    let total = agent.assert_close_retransmits(&expected)?;
     assert!(
         total > 0,
         "10% loss over {ROUND_TRIPS} round trips caused retransmits"

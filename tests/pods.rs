@@ -11,8 +11,7 @@ use std::{
 };
 
 use lab::{
-    Agent, CgroupSpec, Fault, Lab, Path, event_timeout, free_port,
-    kernel::{ss_total_retransmits, total_retransmits},
+    Agent, CgroupSpec, Fault, Lab, Path, event_timeout, free_port, kernel::ConnectionRetransmits,
     scaled, serial,
 };
 use serde_json::Value;
@@ -305,37 +304,13 @@ fn retransmits_under_loss_and_reordering_match_the_kernel_per_connection() -> an
             }
         }
     }
-    let mut expected = Vec::new();
-    for stream in &streams {
-        let client_port = stream.local_addr()?.port();
-        let server_side = ss_total_retransmits(Some(redis.netns()), port, client_port)?;
-        expected.push((client_port, total_retransmits(stream), server_side));
-    }
+    let expected = streams
+        .iter()
+        .map(|stream| ConnectionRetransmits::read(stream, Some(redis.netns()), port))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     drop(streams);
 
-    let mut total = 0;
-    for (client_port, client_retransmits, server_retransmits) in expected {
-        let closed = |role: &'static str| {
-            move |e: &Value| {
-                e["type"] == "close" && e["role"] == role && e["src"]["port"] == client_port
-            }
-        };
-        let client_close = agent.wait_for(event_timeout(), closed("client"))?;
-        let server_close = agent.wait_for(event_timeout(), closed("server"))?;
-        eprintln!(
-            "connection :{client_port}: client {client_retransmits} retransmits (agent {}), server {server_retransmits} (agent {})",
-            client_close["retransmits"], server_close["retransmits"]
-        );
-        assert_eq!(
-            client_close["retransmits"], client_retransmits,
-            "client side: {client_close}"
-        );
-        assert_eq!(
-            server_close["retransmits"], server_retransmits,
-            "server side: {server_close}"
-        );
-        total += client_retransmits + server_retransmits;
-    }
+    let total = agent.assert_close_retransmits(&expected)?;
     assert!(
         total > 0,
         "5% loss over {ROUND_TRIPS} round trips caused retransmits"

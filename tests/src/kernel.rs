@@ -53,3 +53,31 @@ pub fn ss_total_retransmits(
         .and_then(|total| total.parse().ok())
         .unwrap_or(0))
 }
+
+/// The kernel's retransmit counts of both ends of one connection, read
+/// while it is still open.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionRetransmits {
+    pub client_port: u16,
+    /// The client socket's `tcpi_total_retrans`.
+    pub client: u32,
+    /// The server socket's total from `ss -ti` (in `server_netns`).
+    pub server: u32,
+}
+
+impl ConnectionRetransmits {
+    /// Reads both ends of `stream`, a client socket of this process, whose
+    /// server listens on `server_port` in `server_netns` (or here).
+    pub fn read(
+        stream: &TcpStream,
+        server_netns: Option<&Netns>,
+        server_port: u16,
+    ) -> anyhow::Result<Self> {
+        let client_port = stream.local_addr()?.port();
+        Ok(Self {
+            client_port,
+            client: total_retransmits(stream),
+            server: ss_total_retransmits(server_netns, server_port, client_port)?,
+        })
+    }
+}

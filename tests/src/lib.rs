@@ -238,6 +238,45 @@ impl Agent {
         self.take_seen(|e| e["type"] == "connect" && e["dst"]["port"] == port)
     }
 
+    /// Waits for the client and server `close` events of each connection and
+    /// checks their `retransmits` against the kernel's counts; returns the
+    /// total of those counts.
+    pub fn assert_close_retransmits(
+        &mut self,
+        expected: &[kernel::ConnectionRetransmits],
+    ) -> anyhow::Result<u64> {
+        let mut total = 0;
+        for kernel in expected {
+            let closed = |role: &'static str| {
+                move |e: &Value| {
+                    e["type"] == "close"
+                        && e["role"] == role
+                        && e["src"]["port"] == kernel.client_port
+                }
+            };
+            let client = self.wait_for(event_timeout(), closed("client"))?;
+            let server = self.wait_for(event_timeout(), closed("server"))?;
+            eprintln!(
+                "connection :{}: client {} retransmits (agent {}), server {} (agent {})",
+                kernel.client_port,
+                kernel.client,
+                client["retransmits"],
+                kernel.server,
+                server["retransmits"]
+            );
+            assert_eq!(
+                client["retransmits"], kernel.client,
+                "client side: {client}"
+            );
+            assert_eq!(
+                server["retransmits"], kernel.server,
+                "server side: {server}"
+            );
+            total += u64::from(kernel.client) + u64::from(kernel.server);
+        }
+        Ok(total)
+    }
+
     /// SIGINT, then every remaining line until the agent exits; fails unless
     /// it exits 0.
     pub fn stop(mut self) -> anyhow::Result<Vec<Value>> {
@@ -346,19 +385,16 @@ impl FirewallRule {
 
     /// Silently drops SYNs to `port` arriving on this host.
     pub fn drop_syns_to(port: u16) -> anyhow::Result<Self> {
-        Self::insert(
-            false,
-            "INPUT",
-            &[
-                "-p",
-                "tcp",
-                "--syn",
-                "--dport",
-                &port.to_string(),
-                "-j",
-                "DROP",
-            ],
-        )
+        Self::on_syns_to(port, &["DROP"])
+    }
+
+    /// Sends SYNs to `port` arriving on this host to `target` (e.g.
+    /// `["REJECT", "--reject-with", "tcp-reset"]`).
+    pub fn on_syns_to(port: u16, target: &[&str]) -> anyhow::Result<Self> {
+        let port = port.to_string();
+        let mut spec = vec!["-p", "tcp", "--syn", "--dport", &port, "-j"];
+        spec.extend_from_slice(target);
+        Self::insert(false, "INPUT", &spec)
     }
 }
 
@@ -378,10 +414,9 @@ pub fn nstat(counter: &str) -> anyhow::Result<u64> {
         .output()
         .context("running nstat")?;
     let text = String::from_utf8_lossy(&output.stdout);
-    text.lines()
-        .find_map(|line| {
-            let mut fields = line.split_whitespace();
-            (fields.next() == Some(counter)).then(|| fields.next()?.parse().ok())?
-        })
+    netns::Counters::parse(&text)
+        .0
+        .get(counter)
+        .copied()
         .with_context(|| format!("nstat has no counter {counter}: {text}"))
 }

@@ -227,7 +227,8 @@ pub(crate) fn enter(file: &File) -> std::io::Result<()> {
 pub struct Counters(pub BTreeMap<String, u64>);
 
 impl Counters {
-    fn parse(text: &str) -> Self {
+    /// Parses `nstat -a` output: `<name> <value> <rate>` lines.
+    pub(crate) fn parse(text: &str) -> Self {
         Self(
             text.lines()
                 .filter_map(|line| {
