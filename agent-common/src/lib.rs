@@ -5,6 +5,8 @@
 //! compile-time size check each), so both sides agree byte for byte.
 #![cfg_attr(not(test), no_std)]
 
+pub mod resp;
+
 /// Most ports the kernel programs can watch (`--ports`).
 pub const MAX_WATCHED_PORTS: usize = 16;
 /// Length of a task's `comm` in the kernel, NUL included.
@@ -26,6 +28,12 @@ pub enum EventKind {
     Connect = 1,
     Close = 2,
     SynAckRetransmit = 3,
+    /// A `resp::SegmentEvent` and its payload bytes.
+    Segment = 4,
+    /// A `resp::SocketEvent`: the application read.
+    AppRead = 5,
+    /// A `resp::SocketEvent`: the socket was destroyed.
+    SocketGone = 6,
 }
 
 impl EventKind {
@@ -34,6 +42,9 @@ impl EventKind {
             1 => Some(Self::Connect),
             2 => Some(Self::Close),
             3 => Some(Self::SynAckRetransmit),
+            4 => Some(Self::Segment),
+            5 => Some(Self::AppRead),
+            6 => Some(Self::SocketGone),
             _ => None,
         }
     }
@@ -298,10 +309,17 @@ pub enum StatId {
     ReadFailed = 2,
     /// An established connection could not be tracked: its map was full.
     ConnectionMapFull = 3,
+    /// Segments of watched connections after bytes never seen (a gap: the
+    /// stream resynchronises in userspace).
+    RespGap = 4,
+    /// A RESP connection could not be traced: its map was full.
+    RespFlowMapFull = 5,
+    /// Segments whose payload was longer than what is copied per segment.
+    RespTruncated = 6,
 }
 
 /// Number of [`StatId`] slots.
-pub const STAT_COUNT: u32 = 4;
+pub const STAT_COUNT: u32 = 7;
 
 /// Offsets of the tracepoint fields the programs read, taken at startup from
 /// `/sys/kernel/tracing/events/<category>/<name>/format`, because they move
@@ -338,6 +356,10 @@ pub struct TracepointOffsets {
     pub destroy_dport: u16,
     pub destroy_saddr_v6: u16,
     pub destroy_daddr_v6: u16,
+    /// 0 where the field does not exist.
+    pub destroy_cookie: u16,
+    /// `tcp/tcp_rcv_space_adjust` `sock_cookie`; 0: no app-read timing.
+    pub rcv_space_cookie: u16,
     /// `tcp/tcp_send_reset` (4.15+): only `skaddr` has the same shape on
     /// every kernel (addresses became sockaddrs in 6.x).
     pub send_reset_skaddr: u16,
@@ -379,12 +401,11 @@ const _: () = assert!(core::mem::size_of::<EventHeader>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowTuple>() == 36);
 const _: () = assert!(core::mem::size_of::<TaskInfo>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 112);
-const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 72);
-const _: () = assert!(core::mem::size_of::<Config>() == 116);
-const _: () = assert!(core::mem::size_of::<ConnectionCounters>() == 16);
-const _: () = assert!(core::mem::size_of::<ConnectionState>() == 64);
-const _: () = assert!(core::mem::size_of::<CloseEvent>() == 120);
-const _: () = assert!(core::mem::size_of::<SynAckRetransmitEvent>() == 56);
+const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 76);
+const _: () = assert!(core::mem::size_of::<Config>() == 120);
+const _: () = assert!(core::mem::size_of::<resp::RespFlow>() == 64);
+const _: () = assert!(core::mem::size_of::<resp::SegmentEvent>() == 96);
+const _: () = assert!(core::mem::size_of::<resp::SocketEvent>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -394,6 +415,7 @@ mod pod {
     unsafe impl aya::Pod for super::TracepointOffsets {}
     unsafe impl aya::Pod for super::FlowTuple {}
     unsafe impl aya::Pod for super::ConnectionState {}
+    unsafe impl aya::Pod for super::resp::RespFlow {}
 }
 
 /// Errno values the kernel reports on failed connects (asm-generic/errno.h).

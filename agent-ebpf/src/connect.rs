@@ -23,8 +23,8 @@
 //! otherwise (the kernel's retransmit timer), and ICMP errors show as timeouts.
 
 use agent_common::{
-    COMM_LEN, CONFIG_HAS_ERROR_REPORT, ConnectEvent, ConnectOutcome, ConnectionRole, EventHeader,
-    EventKind, FlowTuple, MAX_CONNECTS_IN_FLIGHT, StatId, SynAnswer, TaskInfo, errno,
+    COMM_LEN, CONFIG_HAS_ERROR_REPORT, ConnectEvent, ConnectOutcome, ConnectionRole,
+    EventHeader, EventKind, FlowTuple, MAX_CONNECTS_IN_FLIGHT, StatId, SynAnswer, TaskInfo, errno,
     failed_connect_outcome, family_of,
 };
 use aya_ebpf::{
@@ -452,6 +452,10 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
 
 fn try_tcp_destroy_sock(ctx: &TracePointContext) -> Result<(), i64> {
     let skaddr: u64 = read(ctx, offset!(destroy_skaddr))?;
+    let cookie_field = offset!(destroy_cookie);
+    if cookie_field != 0 {
+        crate::resp::closed(read(ctx, cookie_field)?);
+    }
     let Some(state) = CONNECTS.get_ptr(&skaddr) else {
         if let Some(flow) = read_watched_flow(
             ctx,

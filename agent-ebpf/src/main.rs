@@ -6,6 +6,7 @@
 mod connect;
 mod connection;
 mod maps;
+mod resp;
 
 #[cfg(not(test))]
 #[panic_handler]

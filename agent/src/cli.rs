@@ -26,8 +26,8 @@ pub struct Cli {
     #[arg(long, default_value_t = 1024, value_parser = parse_ring_buffer_kib)]
     pub ring_buffer_kib: u32,
 
-    /// How often to write the open-connection gauges (`connections` events),
-    /// e.g. `10s`, `1m`.
+    /// How often to write the open-connection gauges (`connections` events)
+    /// and the per-command `latency` windows, e.g. `10s`, `1m`.
     #[arg(long, default_value = "10s", value_parser = parse_interval)]
     pub interval: Duration,
 
@@ -36,9 +36,36 @@ pub struct Cli {
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub stats_interval: Duration,
 
+    /// Which requests get a `request` event: `slow` (slower than
+    /// `--slow-threshold`, and timeouts) or `all`. Every request is counted
+    /// in the `latency` windows either way.
+    #[arg(long, value_enum, default_value = "slow")]
+    pub emit: Emit,
+
+    /// Requests at least this slow get a `request` event, e.g. `500ms`.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub slow_threshold: Duration,
+
+    /// A request unanswered for this long is reported as `timeout` (its
+    /// reply, if it still comes, is absorbed).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Attach only the bare packet hook (port filter + one counter) and
+    /// nothing else: the baseline of `cargo xtask bench`.
+    #[arg(long, hide = true)]
+    pub bare_hook: bool,
+
     /// Filter for the agent's own logs on stderr (tracing `EnvFilter` syntax).
     #[arg(long, env = "RESPTRACE_LOG", default_value = "info")]
     pub log: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Emit {
+    Slow,
+    #[value(alias = "requests")]
+    All,
 }
 
 impl Cli {

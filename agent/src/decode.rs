@@ -7,6 +7,7 @@ use agent_common::{
     AF_INET, AF_INET6, COMM_LEN, CONNECTION_SEEDED, CloseEvent, Closer, ConnectEvent,
     ConnectOutcome, ConnectionCounters, ConnectionRole, EventHeader, EventKind, FlowTuple,
     SynAckRetransmitEvent, SynAnswer, TaskInfo,
+    resp::{CHUNK_BYTES, ROLE_CLIENT, ROLE_SERVER, STREAM_REPLIES, STREAM_REQUESTS, SegmentEvent, SocketEvent},
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,6 +15,32 @@ pub enum Event {
     Connect(Connect),
     Close(Close),
     SynAckRetransmit(SynAckRetransmit),
+    Segment(Segment),
+    /// The application read from a traced socket that had unread data.
+    AppRead { ts_ns: u64, cookie: u64 },
+    /// A traced socket was destroyed.
+    SocketGone { ts_ns: u64, cookie: u64 },
+}
+
+/// Payload bytes of one TCP segment of a watched connection (one record of
+/// it: a segment is split into records of at most `CHUNK_BYTES`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub ts_ns: u64,
+    pub cookie: u64,
+    pub cgroup_id: u64,
+    pub role: ConnectionRole,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    /// Requests (sent by the client) or replies.
+    pub requests: bool,
+    pub flags: u8,
+    /// New payload bytes of the whole segment.
+    pub len: u32,
+    /// Where `data` starts in them.
+    pub offset: u32,
+    pub gap: u32,
+    pub data: Vec<u8>,
 }
 
 /// An established connection ended.
@@ -97,6 +124,21 @@ pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
             let raw: CloseEvent = read_exact(kind, record)?;
             decode_close(&raw).map(Event::Close)
         }
+        EventKind::Segment => decode_segment(record).map(Event::Segment),
+        EventKind::AppRead => {
+            let raw: SocketEvent = read_exact(kind, record)?;
+            Ok(Event::AppRead {
+                ts_ns: raw.header.ts_ns,
+                cookie: raw.cookie,
+            })
+        }
+        EventKind::SocketGone => {
+            let raw: SocketEvent = read_exact(kind, record)?;
+            Ok(Event::SocketGone {
+                ts_ns: raw.header.ts_ns,
+                cookie: raw.cookie,
+            })
+        }
         EventKind::SynAckRetransmit => {
             let raw: SynAckRetransmitEvent = read_exact(kind, record)?;
             check_family(raw.family)?;
@@ -108,6 +150,58 @@ pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
             }))
         }
     }
+}
+
+fn decode_segment(record: &[u8]) -> Result<Segment, DecodeError> {
+    let head = size_of::<SegmentEvent>();
+    let raw: SegmentEvent = read_struct(record).ok_or(DecodeError::Size {
+        kind: EventKind::Segment,
+        len: record.len(),
+        expected: head,
+    })?;
+    let captured = raw.captured as usize;
+    if captured > CHUNK_BYTES || record.len() < head + captured {
+        return Err(DecodeError::Size {
+            kind: EventKind::Segment,
+            len: record.len(),
+            expected: head + captured,
+        });
+    }
+    let role = match raw.role {
+        ROLE_CLIENT => ConnectionRole::Client,
+        ROLE_SERVER => ConnectionRole::Server,
+        other => {
+            return Err(DecodeError::Value {
+                field: "role",
+                value: u64::from(other),
+            });
+        }
+    };
+    let requests = match raw.stream {
+        STREAM_REQUESTS => true,
+        STREAM_REPLIES => false,
+        other => {
+            return Err(DecodeError::Value {
+                field: "stream",
+                value: u64::from(other),
+            });
+        }
+    };
+    let (client, server) = endpoints(&raw.tuple);
+    Ok(Segment {
+        ts_ns: raw.header.ts_ns,
+        cookie: raw.cookie,
+        cgroup_id: raw.cgroup_id,
+        role,
+        client,
+        server,
+        requests,
+        flags: raw.flags,
+        len: raw.len,
+        offset: raw.offset,
+        gap: raw.gap,
+        data: record[head..head + captured].to_vec(),
+    })
 }
 
 /// (local, remote) socket addresses of a tuple as seen from its socket.

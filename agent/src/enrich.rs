@@ -16,9 +16,71 @@ const MAX_CACHED_PROCESSES: usize = 8_192;
 /// A pid's cgroup is read again after this long (pids are reused).
 const CACHE_TTL: Duration = Duration::from_secs(30);
 
+/// The cgroup2 tree is walked again on a miss at most this often.
+const CGROUP_RESCAN: Duration = Duration::from_secs(5);
+/// Cgroup ids remembered at most (a node's cgroup tree is far smaller).
+const MAX_CGROUP_IDS: usize = 65_536;
+
 #[derive(Default)]
 pub struct Enricher {
     cgroups: HashMap<u32, (Instant, Option<String>)>,
+    cgroup_paths: CgroupPaths,
+}
+
+/// Cgroup v2 id → path below the cgroup2 mount (the id is the directory's
+/// inode number). Rebuilt by walking the tree when an unknown id shows up,
+/// so a new pod is named from its first event on; deleted cgroups go with
+/// the next walk.
+#[derive(Default)]
+pub struct CgroupPaths {
+    root: Option<std::path::PathBuf>,
+    paths: HashMap<u64, String>,
+    scanned: Option<Instant>,
+}
+
+impl CgroupPaths {
+    pub fn new(root: Option<std::path::PathBuf>) -> Self {
+        Self {
+            root,
+            ..Default::default()
+        }
+    }
+
+    pub fn path(&mut self, id: u64) -> Option<String> {
+        if id == 0 {
+            return None;
+        }
+        if let Some(path) = self.paths.get(&id) {
+            return Some(path.clone());
+        }
+        let due = self.scanned.is_none_or(|at| at.elapsed() >= CGROUP_RESCAN);
+        if due && let Some(root) = self.root.clone() {
+            self.scanned = Some(Instant::now());
+            self.paths.clear();
+            self.walk(&root, &root);
+        }
+        self.paths.get(&id).cloned()
+    }
+
+    fn walk(&mut self, root: &std::path::Path, dir: &std::path::Path) {
+        use std::os::unix::fs::MetadataExt as _;
+        if self.paths.len() >= MAX_CGROUP_IDS {
+            return;
+        }
+        if let Ok(meta) = std::fs::metadata(dir) {
+            let relative = dir.strip_prefix(root).unwrap_or(dir);
+            self.paths
+                .insert(meta.ino(), format!("/{}", relative.display()));
+        }
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                self.walk(root, &entry.path());
+            }
+        }
+    }
 }
 
 impl Enricher {
@@ -31,7 +93,20 @@ impl Enricher {
                 }
             }
             Event::SynAckRetransmit(_) => {}
+            Event::Segment(_) | Event::AppRead { .. } | Event::SocketGone { .. } => {}
         }
+    }
+
+    pub fn with_cgroup_root(root: Option<std::path::PathBuf>) -> Self {
+        Self {
+            cgroup_paths: CgroupPaths::new(root),
+            ..Default::default()
+        }
+    }
+
+    /// Names the cgroup of an exchange.
+    pub fn exchange(&mut self, exchange: &mut crate::tracker::Exchange) {
+        exchange.cgroup = self.cgroup_paths.path(exchange.cgroup_id);
     }
 
     fn task(&mut self, task: &mut Task) {

@@ -1,6 +1,7 @@
 //! `resptrace`: wiring only — parse the command line, check the host, load
 //! the probes, run the pipeline until a signal.
 
+mod aggregate;
 mod cli;
 mod clock;
 mod decode;
@@ -11,16 +12,16 @@ mod probes;
 mod procfs;
 #[cfg_attr(
     not(test),
-    expect(
+    allow(
         dead_code,
-        unused_imports,
-        reason = "wired into run.rs by the RESP issue"
+        reason = "the reference parser: the kernel walks streams, tests check it against this"
     )
 )]
 mod resp;
 mod run;
 mod sinks;
 mod tracefs;
+mod tracker;
 
 use std::process::ExitCode;
 

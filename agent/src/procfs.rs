@@ -21,6 +21,29 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
     })
 }
 
+/// The cgroup2 root the packet programs attach to: the mounted one, or on
+/// a cgroup-v1-only node a cgroup2 hierarchy mounted for the agent (every
+/// socket belongs to its root there).
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    if let Some(mount) = cgroup2_mount() {
+        return Ok(mount);
+    }
+    let target = PathBuf::from("/run/resptrace/cgroup2");
+    fs::create_dir_all(&target)
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", target.display()))?;
+    let status = std::process::Command::new("mount")
+        .args(["-t", "cgroup2", "none"])
+        .arg(&target)
+        .status()
+        .map_err(|e| anyhow::anyhow!("running mount for cgroup2: {e}"))?;
+    anyhow::ensure!(
+        status.success(),
+        "no cgroup2 hierarchy is mounted and mounting one at {} failed ({status})",
+        target.display()
+    );
+    Ok(target)
+}
+
 /// A process's cgroup as the kubelet laid it out: the v2 path when the
 /// process is in a non-root v2 cgroup, else the path of its v1 hierarchy
 /// (Amazon Linux 2 nodes are cgroup v1 only: BPF sees every process in the

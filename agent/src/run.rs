@@ -13,13 +13,15 @@ use tokio::{
 };
 
 use crate::{
-    cli::Cli,
+    aggregate::Aggregator,
+    cli::{Cli, Emit},
     clock::{Clock, monotonic_ns},
-    decode::decode,
+    decode::{Event, decode},
+    tracker::{Exchange, Outcome, Tracker},
     enrich::Enricher,
     gauges::open_connection_gauges,
     preflight,
-    probes::{LoadOptions, Probes, connection},
+    probes::{LoadOptions, Probes, connection, resp::PacketHook},
     procfs,
     sinks::json::{JsonSink, SCHEMA_VERSION, Started, Stats},
 };
@@ -32,10 +34,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let kernel = preflight::check()?;
     tracing::debug!(?kernel, "preflight checks passed");
 
+    let cgroup_root = procfs::cgroup2_root()?;
     let (mut probes, ring) = Probes::load(&LoadOptions {
         ports: &ports,
         ring_buffer_bytes: cli.ring_buffer_kib * 1024,
         tracefs: &kernel.tracefs,
+        cgroup_root: &cgroup_root,
+        hook: if cli.bare_hook {
+            PacketHook::Bare
+        } else {
+            PacketHook::Resp
+        },
     })?;
     let attached = std::mem::take(&mut probes.attached);
     let seeds = connection::seeds(&ports, procfs::cgroup2_mount().as_deref(), monotonic_ns());
@@ -76,7 +85,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     gauge_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     gauge_timer.reset();
     let mut gauge_keys = BTreeSet::new();
-    let mut enricher = Enricher::default();
+    let enricher = Enricher::with_cgroup_root(procfs::cgroup2_mount());
+    let mut pipeline = Pipeline {
+        enricher,
+        tracker: Tracker::default(),
+        aggregator: Aggregator::default(),
+        exchanges: Vec::new(),
+        emit_all: cli.emit == Emit::All,
+        slow_ns: u64::try_from(cli.slow_threshold.as_nanos()).unwrap_or(u64::MAX),
+    };
+    let mut window_start = std::time::Instant::now();
     let mut stats = Stats::default();
     // SAFETY: the ring buffer owns its fd, which stays open and the same until
     // the AsyncFd (and the ring buffer inside it) is dropped.
@@ -88,42 +106,79 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         tokio::select! {
             ready = events.readable_mut() => {
                 let mut guard = ready.context("waiting for events")?;
-                drain(guard.get_inner_mut(), &mut enricher, &mut sink, &mut stats)?;
+                drain(guard.get_inner_mut(), &mut pipeline, &mut sink, &mut stats)?;
                 guard.clear_ready();
                 sink.flush()?;
             }
             _ = async { stats_timer.as_mut().unwrap().tick().await }, if stats_timer.is_some() => {
                 let kernel = probes.kernel_stats();
-                sink.stats(&stats.with_kernel(kernel))?;
+                sink.stats(&stats.with_kernel(kernel).with_tracker(pipeline.tracker.stats()))?;
                 sink.flush()?;
             }
             _ = drain_timer.tick() => {
-                drain(events.get_mut(), &mut enricher, &mut sink, &mut stats)?;
+                drain(events.get_mut(), &mut pipeline, &mut sink, &mut stats)?;
+                pipeline.tracker.tick(monotonic_ns(), cli.request_timeout, &mut pipeline.exchanges);
+                pipeline.write_exchanges(&mut sink).map_err(output_error)?;
                 sink.flush()?;
             }
             _ = gauge_timer.tick() => {
                 let gauges = open_connection_gauges(&probes.open_connections(), &gauge_keys);
                 gauge_keys = gauges.iter().filter(|g| g.open > 0).map(|g| g.key.clone()).collect();
                 sink.gauges(&gauges).map_err(output_error)?;
+                let seconds = window_start.elapsed().as_secs_f64();
+                window_start = std::time::Instant::now();
+                sink.latency(&pipeline.aggregator.window(seconds)).map_err(output_error)?;
                 sink.flush()?;
             }
             _ = sigint.recv() => break Ok(()),
             _ = sigterm.recv() => break Ok(()),
         }
     };
-    // Whatever is still queued, then the final counters.
-    drain(events.get_mut(), &mut enricher, &mut sink, &mut stats)?;
+    // Whatever is still queued, the last partial window, the final counters.
+    drain(events.get_mut(), &mut pipeline, &mut sink, &mut stats)?;
+    pipeline.tracker.flush(&mut pipeline.exchanges);
+    pipeline.write_exchanges(&mut sink).map_err(output_error)?;
+    sink.latency(&pipeline.aggregator.window(window_start.elapsed().as_secs_f64()))
+        .map_err(output_error)?;
     let kernel = probes.kernel_stats();
-    sink.stats(&stats.with_kernel(kernel))?;
+    sink.stats(&stats.with_kernel(kernel).with_tracker(pipeline.tracker.stats()))?;
     sink.flush()?;
     tracing::info!("detaching");
     result
 }
 
+/// The stages after decode: enrich, track RESP, aggregate.
+struct Pipeline {
+    enricher: Enricher,
+    tracker: Tracker,
+    aggregator: Aggregator,
+    /// Finished exchanges not yet written.
+    exchanges: Vec<Exchange>,
+    emit_all: bool,
+    slow_ns: u64,
+}
+
+impl Pipeline {
+    /// Aggregates the finished exchanges and writes those that get a line.
+    fn write_exchanges<W: Write>(&mut self, sink: &mut JsonSink<W>) -> std::io::Result<()> {
+        for mut exchange in self.exchanges.drain(..) {
+            self.enricher.exchange(&mut exchange);
+            self.aggregator.record(&exchange);
+            let wanted = self.emit_all
+                || exchange.outcome == Outcome::Timeout
+                || exchange.latency_ns >= self.slow_ns;
+            if wanted {
+                sink.exchange(&exchange)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Writes every queued event; a closed stdout ends the agent quietly.
 fn drain<W: Write>(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
-    enricher: &mut Enricher,
+    pipeline: &mut Pipeline,
     sink: &mut JsonSink<W>,
     stats: &mut Stats,
 ) -> anyhow::Result<()> {
@@ -131,7 +186,22 @@ fn drain<W: Write>(
         match decode(&record) {
             Ok(mut event) => {
                 stats.events += 1;
-                enricher.enrich(&mut event);
+                match &event {
+                    Event::Segment(segment) => {
+                        pipeline.tracker.segment(segment, &mut pipeline.exchanges);
+                        continue;
+                    }
+                    Event::AppRead { ts_ns, cookie } => {
+                        pipeline.tracker.app_read(*cookie, *ts_ns, &mut pipeline.exchanges);
+                        continue;
+                    }
+                    Event::SocketGone { ts_ns, cookie } => {
+                        pipeline.tracker.socket_gone(*cookie, *ts_ns, &mut pipeline.exchanges);
+                        continue;
+                    }
+                    _ => {}
+                }
+                pipeline.enricher.enrich(&mut event);
                 if let Err(err) = sink.event(&event) {
                     return Err(output_error(err));
                 }
@@ -142,6 +212,7 @@ fn drain<W: Write>(
             }
         }
     }
+    pipeline.write_exchanges(sink).map_err(output_error)?;
     Ok(())
 }
 

@@ -19,6 +19,8 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 
 pub mod cgroup;
+pub mod clients;
+pub mod cluster;
 pub mod delay;
 pub mod faults;
 pub mod kernel;
@@ -27,6 +29,8 @@ pub mod sweep;
 pub mod topology;
 
 pub use cgroup::{CgroupSpec, PodCgroup};
+pub use clients::{ClientResult, Place, Workload};
+pub use cluster::Cluster;
 pub use delay::DelaySpec;
 pub use faults::{Direction, Fault, FaultGuard, FullListener, Path, inject_loopback};
 pub use netns::{Counters, Netns, Process};
@@ -330,10 +334,16 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// With more `redis-server` arguments, e.g. `["--enable-debug-command", "yes"]`.
+    pub fn start_with(extra_args: &[&str]) -> anyhow::Result<Self> {
         let port = free_port();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1 ::1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

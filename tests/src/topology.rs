@@ -232,10 +232,17 @@ impl Host {
     /// A real `redis-server` on `port` of this host, no persistence; returns
     /// once it accepts connections.
     pub fn start_redis(&self, port: u16) -> anyhow::Result<Process> {
+        self.start_redis_with(port, &[])
+    }
+
+    /// [`Host::start_redis`] with more `redis-server` arguments, e.g.
+    /// `["--enable-debug-command", "yes"]`.
+    pub fn start_redis_with(&self, port: u16, extra_args: &[&str]) -> anyhow::Result<Process> {
         let mut server = self.spawn(
             self.command("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "0.0.0.0"])
                 .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                .args(extra_args)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         )?;

@@ -43,13 +43,25 @@ enum Command {
     /// What the agent costs the traced applications: redis-benchmark
     /// throughput with the agent ÷ without, alternating, over several rounds;
     /// BPF run time per request, agent CPU and memory.
+    ///
+    /// Modes: `none` (no tracer), `agent` (resptrace, everything on), `bare`
+    /// (`resptrace --bare-hook`: the cgroup_skb hook alone), `bpftrace` (a
+    /// write→read latency script). Full runs write docs/performance.md.
     Bench {
-        /// Rounds per workload (each: no agent, agent, no agent).
-        #[arg(long, default_value_t = 5)]
+        /// Rounds per workload (each: every mode once, each between two
+        /// no-agent runs). Fewer than 10 leaves docs/performance.md alone.
+        #[arg(long, default_value_t = bench::DOC_ROUNDS)]
         rounds: usize,
-        /// Only the workloads whose name contains this.
+        /// Only the workloads whose name contains this (`unpipelined`,
+        /// `pipelined`, `churn`).
         #[arg(long)]
         only: Option<String>,
+        /// Modes to compare, comma-separated; `none` (the baseline) always runs.
+        #[arg(long, value_enum, value_delimiter = ',', default_values = ["none", "agent", "bare", "bpftrace"])]
+        modes: Vec<bench::Mode>,
+        /// Multiply every workload's `-n` by this (smoke runs, e.g. 0.05).
+        #[arg(long, hide = true, default_value_t = 1.0)]
+        scale: f64,
     },
     /// Boot the kernels of EKS nodes (Debian's 5.10 and 6.1) under qemu and
     /// run integration test binaries built here inside them, with a real
@@ -98,11 +110,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             setup::ensure()?;
             test(filter.as_deref())
         }
-        Command::Bench { rounds, only } => {
+        Command::Bench {
+            rounds,
+            only,
+            modes,
+            scale,
+        } => {
             require_root("cargo xtask bench loads eBPF programs")?;
             setup::ensure()?;
-            build_agent()?;
-            bench::run(&agent_binary(), rounds, only.as_deref())
+            if modes.contains(&bench::Mode::Bpftrace) {
+                setup::ensure_packages(setup::BENCH_PACKAGES)?;
+            }
+            if modes
+                .iter()
+                .any(|m| matches!(m, bench::Mode::Agent | bench::Mode::Bare))
+            {
+                build_agent()?;
+            }
+            bench::run(&bench::Options {
+                agent: &agent_binary(),
+                rounds,
+                only: only.as_deref(),
+                modes: &modes,
+                scale,
+            })
         }
         Command::VmTest {
             kernel,

@@ -10,6 +10,10 @@
 //! 3. bpf-linker, built against that same LLVM major.
 //! 4. A rustup toolchain `resptrace-bpf` whose rustc is Debian's, so
 //!    aya-build (`rustup run resptrace-bpf cargo build`) uses it.
+//! 5. The Redis clients the tests drive (`tests/clients/`, `lab::clients`):
+//!    a Python venv with a pinned redis-py, and ioredis from
+//!    `tests/clients/package-lock.json` (`npm ci`), both under
+//!    `~/.cache/resptrace/clients`.
 
 use std::{
     fs,
@@ -26,6 +30,9 @@ use crate::util::{output, run_status, stdout_of, step};
 pub const BPF_TOOLCHAIN: &str = "resptrace-bpf";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
+/// redis-py for `tests/clients/redis_py_driver.py`; ioredis is pinned in
+/// `tests/clients/package.json` and its lock file.
+const REDIS_PY_VERSION: &str = "7.0.1";
 
 /// Packages needed to build and test, besides the `libllvmN` matching rustc.
 const PACKAGES: &[&str] = &[
@@ -37,6 +44,10 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "procps",
 ];
+
+/// Packages only `cargo xtask bench` needs (its `bpftrace` mode), installed
+/// by it when missing; the build and the tests do without.
+pub const BENCH_PACKAGES: &[&str] = &["bpftrace"];
 
 /// Quick check used by `run`/`test`/`build`: runs the full setup only when
 /// something is missing.
@@ -55,6 +66,8 @@ fn is_complete() -> bool {
     missing_packages(&required_packages(major)).is_empty()
         && bpf_linker_is_current(major)
         && bpf_toolchain_is_linked()
+        && redis_py_is_current()
+        && ioredis_is_current()
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -66,6 +79,8 @@ pub fn run() -> anyhow::Result<()> {
     })?;
     run_step("bpf-linker", || install_bpf_linker(major))?;
     run_step("eBPF toolchain", link_bpf_toolchain)?;
+    run_step("test client redis-py", install_redis_py)?;
+    run_step("test client ioredis", install_ioredis)?;
     eprintln!(
         "==> setup complete in {:.1}s",
         started.elapsed().as_secs_f64()
@@ -314,6 +329,116 @@ fn which_cargo() -> anyhow::Result<PathBuf> {
     }
     let path = output(Command::new("rustup").args(["which", "cargo", "--toolchain", "stable"]))?;
     Ok(PathBuf::from(String::from_utf8_lossy(&path.stdout).trim()))
+}
+
+/// `~/.cache/resptrace/clients`: where `lab::clients` finds the clients.
+fn clients_dir() -> PathBuf {
+    cache_dir().join("clients")
+}
+
+fn redis_py_stamp_text() -> String {
+    format!("redis=={REDIS_PY_VERSION}\n")
+}
+
+fn redis_py_is_current() -> bool {
+    let dir = clients_dir();
+    dir.join("venv/bin/python").exists()
+        && fs::read_to_string(dir.join("redis-py.stamp")).ok() == Some(redis_py_stamp_text())
+}
+
+/// A fresh venv with redis-py `REDIS_PY_VERSION` (Debian's python3 needs
+/// python3-venv for `-m venv`).
+fn install_redis_py() -> anyhow::Result<()> {
+    let dir = clients_dir();
+    let venv = dir.join("venv");
+    if redis_py_is_current() {
+        eprintln!("    ok: redis-py {REDIS_PY_VERSION} in {}", venv.display());
+        return Ok(());
+    }
+    let has_venv =
+        || stdout_of(Command::new("python3").args(["-c", "import venv, ensurepip"])).is_some();
+    if !has_venv() {
+        ensure_packages(&["python3", "python3-venv"])?;
+        anyhow::ensure!(has_venv(), "python3 has no venv/ensurepip module");
+    }
+    fs::create_dir_all(&dir)?;
+    if venv.exists() {
+        fs::remove_dir_all(&venv).with_context(|| format!("removing {}", venv.display()))?;
+    }
+    run_status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run_status(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("redis=={REDIS_PY_VERSION}")),
+    )
+    .context("pip install redis (is the PyPI registry reachable?)")?;
+    let version = output(
+        Command::new(venv.join("bin/python"))
+            .args(["-c", "import redis; print(redis.__version__)"]),
+    )?;
+    let version = String::from_utf8_lossy(&version.stdout);
+    anyhow::ensure!(
+        version.trim() == REDIS_PY_VERSION,
+        "the venv has redis-py {}, not {REDIS_PY_VERSION}",
+        version.trim()
+    );
+    fs::write(dir.join("redis-py.stamp"), redis_py_stamp_text())?;
+    eprintln!("    ok: redis-py {REDIS_PY_VERSION} in {}", venv.display());
+    Ok(())
+}
+
+/// `tests/clients/`: the drivers, package.json and package-lock.json.
+fn clients_source() -> PathBuf {
+    crate::workspace_root().join("tests/clients")
+}
+
+/// The stamp is the lock file the installed node_modules came from.
+fn ioredis_is_current() -> bool {
+    let dir = clients_dir().join("node");
+    let lock = fs::read_to_string(clients_source().join("package-lock.json")).ok();
+    lock.is_some()
+        && dir.join("node_modules/ioredis/package.json").exists()
+        && fs::read_to_string(dir.join("lock.stamp")).ok() == lock
+}
+
+/// `npm ci --prefix ~/.cache/resptrace/clients/node` with the checked-in
+/// package.json and package-lock.json.
+fn install_ioredis() -> anyhow::Result<()> {
+    let dir = clients_dir().join("node");
+    if ioredis_is_current() {
+        eprintln!(
+            "    ok: ioredis (tests/clients/package-lock.json) in {}",
+            dir.display()
+        );
+        return Ok(());
+    }
+    if stdout_of(Command::new("npm").arg("--version")).is_none() {
+        ensure_packages(&["nodejs", "npm"])?;
+    }
+    fs::create_dir_all(&dir)?;
+    let source = clients_source();
+    for file in ["package.json", "package-lock.json"] {
+        fs::copy(source.join(file), dir.join(file))
+            .with_context(|| format!("copying {}", source.join(file).display()))?;
+    }
+    run_status(
+        Command::new("npm")
+            .args([
+                "ci",
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+                "--prefix",
+            ])
+            .arg(&dir),
+    )
+    .context("npm ci (is the npm registry reachable?)")?;
+    fs::copy(source.join("package-lock.json"), dir.join("lock.stamp"))?;
+    eprintln!(
+        "    ok: ioredis (tests/clients/package-lock.json) in {}",
+        dir.display()
+    );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -110,7 +110,14 @@ pub fn resolve(tracefs: &Path) -> anyhow::Result<Layout> {
     offsets.destroy_dport = destroy.offset("dport", 2)?;
     offsets.destroy_saddr_v6 = destroy.offset("saddr_v6", 16)?;
     offsets.destroy_daddr_v6 = destroy.offset("daddr_v6", 16)?;
+    offsets.destroy_cookie = destroy.offset("sock_cookie", 8).unwrap_or(0);
     available.push("tcp_destroy_sock");
+
+    // Application reads, for the RESP tracer's read delays; optional.
+    offsets.rcv_space_cookie = read("tcp", "tcp_rcv_space_adjust")
+        .ok()
+        .and_then(|format| format.offset("sock_cookie", 8).ok())
+        .unwrap_or(0);
 
     offsets.send_reset_skaddr = read("tcp", "tcp_send_reset")?.offset("skaddr", 8)?;
     available.push("tcp_send_reset");

@@ -2,10 +2,13 @@
 
 pub mod connect;
 pub mod connection;
+pub mod resp;
 
 use std::path::Path;
 
-use agent_common::{Config, ConnectionState, FlowTuple, STAT_COUNT, StatId};
+use agent_common::{
+    Config, ConnectionState, FlowTuple, STAT_COUNT, StatId,
+};
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
@@ -32,6 +35,9 @@ pub struct LoadOptions<'a> {
     pub ports: &'a [u16],
     pub ring_buffer_bytes: u32,
     pub tracefs: &'a Path,
+    /// Where the packet programs attach (the cgroup2 root).
+    pub cgroup_root: &'a Path,
+    pub hook: resp::PacketHook,
 }
 
 /// Loaded and attached programs; dropping this detaches everything.
@@ -40,7 +46,7 @@ pub struct Probes {
     _ebpf: Ebpf,
     stats: PerCpuArray<MapData, u64>,
     connections: HashMap<MapData, FlowTuple, ConnectionState>,
-    /// `category/name` of every attached tracepoint.
+    /// `category/name` of every attached tracepoint and packet program.
     pub attached: Vec<String>,
 }
 
@@ -51,6 +57,9 @@ pub struct KernelStats {
     pub connect_map_full: u64,
     pub connection_map_full: u64,
     pub read_failed: u64,
+    pub resp_gaps: u64,
+    pub resp_flow_map_full: u64,
+    pub resp_truncated: u64,
 }
 
 impl Probes {
@@ -96,6 +105,13 @@ impl Probes {
             attached.push(format!("{}/{}", tp.category, tp.name));
         }
 
+        attached.extend(resp::attach(
+            &mut ebpf,
+            options.cgroup_root,
+            options.hook,
+            layout.offsets.rcv_space_cookie != 0,
+        )?);
+
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)
             .context("map EVENTS is not a ring buffer")?;
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("map STATS missing")?)
@@ -136,12 +152,15 @@ impl Probes {
                 .map(|values| values.iter().sum())
                 .unwrap_or(0)
         };
-        debug_assert_eq!(STAT_COUNT, 4, "update KernelStats with the new counters");
+        debug_assert_eq!(STAT_COUNT, 7, "update KernelStats with the new counters");
         KernelStats {
             ring_buffer_full: sum(StatId::RingBufferFull),
             connect_map_full: sum(StatId::ConnectMapFull),
             connection_map_full: sum(StatId::ConnectionMapFull),
             read_failed: sum(StatId::ReadFailed),
+            resp_gaps: sum(StatId::RespGap),
+            resp_flow_map_full: sum(StatId::RespFlowMapFull),
+            resp_truncated: sum(StatId::RespTruncated),
         }
     }
 }

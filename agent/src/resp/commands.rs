@@ -455,9 +455,51 @@ pub(super) fn lookup(arg0: &[u8], arg1: Option<&[u8]>) -> Option<super::Command>
     Some(super::Command { name, sub })
 }
 
+/// The command named by the kernel's fixed-size copies of the first two
+/// arguments (NUL-padded, at most `len` bytes kept): names cut at `len`
+/// bytes are completed from the table when only one command starts so.
+pub(crate) fn lookup_kept(arg0: &[u8], arg1: &[u8], len: usize) -> Option<super::Command> {
+    let trim = |b: &[u8]| -> usize { b.iter().position(|&c| c == 0).unwrap_or(b.len()) };
+    let (arg0, arg1) = (&arg0[..trim(arg0)], &arg1[..trim(arg1)]);
+    let arg1 = (!arg1.is_empty()).then_some(arg1);
+    if let Some(command) = lookup(arg0, arg1) {
+        return Some(command);
+    }
+    if arg0.len() < len {
+        return None;
+    }
+    let mut candidates = COMMANDS
+        .iter()
+        .filter(|name| name.len() > len && name.as_bytes()[..len].eq_ignore_ascii_case(arg0));
+    let name = candidates.next()?;
+    if candidates.next().is_some() {
+        return None;
+    }
+    lookup(name.as_bytes(), arg1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kept_names_are_completed_when_unambiguous() {
+        let kept = |s: &str| {
+            let mut a = [0u8; 16];
+            let n = s.len().min(16);
+            a[..n].copy_from_slice(&s.as_bytes()[..n]);
+            a
+        };
+        let get = lookup_kept(&kept("GET"), &kept(""), 16).unwrap();
+        assert_eq!(get.to_string(), "GET");
+        // Cut at 16 bytes, two commands start so: not guessed.
+        assert!(lookup_kept(&kept("GEORADIUSBYMEMBER_RO"), &kept(""), 16).is_none());
+        let full = lookup_kept(&kept("ZREVRANGEBYSCORE"), &kept(""), 16).unwrap();
+        assert_eq!(full.to_string(), "ZREVRANGEBYSCORE");
+        let setname = lookup_kept(&kept("CLIENT"), &kept("SETNAME"), 16).unwrap();
+        assert_eq!(setname.to_string(), "CLIENT SETNAME");
+        assert!(lookup_kept(&kept("mykey"), &kept(""), 16).is_none());
+    }
 
     #[test]
     fn tables_are_sorted_uppercase_and_short() {

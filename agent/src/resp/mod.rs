@@ -22,6 +22,7 @@ mod testing;
 
 use std::fmt;
 
+#[allow(unused_imports, reason = "used by tests")]
 pub use matcher::Matcher;
 
 /// What one syscall moved in one direction.
@@ -56,6 +57,11 @@ impl<'a> Chunk<'a> {
     fn gap(&self) -> u64 {
         self.len.saturating_sub(self.data.len() as u64)
     }
+}
+
+/// The command named by the kernel's copies of the first two arguments.
+pub fn command_of(name: &[u8], sub: &[u8], kept: usize) -> Option<Command> {
+    commands::lookup_kept(name, sub, kept)
 }
 
 /// A command name from the table in `commands.rs`: `GET`, or a container

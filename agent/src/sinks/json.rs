@@ -8,7 +8,9 @@ use serde::Serialize;
 
 use crate::{
     clock::Clock,
+    aggregate::Window,
     decode::{Close, Connect, Event, SynAckRetransmit, Task},
+    tracker::{Exchange, Outcome},
     gauges::Gauge,
     probes::KernelStats,
 };
@@ -98,6 +100,85 @@ struct CloseBody<'a> {
 }
 
 #[derive(Serialize)]
+struct RequestBody<'a> {
+    role: &'static str,
+    /// `UNKNOWN` for names not in Redis' command table.
+    command: String,
+    outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    /// Client: request sent → first reply byte at the socket. Server:
+    /// request arrived → first reply byte written. Timeout: age.
+    latency_us: f64,
+    /// Client: same as `latency_us` — the reply reached the socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reply_arrival_us: Option<f64>,
+    /// Client: reply at the socket → the application read it. Server:
+    /// request at the socket → Redis read it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    app_read_delay_us: Option<f64>,
+    /// Server: Redis read the request → wrote the first reply byte.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service_us: Option<f64>,
+    request_bytes: u64,
+    reply_bytes: u64,
+    /// Requests in flight on the connection when this one was sent, itself
+    /// included (1: not pipelined).
+    depth: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    closed_by: Option<&'static str>,
+    cgroup_id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup: Option<&'a str>,
+    src: Endpoint<'a>,
+    dst: Endpoint<'a>,
+}
+
+#[derive(Serialize)]
+struct LatencyBody<'a> {
+    window_s: f64,
+    role: &'static str,
+    cgroup_id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup: Option<&'a str>,
+    endpoint: Endpoint<'a>,
+    /// The command (`GET`, `CLIENT SETNAME`), `UNKNOWN` if not in the table.
+    op: &'a str,
+    /// Requests that ended in the window, whatever the outcome.
+    count: u64,
+    ok: u64,
+    nil: u64,
+    errors: &'a std::collections::BTreeMap<String, u64>,
+    timeouts: u64,
+    /// Sent under `CLIENT REPLY OFF|SKIP`: no reply expected.
+    no_reply: u64,
+    /// Counted but not timed (too many in flight on one connection, or
+    /// in flight when the stream had to be resynchronised).
+    untimed: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p50_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p90_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p99_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p999_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mean_us: Option<f64>,
+    request_bytes: u64,
+    reply_bytes: u64,
+    /// Requests of series beyond `MAX_SERIES`, folded into `OTHER`.
+    #[serde(skip_serializing_if = "is_zero")]
+    overflowed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+#[derive(Serialize)]
 struct SynAckRetransmitBody<'a> {
     src: Endpoint<'a>,
     dst: Endpoint<'a>,
@@ -141,14 +222,34 @@ pub struct Stats {
     pub connect_map_full: u64,
     pub connection_map_full: u64,
     pub read_failed: u64,
+    /// Segments after bytes never seen (gaps); the stream resynchronised.
+    pub resp_gaps: u64,
+    pub resp_flow_map_full: u64,
+    /// Segments longer than what is copied per segment (rest skipped by length).
+    pub resp_truncated: u64,
+    /// RESP bytes that could not be followed (skipped to the next boundary).
+    pub resp_unparsed_bytes: u64,
+    pub resp_desyncs: u64,
+    /// Replies with no request they could answer.
+    pub resp_unmatched_replies: u64,
 }
 
 impl Stats {
+    pub fn with_tracker(mut self, tracker: crate::tracker::TrackerStats) -> Self {
+        self.resp_unparsed_bytes = tracker.unparsed_bytes;
+        self.resp_desyncs = tracker.desyncs;
+        self.resp_unmatched_replies = tracker.unmatched_replies;
+        self
+    }
+
     pub fn with_kernel(mut self, kernel: KernelStats) -> Self {
         self.ring_buffer_full = kernel.ring_buffer_full;
         self.connect_map_full = kernel.connect_map_full;
         self.connection_map_full = kernel.connection_map_full;
         self.read_failed = kernel.read_failed;
+        self.resp_gaps = kernel.resp_gaps;
+        self.resp_flow_map_full = kernel.resp_flow_map_full;
+        self.resp_truncated = kernel.resp_truncated;
         self
     }
 }
@@ -172,7 +273,49 @@ impl<W: Write> JsonSink<W> {
                 let ts = self.clock.wall_time(retransmit.ts_ns);
                 self.line(ts, "synack_retransmit", synack_body(retransmit))
             }
+            // Raw RESP capture: the tracker turns it into exchanges.
+            Event::Segment(_) | Event::AppRead { .. } | Event::SocketGone { .. } => Ok(()),
         }
+    }
+
+    /// One `request` line.
+    pub fn exchange(&mut self, exchange: &Exchange) -> std::io::Result<()> {
+        let ts = self.clock.wall_time(exchange.ts_ns);
+        self.line(ts, "request", request_body(exchange))
+    }
+
+    /// One `latency` line per (role, cgroup, endpoint, command) active in
+    /// the window.
+    pub fn latency(&mut self, window: &Window) -> std::io::Result<()> {
+        let now = SystemTime::now();
+        for series in &window.series {
+            let body = LatencyBody {
+                window_s: window.seconds,
+                role: role_name(series.role),
+                cgroup_id: series.cgroup_id,
+                cgroup: series.cgroup.as_deref(),
+                endpoint: Endpoint::new(series.endpoint, None),
+                op: &series.op,
+                count: series.count,
+                ok: series.ok,
+                nil: series.nil,
+                errors: &series.errors,
+                timeouts: series.timeouts,
+                no_reply: series.no_reply,
+                untimed: series.untimed,
+                p50_us: series.percentiles.map(|p| p[0]),
+                p90_us: series.percentiles.map(|p| p[1]),
+                p99_us: series.percentiles.map(|p| p[2]),
+                p999_us: series.percentiles.map(|p| p[3]),
+                max_us: series.max_us,
+                mean_us: series.mean_us,
+                request_bytes: series.request_bytes,
+                reply_bytes: series.reply_bytes,
+                overflowed: if series.op == "OTHER" { window.overflowed } else { 0 },
+            };
+            self.line(now, "latency", body)?;
+        }
+        Ok(())
     }
 
     /// One `connections` line per gauge.
@@ -251,6 +394,57 @@ fn close_body(c: &Close) -> CloseBody<'_> {
         resets_sent: c.counters.resets_sent,
         src: Endpoint::new(c.client, client_task),
         dst: Endpoint::new(c.server, server_task),
+    }
+}
+
+fn micros(ns: u64) -> f64 {
+    (ns as f64 / 100.0).round() / 10.0
+}
+
+fn role_name(role: ConnectionRole) -> &'static str {
+    match role {
+        ConnectionRole::Client => "client",
+        ConnectionRole::Server => "server",
+    }
+}
+
+pub fn outcome_label(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Ok => "ok",
+        Outcome::Nil => "nil",
+        Outcome::Error(_) => "error",
+        Outcome::Timeout => "timeout",
+        Outcome::NoReply => "no_reply",
+        Outcome::Untimed => "untimed",
+    }
+}
+
+fn request_body(e: &Exchange) -> RequestBody<'_> {
+    let client = e.role == ConnectionRole::Client;
+    let answered = matches!(e.outcome, Outcome::Ok | Outcome::Nil | Outcome::Error(_));
+    RequestBody {
+        role: role_name(e.role),
+        command: e.command.to_string(),
+        outcome: outcome_label(e.outcome),
+        error: match e.outcome {
+            Outcome::Error(prefix) => Some(prefix.to_string()),
+            _ => None,
+        },
+        latency_us: micros(e.latency_ns),
+        reply_arrival_us: (client && answered).then(|| micros(e.latency_ns)),
+        app_read_delay_us: e.read_delay_ns.map(micros),
+        service_us: (!client && answered)
+            .then_some(())
+            .and(e.read_delay_ns)
+            .map(|read| micros(e.latency_ns.saturating_sub(read))),
+        request_bytes: e.request_bytes,
+        reply_bytes: e.reply_bytes,
+        depth: e.depth,
+        closed_by: e.closer.map(closer_name),
+        cgroup_id: e.cgroup_id,
+        cgroup: e.cgroup.as_deref(),
+        src: Endpoint::new(e.client, None),
+        dst: Endpoint::new(e.server, None),
     }
 }
 

@@ -1,0 +1,91 @@
+//! Kernel/user types of the RESP tracer.
+//!
+//! The kernel side keeps no RESP state: per watched connection it follows
+//! the TCP sequence numbers of each direction (so retransmitted bytes are
+//! skipped and missing ones reported as a gap) and copies the payload of
+//! every new segment to userspace, which parses and matches it
+//! (`agent/src/resp`). Why not parse in the kernel: docs/design.md.
+
+use crate::{EventHeader, FlowTuple};
+
+/// Bytes of payload per ring-buffer record.
+pub const CHUNK_BYTES: usize = 4096;
+/// Records per segment at most; payload beyond is reported, not copied
+/// (the userspace parser skips it by length: it lies inside values).
+pub const MAX_CHUNKS: u32 = 4;
+/// Connections traced at once (LRU beyond that).
+pub const MAX_RESP_FLOWS: u32 = 16_384;
+
+/// Which end of the connection the traced socket is.
+pub const ROLE_CLIENT: u8 = 1;
+pub const ROLE_SERVER: u8 = 2;
+
+/// Which stream a segment belongs to.
+pub const STREAM_REQUESTS: u8 = 1;
+pub const STREAM_REPLIES: u8 = 2;
+
+/// `SegmentEvent::flags`.
+/// Bytes before this segment were never seen (`gap` of them).
+pub const SEGMENT_GAP: u8 = 1;
+/// The sender ended the stream (FIN) or reset the connection (RST).
+pub const SEGMENT_FIN: u8 = 1 << 1;
+pub const SEGMENT_RST: u8 = 1 << 2;
+/// The last record of this segment.
+pub const SEGMENT_LAST: u8 = 1 << 3;
+/// The connection was seen from its handshake: its streams start here.
+pub const SEGMENT_FROM_START: u8 = 1 << 4;
+
+/// Per-connection state, keyed by socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RespFlow {
+    pub cgroup_id: u64,
+    /// Client end first, server end second.
+    pub tuple: FlowTuple,
+    pub role: u8,
+    /// `FLOW_*` bits.
+    pub flags: u8,
+    pub _pad: u16,
+    /// Next expected sequence number of each stream.
+    pub request_seq: u32,
+    pub reply_seq: u32,
+    pub _pad1: u32,
+}
+
+pub const FLOW_REQUEST_SEQ: u8 = 1;
+pub const FLOW_REPLY_SEQ: u8 = 1 << 1;
+pub const FLOW_FROM_START: u8 = 1 << 2;
+/// Data arrived that the application has not read yet.
+pub const FLOW_UNREAD: u8 = 1 << 3;
+
+/// One record of a segment's payload; `captured` bytes follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SegmentEvent {
+    pub header: EventHeader,
+    pub cookie: u64,
+    pub cgroup_id: u64,
+    pub tuple: FlowTuple,
+    pub role: u8,
+    pub stream: u8,
+    pub flags: u8,
+    pub _pad: u8,
+    /// Payload bytes of the segment not seen before (retransmitted bytes
+    /// already cut off).
+    pub len: u32,
+    /// Where this record's bytes start in that payload.
+    pub offset: u32,
+    pub captured: u32,
+    /// Bytes missing before the segment (`SEGMENT_GAP`).
+    pub gap: u32,
+    pub _pad1: [u32; 2],
+}
+
+/// The application read from a traced socket that had unread data
+/// (`tcp/tcp_rcv_space_adjust`), or the socket went away.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SocketEvent {
+    pub header: EventHeader,
+    pub cookie: u64,
+}

@@ -1,0 +1,215 @@
+//! Aggregate: exchanges → one `latency` series per (role, cgroup, Redis
+//! endpoint, command) and window, with an HDR histogram of the answered
+//! requests' latencies.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+};
+
+use agent_common::ConnectionRole;
+use hdrhistogram::Histogram;
+
+use crate::tracker::{Exchange, Outcome};
+
+/// Series kept per window at most; further ones are merged into one
+/// `OTHER` series (counted in `overflowed`).
+pub const MAX_SERIES: usize = 10_000;
+/// Latencies are recorded in µs from 1 µs to 1 h, 3 significant digits.
+const HIGHEST_US: u64 = 3_600_000_000;
+
+/// One series of a window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Series {
+    pub role: ConnectionRole,
+    pub cgroup_id: u64,
+    pub cgroup: Option<String>,
+    pub endpoint: SocketAddr,
+    pub op: String,
+    pub count: u64,
+    pub ok: u64,
+    pub nil: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub timeouts: u64,
+    pub no_reply: u64,
+    pub untimed: u64,
+    /// p50, p90, p99, p99.9 in µs over answered requests.
+    pub percentiles: Option<[f64; 4]>,
+    pub max_us: Option<f64>,
+    pub mean_us: Option<f64>,
+    pub request_bytes: u64,
+    pub reply_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Window {
+    pub seconds: f64,
+    pub series: Vec<Series>,
+    /// Exchanges folded into `OTHER` series because of `MAX_SERIES`.
+    pub overflowed: u64,
+}
+
+/// (role as u8, cgroup id, Redis endpoint, command).
+type Key = (u8, u64, SocketAddr, String);
+
+struct Accumulator {
+    series: Series,
+    histogram: Histogram<u64>,
+}
+
+#[derive(Default)]
+pub struct Aggregator {
+    current: HashMap<Key, Accumulator>,
+    overflowed: u64,
+}
+
+impl Aggregator {
+    pub fn record(&mut self, exchange: &Exchange) {
+        let mut key: Key = (
+            exchange.role as u8,
+            exchange.cgroup_id,
+            exchange.server,
+            exchange.command.to_string(),
+        );
+        if !self.current.contains_key(&key) && self.current.len() >= MAX_SERIES {
+            self.overflowed += 1;
+            key.3 = "OTHER".into();
+        }
+        let entry = self.current.entry(key.clone()).or_insert_with(|| Accumulator {
+            series: Series {
+                role: exchange.role,
+                cgroup_id: key.1,
+                cgroup: exchange.cgroup.clone(),
+                endpoint: key.2,
+                op: key.3.clone(),
+                count: 0,
+                ok: 0,
+                nil: 0,
+                errors: BTreeMap::new(),
+                timeouts: 0,
+                no_reply: 0,
+                untimed: 0,
+                percentiles: None,
+                max_us: None,
+                mean_us: None,
+                request_bytes: 0,
+                reply_bytes: 0,
+            },
+            histogram: Histogram::new_with_bounds(1, HIGHEST_US, 3)
+                .expect("static histogram bounds are valid"),
+        });
+        let series = &mut entry.series;
+        series.count += 1;
+        series.request_bytes += exchange.request_bytes;
+        series.reply_bytes += exchange.reply_bytes;
+        let timed = match exchange.outcome {
+            Outcome::Ok => {
+                series.ok += 1;
+                true
+            }
+            Outcome::Nil => {
+                series.nil += 1;
+                true
+            }
+            Outcome::Error(prefix) => {
+                *series.errors.entry(prefix.to_string()).or_default() += 1;
+                true
+            }
+            Outcome::Timeout => {
+                series.timeouts += 1;
+                false
+            }
+            Outcome::NoReply => {
+                series.no_reply += 1;
+                false
+            }
+            Outcome::Untimed => {
+                series.untimed += 1;
+                false
+            }
+        };
+        if timed {
+            let us = exchange.latency_ns.div_ceil(1_000).clamp(1, HIGHEST_US);
+            entry.histogram.saturating_record(us);
+        }
+    }
+
+    /// The window since the last call; starts a new one.
+    pub fn window(&mut self, seconds: f64) -> Window {
+        let mut series: Vec<Series> = self
+            .current
+            .drain()
+            .map(|(_, mut acc)| {
+                let h = &acc.histogram;
+                if !h.is_empty() {
+                    acc.series.percentiles = Some(
+                        [50.0, 90.0, 99.0, 99.9].map(|q| h.value_at_percentile(q) as f64),
+                    );
+                    acc.series.max_us = Some(h.max() as f64);
+                    acc.series.mean_us = Some((h.mean() * 10.0).round() / 10.0);
+                }
+                acc.series
+            })
+            .collect();
+        series.sort_by(|a, b| {
+            (a.role as u8, a.cgroup_id, a.endpoint, &a.op).cmp(&(
+                b.role as u8,
+                b.cgroup_id,
+                b.endpoint,
+                &b.op,
+            ))
+        });
+        Window {
+            seconds,
+            series,
+            overflowed: std::mem::take(&mut self.overflowed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resp::{Command, ErrorPrefix};
+
+    fn exchange(command: Command, outcome: Outcome, latency_us: u64) -> Exchange {
+        Exchange {
+            ts_ns: 1,
+            role: ConnectionRole::Client,
+            client: "10.0.0.2:40000".parse().unwrap(),
+            server: "10.0.0.1:6379".parse().unwrap(),
+            cgroup_id: 7,
+            cgroup: None,
+            command,
+            outcome,
+            latency_ns: latency_us * 1_000,
+            read_delay_ns: None,
+            request_bytes: 10,
+            reply_bytes: 5,
+            depth: 1,
+            closer: None,
+        }
+    }
+
+    #[test]
+    fn a_window_counts_outcomes_and_times_only_answers() {
+        let get = crate::resp::command_of(b"GET", b"", 16).unwrap();
+        let mut agg = Aggregator::default();
+        for _ in 0..99 {
+            agg.record(&exchange(get, Outcome::Ok, 100));
+        }
+        agg.record(&exchange(get, Outcome::Ok, 10_000));
+        agg.record(&exchange(get, Outcome::Error(ErrorPrefix::ERR), 50));
+        agg.record(&exchange(get, Outcome::Timeout, 2_000_000));
+        let w = agg.window(10.0);
+        assert_eq!(w.series.len(), 1);
+        let s = &w.series[0];
+        assert_eq!((s.count, s.ok, s.timeouts), (102, 100, 1));
+        assert_eq!(s.errors.get("ERR"), Some(&1));
+        let [p50, _, p99, p999] = s.percentiles.unwrap();
+        assert!((p50 - 100.0).abs() <= 1.0, "{p50}");
+        assert!(p99 <= 101.0 && p999 >= 9_990.0, "{p99} {p999}");
+        assert!(s.max_us.unwrap() < 1_000_000.0, "timeouts are not latencies");
+        assert!(agg.window(10.0).series.is_empty(), "windows start empty");
+    }
+}

@@ -1,0 +1,76 @@
+//! The RESP tracer's programs: `cgroup_skb` egress/ingress on the cgroup2
+//! root and the application-read tracepoint.
+
+use std::{fs::File, path::Path};
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf,
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint},
+};
+
+/// What to attach to the packet path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PacketHook {
+    /// The RESP tracer.
+    Resp,
+    /// Only the bare hook (port filter + one counter), for `cargo xtask bench`.
+    Bare,
+}
+
+/// Loads and attaches the packet programs to the cgroup2 root; returns
+/// what was attached, for the `started` line.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    cgroup_root: &Path,
+    hook: PacketHook,
+    app_read_tracepoint: bool,
+) -> anyhow::Result<Vec<String>> {
+    let cgroup = File::open(cgroup_root)
+        .with_context(|| format!("opening the cgroup2 root {}", cgroup_root.display()))?;
+    let (egress, ingress) = match hook {
+        PacketHook::Resp => ("resp_egress", "resp_ingress"),
+        PacketHook::Bare => ("bare_egress", "bare_ingress"),
+    };
+    let mut attached = Vec::new();
+    for (name, attach_type) in [
+        (egress, CgroupSkbAttachType::Egress),
+        (ingress, CgroupSkbAttachType::Ingress),
+    ] {
+        let program: &mut CgroupSkb = program(ebpf, name)?;
+        program
+            .load()
+            .with_context(|| format!("verifier rejected program {name}"))?;
+        program
+            .attach(&cgroup, attach_type, CgroupAttachMode::Single)
+            .with_context(|| {
+                format!(
+                    "attaching {name} to {} (another program may hold the root cgroup's \
+                     hook exclusively)",
+                    cgroup_root.display()
+                )
+            })?;
+        attached.push(format!("cgroup_skb/{name}"));
+    }
+    if hook == PacketHook::Resp && app_read_tracepoint {
+        let program: &mut TracePoint = program(ebpf, "resp_app_read")?;
+        program
+            .load()
+            .context("verifier rejected program resp_app_read")?;
+        program
+            .attach("tcp", "tcp_rcv_space_adjust")
+            .context("attaching to tracepoint tcp/tcp_rcv_space_adjust")?;
+        attached.push("tcp/tcp_rcv_space_adjust".into());
+    }
+    Ok(attached)
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("program {name} has an unexpected type"))
+}

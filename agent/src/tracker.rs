@@ -1,0 +1,373 @@
+//! Track: the kernel's per-connection segments → matched RESP exchanges.
+//!
+//! One [`resp::Matcher`] per traced socket (by cookie) gets the request and
+//! reply streams in order, gaps included; what it reports becomes an
+//! [`Exchange`]. Timing is the kernel's: a request's first byte leaving the
+//! client (or arriving at the server), a reply's first byte arriving at the
+//! client (or leaving the server), and the application's first read after
+//! data arrived.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use agent_common::{
+    Closer, ConnectionRole,
+    resp::{SEGMENT_FIN, SEGMENT_FROM_START, SEGMENT_GAP, SEGMENT_LAST, SEGMENT_RST},
+};
+
+use crate::{
+    decode::Segment,
+    resp::{self, Chunk, Command, ErrorPrefix, Matcher, ReplyKind, UnansweredReason},
+};
+
+/// Sockets tracked at once; the least recently active go first beyond it.
+const MAX_FLOWS: usize = 65_536;
+/// Completed exchanges waiting for the application's read, per socket.
+const MAX_HELD: usize = 4_096;
+/// Application reads remembered per server socket.
+const READS_KEPT: usize = 64;
+/// A held exchange is given up waiting for its read after this long.
+const HOLD_LIMIT_NS: u64 = 1_000_000_000;
+/// A socket without traffic for this long is forgotten (the kernel's
+/// destroy event may have been lost, or the kernel's LRU evicted it).
+const IDLE_LIMIT_NS: u64 = 600_000_000_000;
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Ok,
+    Nil,
+    Error(ErrorPrefix),
+    /// No reply before the connection closed or `--request-timeout`.
+    Timeout,
+    /// No reply by protocol (`CLIENT REPLY OFF|SKIP`).
+    NoReply,
+    /// Counted, not timed: its reply could not be told apart (the stream
+    /// lost sync, or too many requests were in flight).
+    Untimed,
+}
+
+/// One request and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    pub ts_ns: u64,
+    pub role: ConnectionRole,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub cgroup_id: u64,
+    pub cgroup: Option<String>,
+    pub command: Command,
+    pub outcome: Outcome,
+    /// Client: request sent → first reply byte arrived. Server: request
+    /// arrived → first reply byte written. Timeout: its age.
+    pub latency_ns: u64,
+    /// Client: reply arrived → the application read. Server: request
+    /// arrived → Redis read it.
+    pub read_delay_ns: Option<u64>,
+    pub request_bytes: u64,
+    pub reply_bytes: u64,
+    /// Requests in flight when it was sent, itself included.
+    pub depth: u32,
+    pub closer: Option<Closer>,
+}
+
+struct Flow {
+    matcher: Matcher,
+    role: ConnectionRole,
+    client: SocketAddr,
+    server: SocketAddr,
+    cgroup_id: u64,
+    /// Records of the segment being reassembled (requests, replies).
+    assembling: [Vec<u8>; 2],
+    /// Client role: exchanges waiting for the application's read.
+    held: Vec<Exchange>,
+    /// Server role: when Redis read.
+    reads: VecDeque<u64>,
+    last_ns: u64,
+    closed: bool,
+}
+
+/// Counters of what the tracker could not follow.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TrackerStats {
+    pub unparsed_bytes: u64,
+    pub desyncs: u64,
+    pub unmatched_replies: u64,
+    pub flows_evicted: u64,
+}
+
+#[derive(Default)]
+pub struct Tracker {
+    flows: HashMap<u64, Flow>,
+    /// Counters of flows already gone.
+    retired: TrackerStats,
+}
+
+impl Tracker {
+    /// One record of a segment; finished exchanges go to `out`.
+    pub fn segment(&mut self, segment: &Segment, out: &mut Vec<Exchange>) {
+        if !self.flows.contains_key(&segment.cookie) && self.flows.len() >= MAX_FLOWS {
+            self.evict_oldest(out);
+        }
+        let flow = self.flows.entry(segment.cookie).or_insert_with(|| Flow {
+            matcher: if segment.flags & SEGMENT_FROM_START != 0 {
+                Matcher::new(resp::Config::default())
+            } else {
+                Matcher::mid_stream(resp::Config::default())
+            },
+            role: segment.role,
+            client: segment.client,
+            server: segment.server,
+            cgroup_id: segment.cgroup_id,
+            assembling: [Vec::new(), Vec::new()],
+            held: Vec::new(),
+            reads: VecDeque::new(),
+            last_ns: segment.ts_ns,
+            closed: false,
+        });
+        flow.last_ns = segment.ts_ns;
+        let stream = usize::from(!segment.requests);
+        if segment.offset == 0 {
+            flow.assembling[stream].clear();
+        }
+        flow.assembling[stream].extend_from_slice(&segment.data);
+        if segment.flags & SEGMENT_LAST == 0 {
+            return;
+        }
+        let data = std::mem::take(&mut flow.assembling[stream]);
+        let mut events = Vec::new();
+        let feed = |matcher: &mut Matcher, chunk: Chunk<'_>, events: &mut Vec<resp::Event>| {
+            if segment.requests {
+                matcher.on_request(chunk, events);
+            } else {
+                matcher.on_reply(chunk, events);
+            }
+        };
+        if segment.flags & SEGMENT_GAP != 0 && segment.gap > 0 {
+            feed(
+                &mut flow.matcher,
+                Chunk::truncated(segment.ts_ns, &[], u64::from(segment.gap)),
+                &mut events,
+            );
+        }
+        if segment.len > 0 {
+            feed(
+                &mut flow.matcher,
+                Chunk::truncated(segment.ts_ns, &data, u64::from(segment.len)),
+                &mut events,
+            );
+        }
+        let mut closer = None;
+        if segment.flags & (SEGMENT_FIN | SEGMENT_RST) != 0 && !flow.closed {
+            // Whoever ends the connection ends the wait: a reply that
+            // arrives after close() reaches nobody.
+            let local = segment.requests == (segment.role == ConnectionRole::Client);
+            closer = Some(match (local, segment.flags & SEGMENT_RST != 0) {
+                (true, false) => Closer::Local,
+                (false, false) => Closer::Peer,
+                (true, true) => Closer::LocalAbort,
+                (false, true) => Closer::PeerReset,
+            });
+            flow.closed = true;
+            flow.matcher.close(segment.ts_ns, &mut events);
+        }
+        for event in events {
+            flow.exchange(event, segment.ts_ns, closer, out);
+        }
+        if closer.is_some() {
+            flow.release_held(None, out);
+        }
+    }
+
+    /// The application read from a socket with unread data.
+    pub fn app_read(&mut self, cookie: u64, ts_ns: u64, out: &mut Vec<Exchange>) {
+        let Some(flow) = self.flows.get_mut(&cookie) else {
+            return;
+        };
+        match flow.role {
+            ConnectionRole::Client => flow.release_held(Some(ts_ns), out),
+            ConnectionRole::Server => {
+                if flow.reads.len() >= READS_KEPT {
+                    flow.reads.pop_front();
+                }
+                flow.reads.push_back(ts_ns);
+            }
+        }
+    }
+
+    /// The socket is gone: whatever is still waiting ends now.
+    pub fn socket_gone(&mut self, cookie: u64, ts_ns: u64, out: &mut Vec<Exchange>) {
+        if let Some(mut flow) = self.flows.remove(&cookie) {
+            flow.finish(ts_ns, out);
+            self.retire(&flow);
+        }
+    }
+
+    /// Periodic upkeep at kernel time `now_ns`: requests older than
+    /// `timeout` time out, held exchanges stop waiting for a read, idle
+    /// sockets are forgotten.
+    pub fn tick(&mut self, now_ns: u64, timeout: Duration, out: &mut Vec<Exchange>) {
+        let mut idle = Vec::new();
+        for (&cookie, flow) in &mut self.flows {
+            let mut events = Vec::new();
+            flow.matcher.expire(now_ns, timeout, &mut events);
+            for event in events {
+                flow.exchange(event, now_ns, None, out);
+            }
+            if flow
+                .held
+                .first()
+                .is_some_and(|held| now_ns.saturating_sub(held.ts_ns) > HOLD_LIMIT_NS)
+            {
+                flow.release_held(None, out);
+            }
+            if now_ns.saturating_sub(flow.last_ns) > IDLE_LIMIT_NS {
+                idle.push(cookie);
+            }
+        }
+        for cookie in idle {
+            if let Some(mut flow) = self.flows.remove(&cookie) {
+                flow.finish(now_ns, out);
+                self.retire(&flow);
+                self.retired.flows_evicted += 1;
+            }
+        }
+    }
+
+    /// Ends every flow (agent exit): held exchanges are reported.
+    pub fn flush(&mut self, out: &mut Vec<Exchange>) {
+        for flow in self.flows.values_mut() {
+            flow.release_held(None, out);
+        }
+    }
+
+    pub fn stats(&self) -> TrackerStats {
+        let mut stats = self.retired;
+        for flow in self.flows.values() {
+            add_stats(&mut stats, &flow.matcher.stats());
+        }
+        stats
+    }
+
+    fn retire(&mut self, flow: &Flow) {
+        let stats = flow.matcher.stats();
+        add_stats(&mut self.retired, &stats);
+    }
+
+    fn evict_oldest(&mut self, out: &mut Vec<Exchange>) {
+        let Some((&cookie, _)) = self.flows.iter().min_by_key(|(_, flow)| flow.last_ns) else {
+            return;
+        };
+        if let Some(mut flow) = self.flows.remove(&cookie) {
+            let now = flow.last_ns;
+            flow.finish(now, out);
+            self.retire(&flow);
+            self.retired.flows_evicted += 1;
+        }
+    }
+}
+
+fn add_stats(total: &mut TrackerStats, stats: &resp::Stats) {
+    total.unparsed_bytes += stats.unparsed_request_bytes + stats.unparsed_reply_bytes;
+    total.desyncs += stats.request_desyncs + stats.reply_desyncs;
+    total.unmatched_replies += stats.unmatched_replies;
+}
+
+impl Flow {
+    fn finish(&mut self, ts_ns: u64, out: &mut Vec<Exchange>) {
+        if !self.closed {
+            let mut events = Vec::new();
+            self.matcher.close(ts_ns, &mut events);
+            for event in events {
+                self.exchange(event, ts_ns, None, out);
+            }
+        }
+        self.release_held(None, out);
+    }
+
+    fn exchange(
+        &mut self,
+        event: resp::Event,
+        now_ns: u64,
+        closer: Option<Closer>,
+        out: &mut Vec<Exchange>,
+    ) {
+        let base = |command, outcome, latency_ns, request_bytes| Exchange {
+            ts_ns: now_ns,
+            role: self.role,
+            client: self.client,
+            server: self.server,
+            cgroup_id: self.cgroup_id,
+            cgroup: None,
+            command,
+            outcome,
+            latency_ns,
+            read_delay_ns: None,
+            request_bytes,
+            reply_bytes: 0,
+            depth: 1,
+            closer: None,
+        };
+        match event {
+            resp::Event::Matched(m) => {
+                let outcome = match m.reply_kind {
+                    ReplyKind::Ok => Outcome::Ok,
+                    ReplyKind::Nil => Outcome::Nil,
+                    ReplyKind::Error(prefix) => Outcome::Error(prefix),
+                };
+                let latency = m.reply_first_byte_ts_ns.saturating_sub(m.sent_ts_ns);
+                let mut exchange = base(m.command, outcome, latency, m.request_bytes);
+                exchange.ts_ns = m.reply_first_byte_ts_ns;
+                exchange.reply_bytes = m.reply_bytes;
+                exchange.depth = m.depth;
+                match self.role {
+                    ConnectionRole::Client => {
+                        if self.held.len() >= MAX_HELD {
+                            self.release_held(None, out);
+                        }
+                        self.held.push(exchange);
+                    }
+                    ConnectionRole::Server => {
+                        // Service starts at Redis' first read after the
+                        // request arrived.
+                        exchange.read_delay_ns = self
+                            .reads
+                            .iter()
+                            .find(|&&read| read >= m.sent_ts_ns)
+                            .map(|read| read - m.sent_ts_ns)
+                            .filter(|&delay| delay <= latency);
+                        out.push(exchange);
+                    }
+                }
+            }
+            resp::Event::NoReply(n) => {
+                out.push(base(n.command, Outcome::NoReply, 0, n.request_bytes));
+            }
+            resp::Event::Unanswered(u) => {
+                let outcome = match u.reason {
+                    UnansweredReason::Closed | UnansweredReason::Timeout => Outcome::Timeout,
+                    UnansweredReason::ReplyLost | UnansweredReason::Overflow => Outcome::Untimed,
+                };
+                let mut exchange = base(u.command, outcome, u.age_ns, 0);
+                if u.reason == UnansweredReason::Closed {
+                    exchange.closer = closer;
+                }
+                out.push(exchange);
+            }
+        }
+    }
+
+    /// Reports the held exchanges; `read_ns` is when the application read
+    /// them (`None`: not seen).
+    fn release_held(&mut self, read_ns: Option<u64>, out: &mut Vec<Exchange>) {
+        for mut exchange in self.held.drain(..) {
+            exchange.read_delay_ns = read_ns
+                .filter(|&read| read >= exchange.ts_ns)
+                .map(|read| read - exchange.ts_ns);
+            out.push(exchange);
+        }
+    }
+}
