@@ -18,7 +18,7 @@ pub const MAX_CONNECTS_IN_FLIGHT: u32 = 16_384;
 /// near Redis' 10,000-client limit fits); LRU beyond that.
 pub const MAX_CONNECTIONS: u32 = 65_536;
 /// Default size of the event ring buffer, in bytes (a power of two, page aligned).
-pub const DEFAULT_RING_BUFFER_BYTES: u32 = 1 << 20;
+pub const DEFAULT_RING_BUFFER_BYTES: u32 = 1 << 24;
 
 /// Kind of an event in the ring buffer; the first field of every event.
 /// Values are stable: the decoder in userspace matches on them.
@@ -403,7 +403,7 @@ const _: () = assert!(core::mem::size_of::<TaskInfo>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 112);
 const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 76);
 const _: () = assert!(core::mem::size_of::<Config>() == 120);
-const _: () = assert!(core::mem::size_of::<resp::RespFlow>() == 64);
+const _: () = assert!(core::mem::size_of::<resp::RespFlow>() == 72);
 const _: () = assert!(core::mem::size_of::<resp::SegmentEvent>() == 96);
 const _: () = assert!(core::mem::size_of::<resp::SocketEvent>() == 24);
 

@@ -49,6 +49,9 @@ pub struct RespFlow {
     /// Next expected sequence number of each stream.
     pub request_seq: u32,
     pub reply_seq: u32,
+    /// Bytes of each stream (requests, replies) copied to no record (ring
+    /// buffer full): reported as a gap with the next record.
+    pub lost: [u32; 2],
     pub _pad1: u32,
 }
 

@@ -288,7 +288,18 @@ fn on_segment(ctx: &SkBuffContext, egress: bool) -> Option<()> {
     } else {
         STREAM_REPLIES
     };
-    copy_out(ctx, cookie, flow, stream, flags, start, fresh, gap);
+    // Bytes a full ring buffer swallowed earlier are a gap like any other.
+    let lost = &mut flow.lost[usize::from(!requests)];
+    let gap = gap.wrapping_add(*lost);
+    if *lost > 0 {
+        flags |= SEGMENT_GAP;
+        *lost = 0;
+    }
+    let copied = copy_out(ctx, cookie, flow, stream, flags, start, fresh, gap);
+    if copied < fresh {
+        // Userspace drops a segment it did not get whole: all of it is lost.
+        flow.lost[usize::from(!requests)] = fresh;
+    }
     Some(())
 }
 
@@ -296,6 +307,8 @@ fn on_segment(ctx: &SkBuffContext, egress: bool) -> Option<()> {
 /// `CHUNK_BYTES`, at most `MAX_CHUNKS` records (the rest is reported by
 /// length only).
 #[inline(always)]
+/// Returns the payload bytes handed over (all of them unless the ring
+/// buffer was full).
 #[allow(clippy::too_many_arguments)]
 fn copy_out(
     ctx: &SkBuffContext,
@@ -306,9 +319,9 @@ fn copy_out(
     start: u32,
     len: u32,
     gap: u32,
-) {
+) -> u32 {
     let Some(record) = record() else {
-        return;
+        return 0;
     };
     // SAFETY: this nesting level's per-CPU record buffer.
     let record = unsafe { &mut *record };
@@ -377,12 +390,15 @@ fn copy_out(
         };
         if ret != 0 {
             count(StatId::RingBufferFull);
+            // The rest of the segment is lost too: report it as one gap.
+            return offset;
         }
         if last {
             break;
         }
         chunk += 1;
     }
+    len
 }
 
 fn new_flow(
@@ -426,6 +442,7 @@ fn new_flow(
         _pad: 0,
         request_seq: 0,
         reply_seq: 0,
+        lost: [0; 2],
         _pad1: 0,
     };
     if RESP_FLOWS.insert(&cookie, &flow, BPF_NOEXIST).is_err()
