@@ -10,7 +10,10 @@ use std::{
 use agent_common::ConnectionRole;
 use hdrhistogram::Histogram;
 
-use crate::tracker::{Exchange, Outcome};
+use crate::{
+    resp::Command,
+    tracker::{Exchange, Outcome},
+};
 
 /// Series kept per window at most; further ones are merged into one
 /// `OTHER` series (counted in `overflowed`).
@@ -49,8 +52,8 @@ pub struct Window {
     pub overflowed: u64,
 }
 
-/// (role as u8, cgroup id, Redis endpoint, command).
-type Key = (u8, u64, SocketAddr, String);
+/// (role as u8, cgroup id, Redis endpoint, command; `None`: `OTHER`).
+type Key = (u8, u64, SocketAddr, Option<Command>);
 
 struct Accumulator {
     series: Series,
@@ -69,19 +72,19 @@ impl Aggregator {
             exchange.role as u8,
             exchange.cgroup_id,
             exchange.server,
-            exchange.command.to_string(),
+            Some(exchange.command),
         );
         if !self.current.contains_key(&key) && self.current.len() >= MAX_SERIES {
             self.overflowed += 1;
-            key.3 = "OTHER".into();
+            key.3 = None;
         }
-        let entry = self.current.entry(key.clone()).or_insert_with(|| Accumulator {
+        let entry = self.current.entry(key).or_insert_with(|| Accumulator {
             series: Series {
                 role: exchange.role,
                 cgroup_id: key.1,
-                cgroup: exchange.cgroup.clone(),
+                cgroup: None,
                 endpoint: key.2,
-                op: key.3.clone(),
+                op: key.3.map_or_else(|| "OTHER".to_string(), |c| c.to_string()),
                 count: 0,
                 ok: 0,
                 nil: 0,

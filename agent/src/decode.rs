@@ -15,7 +15,6 @@ pub enum Event {
     Connect(Connect),
     Close(Close),
     SynAckRetransmit(SynAckRetransmit),
-    Segment(Segment),
     /// The application read from a traced socket that had unread data.
     AppRead { ts_ns: u64, cookie: u64 },
     /// A traced socket was destroyed.
@@ -23,9 +22,10 @@ pub enum Event {
 }
 
 /// Payload bytes of one TCP segment of a watched connection (one record of
-/// it: a segment is split into records of at most `CHUNK_BYTES`).
+/// it: a segment is split into records of at most `CHUNK_BYTES`), borrowed
+/// from the ring buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Segment {
+pub struct Segment<'a> {
     pub ts_ns: u64,
     pub cookie: u64,
     pub cgroup_id: u64,
@@ -40,7 +40,7 @@ pub struct Segment {
     /// Where `data` starts in them.
     pub offset: u32,
     pub gap: u32,
-    pub data: Vec<u8>,
+    pub data: &'a [u8],
 }
 
 /// An established connection ended.
@@ -124,7 +124,9 @@ pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
             let raw: CloseEvent = read_exact(kind, record)?;
             decode_close(&raw).map(Event::Close)
         }
-        EventKind::Segment => decode_segment(record).map(Event::Segment),
+        EventKind::Segment => Err(DecodeError::UnknownKind {
+            kind: EventKind::Segment as u32,
+        }),
         EventKind::AppRead => {
             let raw: SocketEvent = read_exact(kind, record)?;
             Ok(Event::AppRead {
@@ -152,7 +154,13 @@ pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
     }
 }
 
-fn decode_segment(record: &[u8]) -> Result<Segment, DecodeError> {
+/// A RESP payload record, or `None` for any other kind of record.
+pub fn segment(record: &[u8]) -> Option<Result<Segment<'_>, DecodeError>> {
+    let header: EventHeader = read_struct(record)?;
+    (header.kind == EventKind::Segment as u32).then(|| decode_segment(record))
+}
+
+fn decode_segment(record: &[u8]) -> Result<Segment<'_>, DecodeError> {
     let head = size_of::<SegmentEvent>();
     let raw: SegmentEvent = read_struct(record).ok_or(DecodeError::Size {
         kind: EventKind::Segment,
@@ -200,7 +208,7 @@ fn decode_segment(record: &[u8]) -> Result<Segment, DecodeError> {
         len: raw.len,
         offset: raw.offset,
         gap: raw.gap,
-        data: record[head..head + captured].to_vec(),
+        data: &record[head..head + captured],
     })
 }
 

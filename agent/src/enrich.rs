@@ -93,7 +93,7 @@ impl Enricher {
                 }
             }
             Event::SynAckRetransmit(_) => {}
-            Event::Segment(_) | Event::AppRead { .. } | Event::SocketGone { .. } => {}
+            Event::AppRead { .. } | Event::SocketGone { .. } => {}
         }
     }
 
@@ -101,6 +101,13 @@ impl Enricher {
         Self {
             cgroup_paths: CgroupPaths::new(root),
             ..Default::default()
+        }
+    }
+
+    /// Names the cgroups of a window's series.
+    pub fn window(&mut self, window: &mut crate::aggregate::Window) {
+        for series in &mut window.series {
+            series.cgroup = self.cgroup_paths.path(series.cgroup_id);
         }
     }
 

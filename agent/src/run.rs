@@ -28,6 +28,9 @@ use crate::{
 
 /// Longest time an event waits in the ring buffer before it is written.
 const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+/// How often unanswered requests are checked against `--request-timeout`
+/// and exchanges waiting for a read are given up.
+const TICK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let ports = cli.watched_ports().map_err(anyhow::Error::msg)?;
@@ -95,6 +98,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         slow_ns: u64::try_from(cli.slow_threshold.as_nanos()).unwrap_or(u64::MAX),
     };
     let mut window_start = std::time::Instant::now();
+    let mut last_tick = std::time::Instant::now();
     let mut stats = Stats::default();
     // SAFETY: the ring buffer owns its fd, which stays open and the same until
     // the AsyncFd (and the ring buffer inside it) is dropped.
@@ -117,8 +121,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             _ = drain_timer.tick() => {
                 drain(events.get_mut(), &mut pipeline, &mut sink, &mut stats)?;
-                pipeline.tracker.tick(monotonic_ns(), cli.request_timeout, &mut pipeline.exchanges);
-                pipeline.write_exchanges(&mut sink).map_err(output_error)?;
+                if last_tick.elapsed() >= TICK_INTERVAL {
+                    last_tick = std::time::Instant::now();
+                    pipeline.tracker.tick(monotonic_ns(), cli.request_timeout, &mut pipeline.exchanges);
+                    pipeline.write_exchanges(&mut sink).map_err(output_error)?;
+                }
                 sink.flush()?;
             }
             _ = gauge_timer.tick() => {
@@ -127,7 +134,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 sink.gauges(&gauges).map_err(output_error)?;
                 let seconds = window_start.elapsed().as_secs_f64();
                 window_start = std::time::Instant::now();
-                sink.latency(&pipeline.aggregator.window(seconds)).map_err(output_error)?;
+                let mut window = pipeline.aggregator.window(seconds);
+                pipeline.enricher.window(&mut window);
+                sink.latency(&window).map_err(output_error)?;
                 sink.flush()?;
             }
             _ = sigint.recv() => break Ok(()),
@@ -138,8 +147,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     drain(events.get_mut(), &mut pipeline, &mut sink, &mut stats)?;
     pipeline.tracker.flush(&mut pipeline.exchanges);
     pipeline.write_exchanges(&mut sink).map_err(output_error)?;
-    sink.latency(&pipeline.aggregator.window(window_start.elapsed().as_secs_f64()))
-        .map_err(output_error)?;
+    let mut window = pipeline.aggregator.window(window_start.elapsed().as_secs_f64());
+    pipeline.enricher.window(&mut window);
+    sink.latency(&window).map_err(output_error)?;
     let kernel = probes.kernel_stats();
     sink.stats(&stats.with_kernel(kernel).with_tracker(pipeline.tracker.stats()))?;
     sink.flush()?;
@@ -162,12 +172,12 @@ impl Pipeline {
     /// Aggregates the finished exchanges and writes those that get a line.
     fn write_exchanges<W: Write>(&mut self, sink: &mut JsonSink<W>) -> std::io::Result<()> {
         for mut exchange in self.exchanges.drain(..) {
-            self.enricher.exchange(&mut exchange);
             self.aggregator.record(&exchange);
             let wanted = self.emit_all
                 || exchange.outcome == Outcome::Timeout
                 || exchange.latency_ns >= self.slow_ns;
             if wanted {
+                self.enricher.exchange(&mut exchange);
                 sink.exchange(&exchange)?;
             }
         }
@@ -183,14 +193,24 @@ fn drain<W: Write>(
     stats: &mut Stats,
 ) -> anyhow::Result<()> {
     while let Some(record) = ring.next() {
+        // The hot path: RESP payload records, parsed in place.
+        match crate::decode::segment(&record) {
+            Some(Ok(segment)) => {
+                stats.events += 1;
+                pipeline.tracker.segment(&segment, &mut pipeline.exchanges);
+                continue;
+            }
+            Some(Err(err)) => {
+                stats.decode_errors += 1;
+                tracing::warn!("dropping an event record: {err}");
+                continue;
+            }
+            None => {}
+        }
         match decode(&record) {
             Ok(mut event) => {
                 stats.events += 1;
                 match &event {
-                    Event::Segment(segment) => {
-                        pipeline.tracker.segment(segment, &mut pipeline.exchanges);
-                        continue;
-                    }
                     Event::AppRead { ts_ns, cookie } => {
                         pipeline.tracker.app_read(*cookie, *ts_ns, &mut pipeline.exchanges);
                         continue;

@@ -102,13 +102,15 @@ pub struct TrackerStats {
 #[derive(Default)]
 pub struct Tracker {
     flows: HashMap<u64, Flow>,
+    /// Scratch for the matcher's output, reused across segments.
+    events: Vec<resp::Event>,
     /// Counters of flows already gone.
     retired: TrackerStats,
 }
 
 impl Tracker {
     /// One record of a segment; finished exchanges go to `out`.
-    pub fn segment(&mut self, segment: &Segment, out: &mut Vec<Exchange>) {
+    pub fn segment(&mut self, segment: &Segment<'_>, out: &mut Vec<Exchange>) {
         if !self.flows.contains_key(&segment.cookie) && self.flows.len() >= MAX_FLOWS {
             self.evict_oldest(out);
         }
@@ -130,15 +132,26 @@ impl Tracker {
         });
         flow.last_ns = segment.ts_ns;
         let stream = usize::from(!segment.requests);
-        if segment.offset == 0 {
-            flow.assembling[stream].clear();
+        let whole = segment.offset == 0 && segment.flags & SEGMENT_LAST != 0;
+        if !whole {
+            // A segment in several records: put it together first.
+            if segment.offset == 0 {
+                flow.assembling[stream].clear();
+            }
+            flow.assembling[stream].extend_from_slice(segment.data);
+            if segment.flags & SEGMENT_LAST == 0 {
+                return;
+            }
         }
-        flow.assembling[stream].extend_from_slice(&segment.data);
-        if segment.flags & SEGMENT_LAST == 0 {
-            return;
-        }
-        let data = std::mem::take(&mut flow.assembling[stream]);
-        let mut events = Vec::new();
+        let assembled;
+        let data: &[u8] = if whole {
+            segment.data
+        } else {
+            assembled = std::mem::take(&mut flow.assembling[stream]);
+            &assembled
+        };
+        let events = &mut self.events;
+        events.clear();
         let feed = |matcher: &mut Matcher, chunk: Chunk<'_>, events: &mut Vec<resp::Event>| {
             if segment.requests {
                 matcher.on_request(chunk, events);
@@ -150,14 +163,14 @@ impl Tracker {
             feed(
                 &mut flow.matcher,
                 Chunk::truncated(segment.ts_ns, &[], u64::from(segment.gap)),
-                &mut events,
+                events,
             );
         }
         if segment.len > 0 {
             feed(
                 &mut flow.matcher,
-                Chunk::truncated(segment.ts_ns, &data, u64::from(segment.len)),
-                &mut events,
+                Chunk::truncated(segment.ts_ns, data, u64::from(segment.len)),
+                events,
             );
         }
         let mut closer = None;
@@ -172,9 +185,9 @@ impl Tracker {
                 (false, true) => Closer::PeerReset,
             });
             flow.closed = true;
-            flow.matcher.close(segment.ts_ns, &mut events);
+            flow.matcher.close(segment.ts_ns, events);
         }
-        for event in events {
+        for event in events.drain(..) {
             flow.exchange(event, segment.ts_ns, closer, out);
         }
         if closer.is_some() {

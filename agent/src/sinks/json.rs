@@ -274,7 +274,7 @@ impl<W: Write> JsonSink<W> {
                 self.line(ts, "synack_retransmit", synack_body(retransmit))
             }
             // Raw RESP capture: the tracker turns it into exchanges.
-            Event::Segment(_) | Event::AppRead { .. } | Event::SocketGone { .. } => Ok(()),
+            Event::AppRead { .. } | Event::SocketGone { .. } => Ok(()),
         }
     }
 
