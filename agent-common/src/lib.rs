@@ -309,17 +309,14 @@ pub enum StatId {
     ReadFailed = 2,
     /// An established connection could not be tracked: its map was full.
     ConnectionMapFull = 3,
-    /// Segments of watched connections after bytes never seen (a gap: the
-    /// stream resynchronises in userspace).
-    RespGap = 4,
     /// A RESP connection could not be traced: its map was full.
-    RespFlowMapFull = 5,
+    RespFlowMapFull = 4,
     /// Segments whose payload was longer than what is copied per segment.
-    RespTruncated = 6,
+    RespTruncated = 5,
 }
 
 /// Number of [`StatId`] slots.
-pub const STAT_COUNT: u32 = 7;
+pub const STAT_COUNT: u32 = 6;
 
 /// Offsets of the tracepoint fields the programs read, taken at startup from
 /// `/sys/kernel/tracing/events/<category>/<name>/format`, because they move
@@ -403,7 +400,7 @@ const _: () = assert!(core::mem::size_of::<TaskInfo>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 112);
 const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 76);
 const _: () = assert!(core::mem::size_of::<Config>() == 120);
-const _: () = assert!(core::mem::size_of::<resp::RespFlow>() == 72);
+const _: () = assert!(core::mem::size_of::<resp::RespFlow>() == 56);
 const _: () = assert!(core::mem::size_of::<resp::SegmentEvent>() == 96);
 const _: () = assert!(core::mem::size_of::<resp::SocketEvent>() == 24);
 

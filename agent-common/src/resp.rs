@@ -1,10 +1,10 @@
 //! Kernel/user types of the RESP tracer.
 //!
-//! The kernel side keeps no RESP state: per watched connection it follows
-//! the TCP sequence numbers of each direction (so retransmitted bytes are
-//! skipped and missing ones reported as a gap) and copies the payload of
-//! every new segment to userspace, which parses and matches it
-//! (`agent/src/resp`). Why not parse in the kernel: docs/design.md.
+//! The kernel side keeps no RESP state: it copies the payload of every
+//! segment of a watched connection to userspace with its TCP sequence
+//! number (egress retransmissions already cut off), and userspace puts each
+//! stream back in order, parses and matches it (`agent/src/tracker.rs`,
+//! `agent/src/resp`). Why not parse in the kernel: docs/design.md.
 
 use crate::{EventHeader, FlowTuple};
 
@@ -25,8 +25,6 @@ pub const STREAM_REQUESTS: u8 = 1;
 pub const STREAM_REPLIES: u8 = 2;
 
 /// `SegmentEvent::flags`.
-/// Bytes before this segment were never seen (`gap` of them).
-pub const SEGMENT_GAP: u8 = 1;
 /// The sender ended the stream (FIN) or reset the connection (RST).
 pub const SEGMENT_FIN: u8 = 1 << 1;
 pub const SEGMENT_RST: u8 = 1 << 2;
@@ -46,17 +44,13 @@ pub struct RespFlow {
     /// `FLOW_*` bits.
     pub flags: u8,
     pub _pad: u16,
-    /// Next expected sequence number of each stream.
-    pub request_seq: u32,
-    pub reply_seq: u32,
-    /// Bytes of each stream (requests, replies) copied to no record (ring
-    /// buffer full): reported as a gap with the next record.
-    pub lost: [u32; 2],
+    /// Next sequence number the socket sends: egress bytes below it were
+    /// handed over already (a retransmission is cut off).
+    pub sent_seq: u32,
     pub _pad1: u32,
 }
 
-pub const FLOW_REQUEST_SEQ: u8 = 1;
-pub const FLOW_REPLY_SEQ: u8 = 1 << 1;
+pub const FLOW_SENT_SEQ: u8 = 1;
 pub const FLOW_FROM_START: u8 = 1 << 2;
 /// Data arrived that the application has not read yet.
 pub const FLOW_UNREAD: u8 = 1 << 3;
@@ -73,14 +67,13 @@ pub struct SegmentEvent {
     pub stream: u8,
     pub flags: u8,
     pub _pad: u8,
-    /// Payload bytes of the segment not seen before (retransmitted bytes
-    /// already cut off).
+    /// Payload bytes of the segment (egress: not sent before).
     pub len: u32,
+    /// Sequence number of the payload's first byte.
+    pub seq: u32,
     /// Where this record's bytes start in that payload.
     pub offset: u32,
     pub captured: u32,
-    /// Bytes missing before the segment (`SEGMENT_GAP`).
-    pub gap: u32,
     pub _pad1: [u32; 2],
 }
 

@@ -1,11 +1,11 @@
 //! RESP capture from `cgroup_skb` programs on the cgroup2 root.
 //!
-//! For each TCP segment of a watched connection: cut off bytes already seen
-//! (retransmissions, by sequence number), report bytes never seen (a gap:
-//! lost before the tap, or reordered ahead of a loss), and copy the new
-//! payload to userspace, where it is parsed and matched (`agent/src/resp`).
-//! Egress is the socket's own sending order; ingress sees segments as they
-//! arrive, before TCP reorders them — hence the sequence bookkeeping.
+//! For each TCP segment of a watched connection: copy its payload to
+//! userspace with its sequence number, where each stream is put back in
+//! order, parsed and matched (`agent/src/tracker.rs`). Egress is the
+//! socket's own sending order: bytes sent before (retransmissions) are cut
+//! off here. Ingress sees segments as they arrive, before TCP reorders them:
+//! all of them go up, and userspace drops duplicates and waits for holes.
 //! Why not parse in the kernel: docs/design.md (measured).
 //!
 //! Fail open: the programs always return 1 (let the packet through) and
@@ -14,10 +14,9 @@
 use agent_common::{
     CONNECTION_SEEDED, EventHeader, EventKind, FlowTuple, StatId,
     resp::{
-        CHUNK_BYTES, FLOW_FROM_START, FLOW_REPLY_SEQ, FLOW_REQUEST_SEQ, FLOW_UNREAD,
-        MAX_CHUNKS, MAX_RESP_FLOWS, ROLE_CLIENT, ROLE_SERVER, RespFlow, SEGMENT_FIN,
-        SEGMENT_FROM_START, SEGMENT_GAP, SEGMENT_LAST, SEGMENT_RST, STREAM_REPLIES,
-        STREAM_REQUESTS, SegmentEvent, SocketEvent,
+        CHUNK_BYTES, FLOW_FROM_START, FLOW_SENT_SEQ, FLOW_UNREAD, MAX_CHUNKS, MAX_RESP_FLOWS,
+        ROLE_CLIENT, ROLE_SERVER, RespFlow, SEGMENT_FIN, SEGMENT_FROM_START, SEGMENT_LAST,
+        SEGMENT_RST, STREAM_REPLIES, STREAM_REQUESTS, SegmentEvent, SocketEvent,
     },
 };
 use aya_ebpf::{
@@ -235,45 +234,33 @@ fn on_segment(ctx: &SkBuffContext, egress: bool) -> Option<()> {
     // segments in one direction are serialised by the socket.
     let flow = unsafe { &mut *flow };
     let requests = egress == (role == ROLE_CLIENT);
-    let (known, next) = if requests {
-        (FLOW_REQUEST_SEQ, &mut flow.request_seq)
-    } else {
-        (FLOW_REPLY_SEQ, &mut flow.reply_seq)
-    };
     let mut start = payload;
     let mut fresh = len;
-    let mut gap = 0;
-    if flow.flags & known != 0 {
-        let ahead = seq.wrapping_sub(*next) as i32;
-        if ahead < 0 {
-            // Bytes seen before: a retransmission, whole or overlapping.
-            let seen = ahead.unsigned_abs();
-            if seen >= fresh && !ends {
-                return None;
+    let mut first_seq = seq;
+    if egress {
+        if flow.flags & FLOW_SENT_SEQ != 0 {
+            let ahead = seq.wrapping_sub(flow.sent_seq) as i32;
+            if ahead < 0 {
+                // Sent before: a retransmission, whole or overlapping.
+                let seen = ahead.unsigned_abs();
+                if seen >= fresh && !ends {
+                    return None;
+                }
+                let cut = if seen < fresh { seen } else { fresh };
+                start += cut;
+                fresh -= cut;
+                first_seq = seq.wrapping_add(cut);
             }
-            let cut = if seen < fresh { seen } else { fresh };
-            start += cut;
-            fresh -= cut;
-        } else {
-            gap = ahead as u32;
         }
-    }
-    if !(gap > 0 && fresh == 0) {
-        // A FIN's sequence number counts one byte of its own.
-        *next = seq
-            .wrapping_add(start - payload)
-            .wrapping_add(fresh)
-            .wrapping_add(u32::from(tcp_flags & TCP_FIN));
-    }
-    flow.flags |= known;
-    if !egress && fresh > 0 {
+        let end = first_seq.wrapping_add(fresh);
+        if flow.flags & FLOW_SENT_SEQ == 0 || (end.wrapping_sub(flow.sent_seq) as i32) > 0 {
+            flow.sent_seq = end;
+        }
+        flow.flags |= FLOW_SENT_SEQ;
+    } else if fresh > 0 {
         flow.flags |= FLOW_UNREAD;
     }
     let mut flags = 0u8;
-    if gap > 0 {
-        count(StatId::RespGap);
-        flags |= SEGMENT_GAP;
-    }
     if tcp_flags & TCP_FIN != 0 {
         flags |= SEGMENT_FIN;
     }
@@ -288,18 +275,9 @@ fn on_segment(ctx: &SkBuffContext, egress: bool) -> Option<()> {
     } else {
         STREAM_REPLIES
     };
-    // Bytes a full ring buffer swallowed earlier are a gap like any other.
-    let lost = &mut flow.lost[usize::from(!requests)];
-    let gap = gap.wrapping_add(*lost);
-    if *lost > 0 {
-        flags |= SEGMENT_GAP;
-        *lost = 0;
-    }
-    let copied = copy_out(ctx, cookie, flow, stream, flags, start, fresh, gap);
-    if copied < fresh {
-        // Userspace drops a segment it did not get whole: all of it is lost.
-        flow.lost[usize::from(!requests)] = fresh;
-    }
+    // A record the full ring buffer refused is a hole userspace waits for,
+    // then skips: counted here, resynchronised there.
+    copy_out(ctx, cookie, flow, stream, flags, start, fresh, first_seq);
     Some(())
 }
 
@@ -307,8 +285,6 @@ fn on_segment(ctx: &SkBuffContext, egress: bool) -> Option<()> {
 /// `CHUNK_BYTES`, at most `MAX_CHUNKS` records (the rest is reported by
 /// length only).
 #[inline(always)]
-/// Returns the payload bytes handed over (all of them unless the ring
-/// buffer was full).
 #[allow(clippy::too_many_arguments)]
 fn copy_out(
     ctx: &SkBuffContext,
@@ -318,10 +294,10 @@ fn copy_out(
     flags: u8,
     start: u32,
     len: u32,
-    gap: u32,
-) -> u32 {
+    seq: u32,
+) {
     let Some(record) = record() else {
-        return 0;
+        return;
     };
     // SAFETY: this nesting level's per-CPU record buffer.
     let record = unsafe { &mut *record };
@@ -355,7 +331,7 @@ fn copy_out(
         event._pad = 0;
         event.len = len;
         event.offset = offset;
-        event.gap = gap;
+        event.seq = seq;
         event._pad1 = [0; 2];
         let copied = if take > 0 {
             // 1..=CHUNK_BYTES for the verifier too: the compiler knows
@@ -390,15 +366,13 @@ fn copy_out(
         };
         if ret != 0 {
             count(StatId::RingBufferFull);
-            // The rest of the segment is lost too: report it as one gap.
-            return offset;
+            return;
         }
         if last {
             break;
         }
         chunk += 1;
     }
-    len
 }
 
 fn new_flow(
@@ -440,9 +414,7 @@ fn new_flow(
         role,
         flags: if from_start { FLOW_FROM_START } else { 0 },
         _pad: 0,
-        request_seq: 0,
-        reply_seq: 0,
-        lost: [0; 2],
+        sent_seq: 0,
         _pad1: 0,
     };
     if RESP_FLOWS.insert(&cookie, &flow, BPF_NOEXIST).is_err()

@@ -2,10 +2,9 @@
 //! endpoint, command) and window, with an HDR histogram of the answered
 //! requests' latencies.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::SocketAddr,
-};
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use rustc_hash::FxHashMap;
 
 use agent_common::ConnectionRole;
 use hdrhistogram::Histogram;
@@ -52,8 +51,8 @@ pub struct Window {
     pub overflowed: u64,
 }
 
-/// (role as u8, cgroup id, Redis endpoint, command; `None`: `OTHER`).
-type Key = (u8, u64, SocketAddr, Option<Command>);
+/// (role as u8, cgroup id, Redis endpoint, command identity; (0, 0): `OTHER`).
+type Key = (u8, u64, SocketAddr, (usize, usize));
 
 struct Accumulator {
     series: Series,
@@ -62,7 +61,7 @@ struct Accumulator {
 
 #[derive(Default)]
 pub struct Aggregator {
-    current: HashMap<Key, Accumulator>,
+    current: FxHashMap<Key, Accumulator>,
     overflowed: u64,
 }
 
@@ -72,11 +71,13 @@ impl Aggregator {
             exchange.role as u8,
             exchange.cgroup_id,
             exchange.server,
-            Some(exchange.command),
+            exchange.command.id(),
         );
+        let mut op = Some(exchange.command);
         if !self.current.contains_key(&key) && self.current.len() >= MAX_SERIES {
             self.overflowed += 1;
-            key.3 = None;
+            key.3 = (0, 0);
+            op = None;
         }
         let entry = self.current.entry(key).or_insert_with(|| Accumulator {
             series: Series {
@@ -84,7 +85,7 @@ impl Aggregator {
                 cgroup_id: key.1,
                 cgroup: None,
                 endpoint: key.2,
-                op: key.3.map_or_else(|| "OTHER".to_string(), |c| c.to_string()),
+                op: op.map_or_else(|| "OTHER".to_string(), |c: Command| c.to_string()),
                 count: 0,
                 ok: 0,
                 nil: 0,

@@ -35,11 +35,12 @@ pub struct Segment<'a> {
     /// Requests (sent by the client) or replies.
     pub requests: bool,
     pub flags: u8,
-    /// New payload bytes of the whole segment.
+    /// Payload bytes of the whole segment.
     pub len: u32,
-    /// Where `data` starts in them.
+    /// Sequence number of the payload's first byte.
+    pub seq: u32,
+    /// Where `data` starts in the payload.
     pub offset: u32,
-    pub gap: u32,
     pub data: &'a [u8],
 }
 
@@ -207,7 +208,7 @@ fn decode_segment(record: &[u8]) -> Result<Segment<'_>, DecodeError> {
         flags: raw.flags,
         len: raw.len,
         offset: raw.offset,
-        gap: raw.gap,
+        seq: raw.seq,
         data: &record[head..head + captured],
     })
 }

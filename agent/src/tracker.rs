@@ -7,15 +7,16 @@
 //! client (or leaving the server), and the application's first read after
 //! data arrived.
 
+use rustc_hash::FxHashMap;
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     net::SocketAddr,
     time::Duration,
 };
 
 use agent_common::{
     Closer, ConnectionRole,
-    resp::{SEGMENT_FIN, SEGMENT_FROM_START, SEGMENT_GAP, SEGMENT_LAST, SEGMENT_RST},
+    resp::{SEGMENT_FIN, SEGMENT_FROM_START, SEGMENT_LAST, SEGMENT_RST},
 };
 
 use crate::{
@@ -31,6 +32,12 @@ const MAX_HELD: usize = 4_096;
 const READS_KEPT: usize = 64;
 /// A held exchange is given up waiting for its read after this long.
 const HOLD_LIMIT_NS: u64 = 1_000_000_000;
+/// Out-of-order bytes kept per stream while a hole waits to be filled; a
+/// hole is given up (skipped as a gap) beyond that, or after
+/// `HOLE_LIMIT_NS` (a loss is repaired within a few RTOs).
+const MAX_OUT_OF_ORDER_BYTES: usize = 4 << 20;
+const MAX_OUT_OF_ORDER_SEGMENTS: usize = 1_024;
+const HOLE_LIMIT_NS: u64 = 1_500_000_000;
 /// A socket without traffic for this long is forgotten (the kernel's
 /// destroy event may have been lost, or the kernel's LRU evicted it).
 const IDLE_LIMIT_NS: u64 = 600_000_000_000;
@@ -80,8 +87,10 @@ struct Flow {
     client: SocketAddr,
     server: SocketAddr,
     cgroup_id: u64,
-    /// Records of the segment being reassembled (requests, replies).
+    /// Records of the segment being put together (requests, replies).
     assembling: [Vec<u8>; 2],
+    /// Each stream put back in TCP order.
+    order: [Reorder; 2],
     /// Client role: exchanges waiting for the application's read.
     held: Vec<Exchange>,
     /// Server role: when Redis read.
@@ -93,6 +102,8 @@ struct Flow {
 /// Counters of what the tracker could not follow.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct TrackerStats {
+    /// Holes in a stream given up on (skipped as a gap).
+    pub gaps: u64,
     pub unparsed_bytes: u64,
     pub desyncs: u64,
     pub unmatched_replies: u64,
@@ -101,7 +112,7 @@ pub struct TrackerStats {
 
 #[derive(Default)]
 pub struct Tracker {
-    flows: HashMap<u64, Flow>,
+    flows: FxHashMap<u64, Flow>,
     /// Scratch for the matcher's output, reused across segments.
     events: Vec<resp::Event>,
     /// Counters of flows already gone.
@@ -125,6 +136,7 @@ impl Tracker {
             server: segment.server,
             cgroup_id: segment.cgroup_id,
             assembling: [Vec::new(), Vec::new()],
+            order: [Reorder::default(), Reorder::default()],
             held: Vec::new(),
             reads: VecDeque::new(),
             last_ns: segment.ts_ns,
@@ -152,26 +164,33 @@ impl Tracker {
         };
         let events = &mut self.events;
         events.clear();
-        let feed = |matcher: &mut Matcher, chunk: Chunk<'_>, events: &mut Vec<resp::Event>| {
-            if segment.requests {
+        let requests = segment.requests;
+        let deliver = |matcher: &mut Matcher, piece: Piece<'_>, events: &mut Vec<resp::Event>| {
+            let chunk = match piece {
+                Piece::Data { ts_ns, data, len } => Chunk::truncated(ts_ns, data, u64::from(len)),
+                Piece::Gap { ts_ns, len } => Chunk::truncated(ts_ns, &[], u64::from(len)),
+            };
+            if requests {
                 matcher.on_request(chunk, events);
             } else {
                 matcher.on_reply(chunk, events);
             }
         };
-        if segment.flags & SEGMENT_GAP != 0 && segment.gap > 0 {
-            feed(
-                &mut flow.matcher,
-                Chunk::truncated(segment.ts_ns, &[], u64::from(segment.gap)),
-                events,
+        if segment.len > 0 {
+            let matcher = &mut flow.matcher;
+            self.retired.gaps += flow.order[stream].push(
+                segment.seq,
+                segment.ts_ns,
+                data,
+                segment.len,
+                &mut |piece| deliver(matcher, piece, events),
             );
         }
-        if segment.len > 0 {
-            feed(
-                &mut flow.matcher,
-                Chunk::truncated(segment.ts_ns, data, u64::from(segment.len)),
-                events,
-            );
+        if segment.flags & (SEGMENT_FIN | SEGMENT_RST) != 0 {
+            // Nothing more comes on this stream: skip what is still missing.
+            let matcher = &mut flow.matcher;
+            self.retired.gaps +=
+                flow.order[stream].give_up(&mut |piece| deliver(matcher, piece, events));
         }
         let mut closer = None;
         if segment.flags & (SEGMENT_FIN | SEGMENT_RST) != 0 && !flow.closed {
@@ -226,6 +245,25 @@ impl Tracker {
         let mut idle = Vec::new();
         for (&cookie, flow) in &mut self.flows {
             let mut events = Vec::new();
+            for stream in 0..2 {
+                if !flow.order[stream].hole_older_than(now_ns, HOLE_LIMIT_NS) {
+                    continue;
+                }
+                let matcher = &mut flow.matcher;
+                self.retired.gaps += flow.order[stream].give_up(&mut |piece| {
+                    let chunk = match piece {
+                        Piece::Data { ts_ns, data, len } => {
+                            Chunk::truncated(ts_ns, data, u64::from(len))
+                        }
+                        Piece::Gap { ts_ns, len } => Chunk::truncated(ts_ns, &[], u64::from(len)),
+                    };
+                    if stream == 0 {
+                        matcher.on_request(chunk, &mut events);
+                    } else {
+                        matcher.on_reply(chunk, &mut events);
+                    }
+                });
+            }
             flow.matcher.expire(now_ns, timeout, &mut events);
             for event in events {
                 flow.exchange(event, now_ns, None, out);
@@ -382,5 +420,183 @@ impl Flow {
                 .map(|read| read - exchange.ts_ns);
             out.push(exchange);
         }
+    }
+}
+
+/// A piece of a stream in order: bytes (a captured prefix of `len`), or a
+/// hole given up on.
+enum Piece<'a> {
+    Data { ts_ns: u64, data: &'a [u8], len: u32 },
+    Gap { ts_ns: u64, len: u32 },
+}
+
+/// One direction of a connection put back in TCP sequence order: ingress
+/// segments arrive as the network delivers them (duplicated, reordered
+/// around a loss), and a record the ring buffer refused leaves a hole.
+#[derive(Default)]
+struct Reorder {
+    /// Sequence number of the next byte to deliver; `None` before the first.
+    next: Option<u32>,
+    /// Segments ahead of `next`, by their distance from it.
+    ahead: std::collections::BTreeMap<u32, Ahead>,
+    ahead_bytes: usize,
+}
+
+struct Ahead {
+    ts_ns: u64,
+    seq: u32,
+    data: Vec<u8>,
+    len: u32,
+}
+
+impl Reorder {
+    /// Takes a segment; delivers whatever is now in order. Returns the holes
+    /// given up on (out-of-order bytes over the limit).
+    fn push(
+        &mut self,
+        seq: u32,
+        ts_ns: u64,
+        data: &[u8],
+        len: u32,
+        deliver: &mut dyn FnMut(Piece<'_>),
+    ) -> u64 {
+        let next = *self.next.get_or_insert(seq);
+        let ahead = seq.wrapping_sub(next) as i32;
+        if ahead > 0 {
+            let distance = ahead as u32;
+            if !self.ahead.contains_key(&distance) {
+                self.ahead_bytes += data.len();
+                self.ahead.insert(
+                    distance,
+                    Ahead {
+                        ts_ns,
+                        seq,
+                        data: data.to_vec(),
+                        len,
+                    },
+                );
+            }
+            if self.ahead_bytes > MAX_OUT_OF_ORDER_BYTES
+                || self.ahead.len() > MAX_OUT_OF_ORDER_SEGMENTS
+            {
+                return self.give_up(deliver);
+            }
+            return 0;
+        }
+        self.deliver_from(seq, ts_ns, data, len, deliver);
+        self.drain(deliver);
+        0
+    }
+
+    /// Delivers the part of a segment at or after `next`.
+    fn deliver_from(
+        &mut self,
+        seq: u32,
+        ts_ns: u64,
+        data: &[u8],
+        len: u32,
+        deliver: &mut dyn FnMut(Piece<'_>),
+    ) {
+        let next = self.next.unwrap_or(seq);
+        let seen = next.wrapping_sub(seq);
+        if (seen as i32) < 0 || seen >= len {
+            return; // entirely before `next`: a duplicate
+        }
+        let data = data.get(seen as usize..).unwrap_or_default();
+        deliver(Piece::Data {
+            ts_ns,
+            data,
+            len: len - seen,
+        });
+        self.next = Some(seq.wrapping_add(len));
+    }
+
+    /// Delivers the segments that `next` has reached.
+    fn drain(&mut self, deliver: &mut dyn FnMut(Piece<'_>)) {
+        while let Some(entry) = self.ahead.first_entry() {
+            let next = self.next.unwrap_or(entry.get().seq);
+            if (entry.get().seq.wrapping_sub(next) as i32) > 0 {
+                break;
+            }
+            let segment = entry.remove();
+            self.ahead_bytes -= segment.data.len();
+            self.deliver_from(segment.seq, segment.ts_ns, &segment.data, segment.len, deliver);
+        }
+        // Distances were measured from an older `next`: rebase them.
+        if let Some(next) = self.next
+            && !self.ahead.is_empty()
+        {
+            let pending = std::mem::take(&mut self.ahead);
+            self.ahead = pending
+                .into_values()
+                .map(|segment| (segment.seq.wrapping_sub(next), segment))
+                .collect();
+        }
+    }
+
+    /// Skips the first hole: reports it as a gap and delivers what follows.
+    /// Returns 1 if there was a hole.
+    fn give_up(&mut self, deliver: &mut dyn FnMut(Piece<'_>)) -> u64 {
+        let Some(first) = self.ahead.values().next() else {
+            return 0;
+        };
+        let (seq, ts_ns) = (first.seq, first.ts_ns);
+        if let Some(next) = self.next {
+            deliver(Piece::Gap {
+                ts_ns,
+                len: seq.wrapping_sub(next),
+            });
+        }
+        self.next = Some(seq);
+        self.drain(deliver);
+        1
+    }
+
+    fn hole_older_than(&self, now_ns: u64, limit_ns: u64) -> bool {
+        self.ahead
+            .values()
+            .map(|segment| segment.ts_ns)
+            .min()
+            .is_some_and(|oldest| now_ns.saturating_sub(oldest) > limit_ns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collect(order: &mut Reorder, seq: u32, bytes: &[u8], out: &mut Vec<String>) {
+        order.push(seq, 0, bytes, bytes.len() as u32, &mut |piece| match piece {
+            Piece::Data { data, .. } => out.push(String::from_utf8_lossy(data).into()),
+            Piece::Gap { len, .. } => out.push(format!("<gap {len}>")),
+        });
+    }
+
+    #[test]
+    fn reordered_and_duplicated_segments_come_out_in_order_once() {
+        let mut order = Reorder::default();
+        let mut out = Vec::new();
+        collect(&mut order, 100, b"aaaa", &mut out);
+        collect(&mut order, 108, b"cccc", &mut out); // ahead of a loss
+        collect(&mut order, 112, b"dddd", &mut out);
+        collect(&mut order, 100, b"aaaa", &mut out); // duplicate
+        collect(&mut order, 104, b"bbbb", &mut out); // the retransmission
+        collect(&mut order, 110, b"ccdd", &mut out); // overlapping duplicate
+        collect(&mut order, 116, b"eeee", &mut out);
+        assert_eq!(out.concat(), "aaaabbbbccccddddeeee");
+    }
+
+    #[test]
+    fn a_hole_given_up_on_is_a_gap_of_its_size() {
+        let mut order = Reorder::default();
+        let mut out = Vec::new();
+        collect(&mut order, u32::MAX - 1, b"ab", &mut out); // across the wrap
+        collect(&mut order, 5, b"zz", &mut out);
+        let gaps = order.give_up(&mut |piece| match piece {
+            Piece::Data { data, .. } => out.push(String::from_utf8_lossy(data).into()),
+            Piece::Gap { len, .. } => out.push(format!("<gap {len}>")),
+        });
+        assert_eq!(gaps, 1);
+        assert_eq!(out, vec!["ab", "<gap 5>", "zz"]);
     }
 }

@@ -57,7 +57,6 @@ pub struct KernelStats {
     pub connect_map_full: u64,
     pub connection_map_full: u64,
     pub read_failed: u64,
-    pub resp_gaps: u64,
     pub resp_flow_map_full: u64,
     pub resp_truncated: u64,
 }
@@ -152,13 +151,12 @@ impl Probes {
                 .map(|values| values.iter().sum())
                 .unwrap_or(0)
         };
-        debug_assert_eq!(STAT_COUNT, 7, "update KernelStats with the new counters");
+        debug_assert_eq!(STAT_COUNT, 6, "update KernelStats with the new counters");
         KernelStats {
             ring_buffer_full: sum(StatId::RingBufferFull),
             connect_map_full: sum(StatId::ConnectMapFull),
             connection_map_full: sum(StatId::ConnectionMapFull),
             read_failed: sum(StatId::ReadFailed),
-            resp_gaps: sum(StatId::RespGap),
             resp_flow_map_full: sum(StatId::RespFlowMapFull),
             resp_truncated: sum(StatId::RespTruncated),
         }

@@ -89,6 +89,15 @@ impl Command {
         self.sub
     }
 
+    /// A cheap identity: names come from static tables, so equal commands
+    /// have equal name pointers.
+    pub fn id(&self) -> (usize, usize) {
+        (
+            self.name.as_ptr() as usize,
+            self.sub.map_or(0, |sub| sub.as_ptr() as usize),
+        )
+    }
+
     fn is(&self, name: &str, sub: Option<&str>) -> bool {
         self.name == name && self.sub == sub
     }

@@ -222,7 +222,8 @@ pub struct Stats {
     pub connect_map_full: u64,
     pub connection_map_full: u64,
     pub read_failed: u64,
-    /// Segments after bytes never seen (gaps); the stream resynchronised.
+    /// Holes in a stream that never filled (bytes lost to a full ring
+    /// buffer, or waited for too long); the stream resynchronised.
     pub resp_gaps: u64,
     pub resp_flow_map_full: u64,
     /// Segments longer than what is copied per segment (rest skipped by length).
@@ -238,6 +239,7 @@ impl Stats {
     pub fn with_tracker(mut self, tracker: crate::tracker::TrackerStats) -> Self {
         self.resp_unparsed_bytes = tracker.unparsed_bytes;
         self.resp_desyncs = tracker.desyncs;
+        self.resp_gaps = tracker.gaps;
         self.resp_unmatched_replies = tracker.unmatched_replies;
         self
     }
@@ -247,7 +249,6 @@ impl Stats {
         self.connect_map_full = kernel.connect_map_full;
         self.connection_map_full = kernel.connection_map_full;
         self.read_failed = kernel.read_failed;
-        self.resp_gaps = kernel.resp_gaps;
         self.resp_flow_map_full = kernel.resp_flow_map_full;
         self.resp_truncated = kernel.resp_truncated;
         self
