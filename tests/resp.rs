@@ -1060,7 +1060,7 @@ fn a_connection_older_than_the_agent_is_counted_from_the_first_boundary() -> any
         e["type"] == "stats"
     })?;
     let baseline_stats = trace.events[baseline].clone();
-    let unparsed_before = baseline_stats["resp_unparsed"].as_u64();
+    let unparsed_before = baseline_stats["resp_unparsed_bytes"].as_u64();
     for i in 0..PAIRS {
         let (key, value) = (format!("k{i}"), format!("v{i:02}"));
         round_trip(&mut stream, &resp(&["SET", &key, &value]), b"+OK\r\n")?;
@@ -1137,7 +1137,7 @@ fn a_connection_older_than_the_agent_is_counted_from_the_first_boundary() -> any
         }
     }
     let final_stats = last_stats(&events).cloned().unwrap_or(Value::Null);
-    let unparsed_after = final_stats["resp_unparsed"].as_u64();
+    let unparsed_after = final_stats["resp_unparsed_bytes"].as_u64();
     eprintln!(
         "resp_unparsed: {unparsed_before:?} after the boundary, {unparsed_after:?} at exit; stats after the boundary {baseline_stats}, at exit {final_stats}"
     );

@@ -47,7 +47,9 @@ pub struct RespFlow {
     /// Next sequence number the socket sends: egress bytes below it were
     /// handed over already (a retransmission is cut off).
     pub sent_seq: u32,
-    pub _pad1: u32,
+    /// Records of this connection the full ring buffer refused: userspace
+    /// stops waiting for the holes they left when this changes.
+    pub drops: u32,
 }
 
 pub const FLOW_SENT_SEQ: u8 = 1;
@@ -74,7 +76,9 @@ pub struct SegmentEvent {
     /// Where this record's bytes start in that payload.
     pub offset: u32,
     pub captured: u32,
-    pub _pad1: [u32; 2],
+    /// `RespFlow::drops` when the record was written.
+    pub drops: u32,
+    pub _pad1: u32,
 }
 
 /// The application read from a traced socket that had unread data

@@ -289,7 +289,7 @@ fn on_segment(ctx: &SkBuffContext, egress: bool) -> Option<()> {
 fn copy_out(
     ctx: &SkBuffContext,
     cookie: u64,
-    flow: &RespFlow,
+    flow: &mut RespFlow,
     stream: u8,
     flags: u8,
     start: u32,
@@ -332,7 +332,8 @@ fn copy_out(
         event.len = len;
         event.offset = offset;
         event.seq = seq;
-        event._pad1 = [0; 2];
+        event.drops = flow.drops;
+        event._pad1 = 0;
         let copied = if take > 0 {
             // 1..=CHUNK_BYTES for the verifier too: the compiler knows
             // `take` is in range and would drop a plain check, so the bound
@@ -366,6 +367,7 @@ fn copy_out(
         };
         if ret != 0 {
             count(StatId::RingBufferFull);
+            flow.drops = flow.drops.wrapping_add(1);
             return;
         }
         if last {
@@ -415,7 +417,7 @@ fn new_flow(
         flags: if from_start { FLOW_FROM_START } else { 0 },
         _pad: 0,
         sent_seq: 0,
-        _pad1: 0,
+        drops: 0,
     };
     if RESP_FLOWS.insert(&cookie, &flow, BPF_NOEXIST).is_err()
         && RESP_FLOWS.get_ptr(&cookie).is_none()

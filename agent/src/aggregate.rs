@@ -187,6 +187,7 @@ mod tests {
             command,
             outcome,
             latency_ns: latency_us * 1_000,
+            first_byte_ns: None,
             read_delay_ns: None,
             request_bytes: 10,
             reply_bytes: 5,

@@ -41,6 +41,8 @@ pub struct Segment<'a> {
     pub seq: u32,
     /// Where `data` starts in the payload.
     pub offset: u32,
+    /// Records of this connection lost to a full ring buffer so far.
+    pub drops: u32,
     pub data: &'a [u8],
 }
 
@@ -209,6 +211,7 @@ fn decode_segment(record: &[u8]) -> Result<Segment<'_>, DecodeError> {
         len: raw.len,
         offset: raw.offset,
         seq: raw.seq,
+        drops: raw.drops,
         data: &record[head..head + captured],
     })
 }

@@ -33,11 +33,13 @@ const READS_KEPT: usize = 64;
 /// A held exchange is given up waiting for its read after this long.
 const HOLD_LIMIT_NS: u64 = 1_000_000_000;
 /// Out-of-order bytes kept per stream while a hole waits to be filled; a
-/// hole is given up (skipped as a gap) beyond that, or after
-/// `HOLE_LIMIT_NS` (a loss is repaired within a few RTOs).
+/// hole is given up (skipped as a gap) beyond that, at once when the kernel
+/// reports a record of the connection lost to a full ring buffer (that
+/// hole never fills), or after `HOLE_LIMIT_NS` (TCP repairs a loss within
+/// a few backed-off RTOs; a stream still waiting by then is stuck anyway).
 const MAX_OUT_OF_ORDER_BYTES: usize = 4 << 20;
 const MAX_OUT_OF_ORDER_SEGMENTS: usize = 1_024;
-const HOLE_LIMIT_NS: u64 = 1_500_000_000;
+const HOLE_LIMIT_NS: u64 = 20_000_000_000;
 /// A socket without traffic for this long is forgotten (the kernel's
 /// destroy event may have been lost, or the kernel's LRU evicted it).
 const IDLE_LIMIT_NS: u64 = 600_000_000_000;
@@ -68,9 +70,12 @@ pub struct Exchange {
     pub cgroup: Option<String>,
     pub command: Command,
     pub outcome: Outcome,
-    /// Client: request sent → first reply byte arrived. Server: request
-    /// arrived → first reply byte written. Timeout: its age.
+    /// Client: request's first byte sent → reply complete (its last byte
+    /// arrived). Server: request's first byte arrived → reply's last byte
+    /// written. Timeout: its age.
     pub latency_ns: u64,
+    /// Request sent (arrived) → reply's first byte arrived (written).
+    pub first_byte_ns: Option<u64>,
     /// Client: reply arrived → the application read. Server: request
     /// arrived → Redis read it.
     pub read_delay_ns: Option<u64>,
@@ -91,6 +96,8 @@ struct Flow {
     assembling: [Vec<u8>; 2],
     /// Each stream put back in TCP order.
     order: [Reorder; 2],
+    /// The kernel's count of this connection's records it could not queue.
+    drops: u32,
     /// Client role: exchanges waiting for the application's read.
     held: Vec<Exchange>,
     /// Server role: when Redis read.
@@ -137,6 +144,7 @@ impl Tracker {
             cgroup_id: segment.cgroup_id,
             assembling: [Vec::new(), Vec::new()],
             order: [Reorder::default(), Reorder::default()],
+            drops: 0,
             held: Vec::new(),
             reads: VecDeque::new(),
             last_ns: segment.ts_ns,
@@ -164,18 +172,6 @@ impl Tracker {
         };
         let events = &mut self.events;
         events.clear();
-        let requests = segment.requests;
-        let deliver = |matcher: &mut Matcher, piece: Piece<'_>, events: &mut Vec<resp::Event>| {
-            let chunk = match piece {
-                Piece::Data { ts_ns, data, len } => Chunk::truncated(ts_ns, data, u64::from(len)),
-                Piece::Gap { ts_ns, len } => Chunk::truncated(ts_ns, &[], u64::from(len)),
-            };
-            if requests {
-                matcher.on_request(chunk, events);
-            } else {
-                matcher.on_reply(chunk, events);
-            }
-        };
         if segment.len > 0 {
             let matcher = &mut flow.matcher;
             self.retired.gaps += flow.order[stream].push(
@@ -183,14 +179,26 @@ impl Tracker {
                 segment.ts_ns,
                 data,
                 segment.len,
-                &mut |piece| deliver(matcher, piece, events),
+                &mut |piece| feed(matcher, stream, piece, events),
             );
         }
         if segment.flags & (SEGMENT_FIN | SEGMENT_RST) != 0 {
             // Nothing more comes on this stream: skip what is still missing.
             let matcher = &mut flow.matcher;
             self.retired.gaps +=
-                flow.order[stream].give_up(&mut |piece| deliver(matcher, piece, events));
+                flow.order[stream].give_up(&mut |piece| feed(matcher, stream, piece, events));
+        }
+        if segment.drops != flow.drops {
+            // A record of this connection was lost (either stream): its
+            // hole never fills.
+            flow.drops = segment.drops;
+            for lost in 0..2 {
+                let matcher = &mut flow.matcher;
+                while flow.order[lost].give_up(&mut |piece| feed(matcher, lost, piece, events)) > 0
+                {
+                    self.retired.gaps += 1;
+                }
+            }
         }
         let mut closer = None;
         if segment.flags & (SEGMENT_FIN | SEGMENT_RST) != 0 && !flow.closed {
@@ -250,19 +258,8 @@ impl Tracker {
                     continue;
                 }
                 let matcher = &mut flow.matcher;
-                self.retired.gaps += flow.order[stream].give_up(&mut |piece| {
-                    let chunk = match piece {
-                        Piece::Data { ts_ns, data, len } => {
-                            Chunk::truncated(ts_ns, data, u64::from(len))
-                        }
-                        Piece::Gap { ts_ns, len } => Chunk::truncated(ts_ns, &[], u64::from(len)),
-                    };
-                    if stream == 0 {
-                        matcher.on_request(chunk, &mut events);
-                    } else {
-                        matcher.on_reply(chunk, &mut events);
-                    }
-                });
+                self.retired.gaps += flow.order[stream]
+                    .give_up(&mut |piece| feed(matcher, stream, piece, &mut events));
             }
             flow.matcher.expire(now_ns, timeout, &mut events);
             for event in events {
@@ -356,6 +353,7 @@ impl Flow {
             command,
             outcome,
             latency_ns,
+            first_byte_ns: None,
             read_delay_ns: None,
             request_bytes,
             reply_bytes: 0,
@@ -369,9 +367,11 @@ impl Flow {
                     ReplyKind::Nil => Outcome::Nil,
                     ReplyKind::Error(prefix) => Outcome::Error(prefix),
                 };
-                let latency = m.reply_first_byte_ts_ns.saturating_sub(m.sent_ts_ns);
+                let latency = m.reply_last_byte_ts_ns.saturating_sub(m.sent_ts_ns);
                 let mut exchange = base(m.command, outcome, latency, m.request_bytes);
-                exchange.ts_ns = m.reply_first_byte_ts_ns;
+                exchange.ts_ns = m.reply_last_byte_ts_ns;
+                exchange.first_byte_ns =
+                    Some(m.reply_first_byte_ts_ns.saturating_sub(m.sent_ts_ns));
                 exchange.reply_bytes = m.reply_bytes;
                 exchange.depth = m.depth;
                 match self.role {
@@ -420,6 +420,19 @@ impl Flow {
                 .map(|read| read - exchange.ts_ns);
             out.push(exchange);
         }
+    }
+}
+
+/// Gives a piece of stream 0 (requests) or 1 (replies) to the matcher.
+fn feed(matcher: &mut Matcher, stream: usize, piece: Piece<'_>, events: &mut Vec<resp::Event>) {
+    let chunk = match piece {
+        Piece::Data { ts_ns, data, len } => Chunk::truncated(ts_ns, data, u64::from(len)),
+        Piece::Gap { ts_ns, len } => Chunk::truncated(ts_ns, &[], u64::from(len)),
+    };
+    if stream == 0 {
+        matcher.on_request(chunk, events);
+    } else {
+        matcher.on_reply(chunk, events);
     }
 }
 

@@ -199,6 +199,8 @@ pub struct Matched {
     /// Timestamp of the chunk holding the reply's first byte (for a
     /// subscribe, the first confirmation's).
     pub reply_first_byte_ts_ns: u64,
+    /// Timestamp of the chunk that completed the reply (its last byte).
+    pub reply_last_byte_ts_ns: u64,
     pub reply_kind: ReplyKind,
     /// Bytes of the request and of its reply, uncaptured bytes included.
     pub request_bytes: u64,

@@ -107,12 +107,16 @@ struct RequestBody<'a> {
     outcome: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
-    /// Client: request sent → first reply byte at the socket. Server:
-    /// request arrived → first reply byte written. Timeout: age.
+    /// Client: request's first byte sent → reply complete at the socket.
+    /// Server: request arrived → reply's last byte written. Timeout: age.
     latency_us: f64,
-    /// Client: same as `latency_us` — the reply reached the socket.
+    /// Client: same as `latency_us` — when the reply had reached the socket
+    /// (whether or not the application read it).
     #[serde(skip_serializing_if = "Option::is_none")]
     reply_arrival_us: Option<f64>,
+    /// Request sent → the reply's first byte (arrived, or written).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_byte_us: Option<f64>,
     /// Client: reply at the socket → the application read it. Server:
     /// request at the socket → Redis read it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -433,6 +437,7 @@ fn request_body(e: &Exchange) -> RequestBody<'_> {
         },
         latency_us: micros(e.latency_ns),
         reply_arrival_us: (client && answered).then(|| micros(e.latency_ns)),
+        first_byte_us: e.first_byte_ns.map(micros),
         app_read_delay_us: e.read_delay_ns.map(micros),
         service_us: (!client && answered)
             .then_some(())
