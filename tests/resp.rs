@@ -360,6 +360,11 @@ fn assert_counted_exactly(mut trace: Trace, expected: &[Expected]) -> anyhow::Re
     if let Err(e) = covered {
         failures.push(format!("{e:#}"));
     }
+    if !failures.is_empty()
+        && let Some(stats) = events.iter().rev().find(|e| e["type"] == "stats")
+    {
+        failures.push(format!("agent stats at exit: {stats}"));
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(events)
 }

@@ -32,6 +32,11 @@ pub const SEGMENT_RST: u8 = 1 << 2;
 pub const SEGMENT_LAST: u8 = 1 << 3;
 /// The connection was seen from its handshake: its streams start here.
 pub const SEGMENT_FROM_START: u8 = 1 << 4;
+/// Received by a listening socket: the segment that completed a handshake
+/// whose last ACK was lost carries the connection's first request, and the
+/// kernel hands it to the listener before the new socket exists. `cookie`
+/// is 0 and `tuple` the packet's; userspace gives it to that connection.
+pub const SEGMENT_VIA_LISTENER: u8 = 1 << 5;
 
 /// Per-connection state, keyed by socket cookie.
 #[repr(C)]

@@ -16,13 +16,14 @@ use agent_common::{
     resp::{
         CHUNK_BYTES, FLOW_FROM_START, FLOW_SENT_SEQ, FLOW_UNREAD, MAX_CHUNKS, MAX_RESP_FLOWS,
         ROLE_CLIENT, ROLE_SERVER, RespFlow, SEGMENT_FIN, SEGMENT_FROM_START, SEGMENT_LAST,
-        SEGMENT_RST, STREAM_REPLIES, STREAM_REQUESTS, SegmentEvent, SocketEvent,
+        SEGMENT_RST, SEGMENT_VIA_LISTENER, STREAM_REPLIES, STREAM_REQUESTS, SegmentEvent,
+        SocketEvent,
     },
 };
 use aya_ebpf::{
     helpers::generated::{
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_ringbuf_output, bpf_skb_cgroup_id,
-        bpf_skb_load_bytes,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_ringbuf_output, bpf_sk_fullsock,
+        bpf_skb_cgroup_id, bpf_skb_load_bytes,
     },
     macros::{cgroup_skb, map, tracepoint},
     maps::{LruHashMap, PerCpuArray},
@@ -223,6 +224,28 @@ fn on_segment(ctx: &SkBuffContext, egress: bool) -> Option<()> {
         return None; // a bare ACK
     }
     let len = skb_len.saturating_sub(payload);
+    if !egress && len > 0 && owned_by_listener(ctx) {
+        // See SEGMENT_VIA_LISTENER.
+        let (client, server) = (remote, local);
+        let mut flow = RespFlow {
+            // SAFETY: helper on the program's own skb.
+            cgroup_id: unsafe { bpf_skb_cgroup_id(skb.cast()) },
+            // The listener has no peer: the ports come from the packet.
+            tuple: FlowTuple {
+                saddr: client,
+                daddr: server,
+                sport: u16::from_be_bytes([tcp[0], tcp[1]]),
+                dport: u16::from_be_bytes([tcp[2], tcp[3]]),
+            },
+            role: ROLE_SERVER,
+            flags: 0,
+            _pad: 0,
+            sent_seq: 0,
+            drops: 0,
+        };
+        copy_out(ctx, 0, &mut flow, STREAM_REQUESTS, SEGMENT_VIA_LISTENER, payload, len, seq);
+        return None;
+    }
     // SAFETY: helper on the program's own skb.
     let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
     let flow = match RESP_FLOWS.get_ptr_mut(&cookie) {
@@ -374,6 +397,23 @@ fn copy_out(
             break;
         }
         chunk += 1;
+    }
+}
+
+/// The skb belongs to a listening socket (TCP_LISTEN): a connection's
+/// first data that completed its handshake.
+#[inline(always)]
+fn owned_by_listener(ctx: &SkBuffContext) -> bool {
+    const TCP_LISTEN: u32 = 10;
+    // SAFETY: context field read; the helper accepts any socket pointer the
+    // verifier lets through (it checks for NULL).
+    unsafe {
+        let sk = (*ctx.skb.skb).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return false;
+        }
+        let full = bpf_sk_fullsock(sk);
+        !full.is_null() && (*full).state == TCP_LISTEN
     }
 }
 

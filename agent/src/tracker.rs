@@ -16,7 +16,7 @@ use std::{
 
 use agent_common::{
     Closer, ConnectionRole,
-    resp::{SEGMENT_FIN, SEGMENT_FROM_START, SEGMENT_LAST, SEGMENT_RST},
+    resp::{SEGMENT_FIN, SEGMENT_FROM_START, SEGMENT_LAST, SEGMENT_RST, SEGMENT_VIA_LISTENER},
 };
 
 use crate::{
@@ -117,9 +117,23 @@ pub struct TrackerStats {
     pub flows_evicted: u64,
 }
 
+/// First requests received by a listener, waiting for their connection's
+/// socket to show up (see `SEGMENT_VIA_LISTENER`).
+const MAX_HANDED_OVER: usize = 4_096;
+const HANDOVER_LIMIT_NS: u64 = 10_000_000_000;
+
+struct HandedOver {
+    ts_ns: u64,
+    seq: u32,
+    data: Vec<u8>,
+    len: u32,
+}
+
 #[derive(Default)]
 pub struct Tracker {
     flows: FxHashMap<u64, Flow>,
+    /// By (client, server).
+    handed_over: FxHashMap<(SocketAddr, SocketAddr), Vec<HandedOver>>,
     /// Scratch for the matcher's output, reused across segments.
     events: Vec<resp::Event>,
     /// Counters of flows already gone.
@@ -129,6 +143,25 @@ pub struct Tracker {
 impl Tracker {
     /// One record of a segment; finished exchanges go to `out`.
     pub fn segment(&mut self, segment: &Segment<'_>, out: &mut Vec<Exchange>) {
+        if segment.flags & SEGMENT_VIA_LISTENER != 0 {
+            // Whole single-record segments only: a first request.
+            if segment.offset == 0
+                && segment.flags & SEGMENT_LAST != 0
+                && self.handed_over.len() < MAX_HANDED_OVER
+            {
+                self.handed_over
+                    .entry((segment.client, segment.server))
+                    .or_default()
+                    .push(HandedOver {
+                        ts_ns: segment.ts_ns,
+                        seq: segment.seq,
+                        data: segment.data.to_vec(),
+                        len: segment.len,
+                    });
+            }
+            return;
+        }
+        let created = !self.flows.contains_key(&segment.cookie);
         if !self.flows.contains_key(&segment.cookie) && self.flows.len() >= MAX_FLOWS {
             self.evict_oldest(out);
         }
@@ -151,6 +184,19 @@ impl Tracker {
             closed: false,
         });
         flow.last_ns = segment.ts_ns;
+        let events = &mut self.events;
+        events.clear();
+        if created
+            && segment.role == ConnectionRole::Server
+            && let Some(first) = self.handed_over.remove(&(segment.client, segment.server))
+        {
+            for piece in first {
+                let matcher = &mut flow.matcher;
+                flow.order[0].push(piece.seq, piece.ts_ns, &piece.data, piece.len, &mut |p| {
+                    feed(matcher, 0, p, events)
+                });
+            }
+        }
         let stream = usize::from(!segment.requests);
         let whole = segment.offset == 0 && segment.flags & SEGMENT_LAST != 0;
         if !whole {
@@ -170,8 +216,6 @@ impl Tracker {
             assembled = std::mem::take(&mut flow.assembling[stream]);
             &assembled
         };
-        let events = &mut self.events;
-        events.clear();
         if segment.len > 0 {
             let matcher = &mut flow.matcher;
             self.retired.gaps += flow.order[stream].push(
@@ -250,6 +294,11 @@ impl Tracker {
     /// `timeout` time out, held exchanges stop waiting for a read, idle
     /// sockets are forgotten.
     pub fn tick(&mut self, now_ns: u64, timeout: Duration, out: &mut Vec<Exchange>) {
+        self.handed_over.retain(|_, pieces| {
+            pieces
+                .last()
+                .is_some_and(|piece| now_ns.saturating_sub(piece.ts_ns) < HANDOVER_LIMIT_NS)
+        });
         let mut idle = Vec::new();
         for (&cookie, flow) in &mut self.flows {
             let mut events = Vec::new();
@@ -554,6 +603,12 @@ impl Reorder {
             return 0;
         };
         let (seq, ts_ns) = (first.seq, first.ts_ns);
+        tracing::debug!(
+            next = ?self.next,
+            first_ahead = seq,
+            waiting = self.ahead.len(),
+            "giving up a hole in a stream"
+        );
         if let Some(next) = self.next {
             deliver(Piece::Gap {
                 ts_ns,
@@ -611,5 +666,60 @@ mod tests {
         });
         assert_eq!(gaps, 1);
         assert_eq!(out, vec!["ab", "<gap 5>", "zz"]);
+    }
+}
+
+#[cfg(test)]
+mod reorder_properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any mix of reordering, duplication and overlapping
+        /// retransmission of a stream's segments comes out as the stream.
+        #[test]
+        fn delivers_the_stream_once_in_order(
+            start in any::<u32>(),
+            cuts in proptest::collection::vec(1usize..40, 1..30),
+            shuffle in proptest::collection::vec((any::<usize>(), any::<usize>()), 0..40),
+            dups in proptest::collection::vec((any::<usize>(), 0usize..10, 0usize..50), 0..10),
+        ) {
+            let total: usize = cuts.iter().sum();
+            let stream: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
+            let mut segments = Vec::new();
+            let mut at = 0;
+            for cut in &cuts {
+                segments.push((at, *cut));
+                at += cut;
+            }
+            // Retransmissions that re-cut the stream (overlaps).
+            for (i, back, extra) in &dups {
+                let (s, l) = segments[i % segments.len()];
+                let from = s.saturating_sub(*back);
+                let to = (s + l + extra).min(total);
+                segments.push((from, to - from));
+            }
+            for (a, b) in &shuffle {
+                let n = segments.len();
+                segments.swap(a % n, b % n);
+            }
+            // The first segment must be the stream's start (as for a
+            // connection seen from its first byte).
+            let first = segments.iter().position(|&(s, _)| s == 0).unwrap();
+            segments.swap(0, first);
+            let mut order = Reorder::default();
+            let mut out = Vec::new();
+            for (s, l) in segments {
+                let seq = start.wrapping_add(s as u32);
+                order.push(seq, 0, &stream[s..s + l], l as u32, &mut |piece| match piece {
+                    Piece::Data { data, len, .. } => {
+                        assert_eq!(data.len(), len as usize);
+                        out.extend_from_slice(data);
+                    }
+                    Piece::Gap { .. } => panic!("no hole may be given up"),
+                });
+            }
+            prop_assert_eq!(out, stream);
+        }
     }
 }
