@@ -23,8 +23,8 @@
 //! otherwise (the kernel's retransmit timer), and ICMP errors show as timeouts.
 
 use agent_common::{
-    COMM_LEN, CONFIG_HAS_ERROR_REPORT, ConnectEvent, ConnectOutcome, ConnectionRole,
-    EventHeader, EventKind, FlowTuple, MAX_CONNECTS_IN_FLIGHT, StatId, SynAnswer, TaskInfo, errno,
+    COMM_LEN, CONFIG_HAS_ERROR_REPORT, ConnectEvent, ConnectOutcome, ConnectionRole, EventHeader,
+    EventKind, FlowTuple, MAX_CONNECTS_IN_FLIGHT, StatId, SynAnswer, TaskInfo, errno,
     failed_connect_outcome, family_of,
 };
 use aya_ebpf::{

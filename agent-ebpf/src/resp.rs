@@ -164,7 +164,12 @@ fn ports(ctx: &SkBuffContext) -> (u16, u16) {
 fn load<const N: usize>(ctx: &SkBuffContext, offset: u32, buf: &mut [u8; N]) -> bool {
     // SAFETY: `buf` has N bytes.
     unsafe {
-        bpf_skb_load_bytes(ctx.skb.skb.cast(), offset, buf.as_mut_ptr().cast(), N as u32) == 0
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            offset,
+            buf.as_mut_ptr().cast(),
+            N as u32,
+        ) == 0
     }
 }
 
@@ -243,7 +248,16 @@ fn on_segment(ctx: &SkBuffContext, egress: bool) -> Option<()> {
             sent_seq: 0,
             drops: 0,
         };
-        copy_out(ctx, 0, &mut flow, STREAM_REQUESTS, SEGMENT_VIA_LISTENER, payload, len, seq);
+        copy_out(
+            ctx,
+            0,
+            &mut flow,
+            STREAM_REQUESTS,
+            SEGMENT_VIA_LISTENER,
+            payload,
+            len,
+            seq,
+        );
         return None;
     }
     // SAFETY: helper on the program's own skb.
@@ -497,7 +511,10 @@ fn socket_event(kind: EventKind, cookie: u64) {
         },
         cookie,
     };
-    if EVENTS.output::<SocketEvent>(&event, submit_flags()).is_err() {
+    if EVENTS
+        .output::<SocketEvent>(&event, submit_flags())
+        .is_err()
+    {
         count(StatId::RingBufferFull);
     }
 }

@@ -146,9 +146,8 @@ impl Aggregator {
             .map(|(_, mut acc)| {
                 let h = &acc.histogram;
                 if !h.is_empty() {
-                    acc.series.percentiles = Some(
-                        [50.0, 90.0, 99.0, 99.9].map(|q| h.value_at_percentile(q) as f64),
-                    );
+                    acc.series.percentiles =
+                        Some([50.0, 90.0, 99.0, 99.9].map(|q| h.value_at_percentile(q) as f64));
                     acc.series.max_us = Some(h.max() as f64);
                     acc.series.mean_us = Some((h.mean() * 10.0).round() / 10.0);
                 }
@@ -214,7 +213,10 @@ mod tests {
         let [p50, _, p99, p999] = s.percentiles.unwrap();
         assert!((p50 - 100.0).abs() <= 1.0, "{p50}");
         assert!(p99 <= 101.0 && p999 >= 9_990.0, "{p99} {p999}");
-        assert!(s.max_us.unwrap() < 1_000_000.0, "timeouts are not latencies");
+        assert!(
+            s.max_us.unwrap() < 1_000_000.0,
+            "timeouts are not latencies"
+        );
         assert!(agg.window(10.0).series.is_empty(), "windows start empty");
     }
 }

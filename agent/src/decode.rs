@@ -7,7 +7,10 @@ use agent_common::{
     AF_INET, AF_INET6, COMM_LEN, CONNECTION_SEEDED, CloseEvent, Closer, ConnectEvent,
     ConnectOutcome, ConnectionCounters, ConnectionRole, EventHeader, EventKind, FlowTuple,
     SynAckRetransmitEvent, SynAnswer, TaskInfo,
-    resp::{CHUNK_BYTES, ROLE_CLIENT, ROLE_SERVER, STREAM_REPLIES, STREAM_REQUESTS, SegmentEvent, SocketEvent},
+    resp::{
+        CHUNK_BYTES, ROLE_CLIENT, ROLE_SERVER, STREAM_REPLIES, STREAM_REQUESTS, SegmentEvent,
+        SocketEvent,
+    },
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,9 +19,15 @@ pub enum Event {
     Close(Close),
     SynAckRetransmit(SynAckRetransmit),
     /// The application read from a traced socket that had unread data.
-    AppRead { ts_ns: u64, cookie: u64 },
+    AppRead {
+        ts_ns: u64,
+        cookie: u64,
+    },
     /// A traced socket was destroyed.
-    SocketGone { ts_ns: u64, cookie: u64 },
+    SocketGone {
+        ts_ns: u64,
+        cookie: u64,
+    },
 }
 
 /// Payload bytes of one TCP segment of a watched connection (one record of

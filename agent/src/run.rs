@@ -17,13 +17,13 @@ use crate::{
     cli::{Cli, Emit},
     clock::{Clock, monotonic_ns},
     decode::{Event, decode},
-    tracker::{Exchange, Outcome, Tracker},
     enrich::Enricher,
     gauges::open_connection_gauges,
     preflight,
     probes::{LoadOptions, Probes, connection, resp::PacketHook},
     procfs,
     sinks::json::{JsonSink, SCHEMA_VERSION, Started, Stats},
+    tracker::{Exchange, Outcome, Tracker},
 };
 
 /// Longest time an event waits in the ring buffer before it is written.
@@ -147,11 +147,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     drain(events.get_mut(), &mut pipeline, &mut sink, &mut stats)?;
     pipeline.tracker.flush(&mut pipeline.exchanges);
     pipeline.write_exchanges(&mut sink).map_err(output_error)?;
-    let mut window = pipeline.aggregator.window(window_start.elapsed().as_secs_f64());
+    let mut window = pipeline
+        .aggregator
+        .window(window_start.elapsed().as_secs_f64());
     pipeline.enricher.window(&mut window);
     sink.latency(&window).map_err(output_error)?;
     let kernel = probes.kernel_stats();
-    sink.stats(&stats.with_kernel(kernel).with_tracker(pipeline.tracker.stats()))?;
+    sink.stats(
+        &stats
+            .with_kernel(kernel)
+            .with_tracker(pipeline.tracker.stats()),
+    )?;
     sink.flush()?;
     tracing::info!("detaching");
     result
@@ -212,11 +218,15 @@ fn drain<W: Write>(
                 stats.events += 1;
                 match &event {
                     Event::AppRead { ts_ns, cookie } => {
-                        pipeline.tracker.app_read(*cookie, *ts_ns, &mut pipeline.exchanges);
+                        pipeline
+                            .tracker
+                            .app_read(*cookie, *ts_ns, &mut pipeline.exchanges);
                         continue;
                     }
                     Event::SocketGone { ts_ns, cookie } => {
-                        pipeline.tracker.socket_gone(*cookie, *ts_ns, &mut pipeline.exchanges);
+                        pipeline
+                            .tracker
+                            .socket_gone(*cookie, *ts_ns, &mut pipeline.exchanges);
                         continue;
                     }
                     _ => {}

@@ -8,11 +8,7 @@
 //! data arrived.
 
 use rustc_hash::FxHashMap;
-use std::{
-    collections::VecDeque,
-    net::SocketAddr,
-    time::Duration,
-};
+use std::{collections::VecDeque, net::SocketAddr, time::Duration};
 
 use agent_common::{
     Closer, ConnectionRole,
@@ -488,8 +484,15 @@ fn feed(matcher: &mut Matcher, stream: usize, piece: Piece<'_>, events: &mut Vec
 /// A piece of a stream in order: bytes (a captured prefix of `len`), or a
 /// hole given up on.
 enum Piece<'a> {
-    Data { ts_ns: u64, data: &'a [u8], len: u32 },
-    Gap { ts_ns: u64, len: u32 },
+    Data {
+        ts_ns: u64,
+        data: &'a [u8],
+        len: u32,
+    },
+    Gap {
+        ts_ns: u64,
+        len: u32,
+    },
 }
 
 /// One direction of a connection put back in TCP sequence order: ingress
@@ -582,7 +585,13 @@ impl Reorder {
             }
             let segment = entry.remove();
             self.ahead_bytes -= segment.data.len();
-            self.deliver_from(segment.seq, segment.ts_ns, &segment.data, segment.len, deliver);
+            self.deliver_from(
+                segment.seq,
+                segment.ts_ns,
+                &segment.data,
+                segment.len,
+                deliver,
+            );
         }
         // Distances were measured from an older `next`: rebase them.
         if let Some(next) = self.next
@@ -634,10 +643,16 @@ mod tests {
     use super::*;
 
     fn collect(order: &mut Reorder, seq: u32, bytes: &[u8], out: &mut Vec<String>) {
-        order.push(seq, 0, bytes, bytes.len() as u32, &mut |piece| match piece {
-            Piece::Data { data, .. } => out.push(String::from_utf8_lossy(data).into()),
-            Piece::Gap { len, .. } => out.push(format!("<gap {len}>")),
-        });
+        order.push(
+            seq,
+            0,
+            bytes,
+            bytes.len() as u32,
+            &mut |piece| match piece {
+                Piece::Data { data, .. } => out.push(String::from_utf8_lossy(data).into()),
+                Piece::Gap { len, .. } => out.push(format!("<gap {len}>")),
+            },
+        );
     }
 
     #[test]

@@ -6,9 +6,7 @@ pub mod resp;
 
 use std::path::Path;
 
-use agent_common::{
-    Config, ConnectionState, FlowTuple, STAT_COUNT, StatId,
-};
+use agent_common::{Config, ConnectionState, FlowTuple, STAT_COUNT, StatId};
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,

@@ -7,12 +7,12 @@ use agent_common::{Closer, ConnectOutcome, ConnectionRole, SynAnswer, errno};
 use serde::Serialize;
 
 use crate::{
-    clock::Clock,
     aggregate::Window,
+    clock::Clock,
     decode::{Close, Connect, Event, SynAckRetransmit, Task},
-    tracker::{Exchange, Outcome},
     gauges::Gauge,
     probes::KernelStats,
+    tracker::{Exchange, Outcome},
 };
 
 /// Bumped when a field changes meaning or disappears (adding one does not).
@@ -316,7 +316,11 @@ impl<W: Write> JsonSink<W> {
                 mean_us: series.mean_us,
                 request_bytes: series.request_bytes,
                 reply_bytes: series.reply_bytes,
-                overflowed: if series.op == "OTHER" { window.overflowed } else { 0 },
+                overflowed: if series.op == "OTHER" {
+                    window.overflowed
+                } else {
+                    0
+                },
             };
             self.line(now, "latency", body)?;
         }
