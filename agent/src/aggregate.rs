@@ -17,6 +17,9 @@ use crate::{
 /// Series kept per window at most; further ones are merged into one
 /// `OTHER` series (counted in `overflowed`).
 pub const MAX_SERIES: usize = 10_000;
+/// `request` lines written per series and window at most (slow requests and
+/// timeouts, not `--emit all`); the rest are counted in `lines_suppressed`.
+pub const MAX_LINES_PER_SERIES: u64 = 20;
 /// Latencies are recorded in µs from 1 µs to 1 h, 3 significant digits.
 const HIGHEST_US: u64 = 3_600_000_000;
 
@@ -41,6 +44,9 @@ pub struct Series {
     pub mean_us: Option<f64>,
     pub request_bytes: u64,
     pub reply_bytes: u64,
+    /// `request` lines written for this series in the window, and held back.
+    pub lines: u64,
+    pub lines_suppressed: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -66,7 +72,9 @@ pub struct Aggregator {
 }
 
 impl Aggregator {
-    pub fn record(&mut self, exchange: &Exchange) {
+    /// Counts an exchange. `line`: it deserves a `request` line (slow or
+    /// a timeout); returns whether the per-series budget allows it.
+    pub fn record(&mut self, exchange: &Exchange, line: bool) -> bool {
         let mut key: Key = (
             exchange.role as u8,
             exchange.cgroup_id,
@@ -98,6 +106,8 @@ impl Aggregator {
                 mean_us: None,
                 request_bytes: 0,
                 reply_bytes: 0,
+                lines: 0,
+                lines_suppressed: 0,
             },
             histogram: Histogram::new_with_bounds(1, HIGHEST_US, 3)
                 .expect("static histogram bounds are valid"),
@@ -135,6 +145,16 @@ impl Aggregator {
         if timed {
             let us = exchange.latency_ns.div_ceil(1_000).clamp(1, HIGHEST_US);
             entry.histogram.saturating_record(us);
+        }
+        if !line {
+            return false;
+        }
+        if entry.series.lines < MAX_LINES_PER_SERIES {
+            entry.series.lines += 1;
+            true
+        } else {
+            entry.series.lines_suppressed += 1;
+            false
         }
     }
 
@@ -200,11 +220,11 @@ mod tests {
         let get = crate::resp::command_of(b"GET", b"", 16).unwrap();
         let mut agg = Aggregator::default();
         for _ in 0..99 {
-            agg.record(&exchange(get, Outcome::Ok, 100));
+            agg.record(&exchange(get, Outcome::Ok, 100), false);
         }
-        agg.record(&exchange(get, Outcome::Ok, 10_000));
-        agg.record(&exchange(get, Outcome::Error(ErrorPrefix::ERR), 50));
-        agg.record(&exchange(get, Outcome::Timeout, 2_000_000));
+        agg.record(&exchange(get, Outcome::Ok, 10_000), false);
+        agg.record(&exchange(get, Outcome::Error(ErrorPrefix::ERR), 50), false);
+        agg.record(&exchange(get, Outcome::Timeout, 2_000_000), true);
         let w = agg.window(10.0);
         assert_eq!(w.series.len(), 1);
         let s = &w.series[0];
@@ -218,5 +238,21 @@ mod tests {
             "timeouts are not latencies"
         );
         assert!(agg.window(10.0).series.is_empty(), "windows start empty");
+    }
+
+    #[test]
+    fn request_lines_are_limited_per_series_and_window() {
+        let get = crate::resp::command_of(b"GET", b"", 16).unwrap();
+        let mut agg = Aggregator::default();
+        let written = (0..50)
+            .filter(|_| agg.record(&exchange(get, Outcome::Ok, 600_000), true))
+            .count();
+        assert_eq!(written as u64, MAX_LINES_PER_SERIES);
+        let w = agg.window(1.0);
+        assert_eq!(w.series[0].lines_suppressed, 50 - MAX_LINES_PER_SERIES);
+        assert!(
+            agg.record(&exchange(get, Outcome::Ok, 600_000), true),
+            "a new window"
+        );
     }
 }

@@ -178,11 +178,13 @@ impl Pipeline {
     /// Aggregates the finished exchanges and writes those that get a line.
     fn write_exchanges<W: Write>(&mut self, sink: &mut JsonSink<W>) -> std::io::Result<()> {
         for mut exchange in self.exchanges.drain(..) {
-            self.aggregator.record(&exchange);
-            let wanted = self.emit_all
-                || exchange.outcome == Outcome::Timeout
-                || exchange.latency_ns >= self.slow_ns;
-            if wanted {
+            // Slow requests and timeouts get a line within a per-series
+            // budget (an incident must not flood the log pipeline);
+            // `--emit all` is asked for and gets every line.
+            let notable =
+                exchange.outcome == Outcome::Timeout || exchange.latency_ns >= self.slow_ns;
+            let allowed = self.aggregator.record(&exchange, notable && !self.emit_all);
+            if self.emit_all || allowed {
                 self.enricher.exchange(&mut exchange);
                 sink.exchange(&exchange)?;
             }

@@ -176,6 +176,10 @@ struct LatencyBody<'a> {
     /// Requests of series beyond `MAX_SERIES`, folded into `OTHER`.
     #[serde(skip_serializing_if = "is_zero")]
     overflowed: u64,
+    /// Slow or timed-out requests whose `request` line was held back (at
+    /// most `MAX_LINES_PER_SERIES` lines per series and window).
+    #[serde(skip_serializing_if = "is_zero")]
+    lines_suppressed: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -321,6 +325,7 @@ impl<W: Write> JsonSink<W> {
                 } else {
                     0
                 },
+                lines_suppressed: series.lines_suppressed,
             };
             self.line(now, "latency", body)?;
         }

@@ -113,7 +113,9 @@ mount -t debugfs debugfs /sys/kernel/debug || fail "debugfs"
 mkdir -p /usr/lib/modules && mount --bind {modules} /usr/lib/modules || fail "binding the kernel's modules"
 ip link set lo up || fail "lo up"
 
-export RESPTRACE_BIN={agent} RESPTRACE_TIME_SCALE={time_scale}
+# The host's cache (the guest's root is the host's): the lab's Python and
+# Node client drivers live there.
+export RESPTRACE_BIN={agent} RESPTRACE_TIME_SCALE={time_scale} XDG_CACHE_HOME={cache}
 cd {tests_dir} || fail "cd {tests_dir}"
 
 mark "step agent"
@@ -136,6 +138,7 @@ mark "step done"
         modules = sh_quote(&plan.kernel.root.join("lib/modules").to_string_lossy()),
         agent = sh_quote(&plan.agent.to_string_lossy()),
         time_scale = plan.time_scale,
+        cache = sh_quote(&host_cache_dir().to_string_lossy()),
         // cargo runs test binaries in their package's directory.
         tests_dir = sh_quote(&plan.workspace.join("tests").to_string_lossy()),
     )
@@ -276,4 +279,14 @@ fn stream(
         }
     });
     Ok(receiver)
+}
+
+/// The host's `~/.cache` (`$XDG_CACHE_HOME` first), as the lab looks it up.
+fn host_cache_dir() -> std::path::PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|home| std::path::PathBuf::from(home).join(".cache"))
+        })
+        .unwrap_or_else(|| std::path::PathBuf::from("/var/cache"))
 }
