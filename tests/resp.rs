@@ -1158,3 +1158,172 @@ fn a_connection_older_than_the_agent_is_counted_from_the_first_boundary() -> any
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
 }
+
+/// Reads from `stream` until what was read ends with `suffix`.
+fn read_until_suffix(stream: &mut TcpStream, suffix: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(suffix) {
+        let n = stream.read(&mut buf)?;
+        ensure!(
+            n > 0,
+            "connection closed after {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    Ok(got)
+}
+
+fn connect(endpoint: SocketAddr) -> anyhow::Result<TcpStream> {
+    let stream = TcpStream::connect(endpoint)?;
+    stream.set_read_timeout(Some(scaled(Duration::from_secs(10))))?;
+    Ok(stream)
+}
+
+/// What came back without being a reply is not taken for one: a RESP2
+/// subscriber's messages and its subscribed-mode `PING`, a RESP3 (`HELLO 3`)
+/// subscriber's `>` push frames, `MONITOR`'s lines, and the requests
+/// `CLIENT REPLY OFF|SKIP` silence (`no_reply`). Every request of every
+/// connection is one `request` line per role with the outcome the server's
+/// bytes say, no reply is left unmatched and nothing times out.
+#[test]
+fn pushes_and_silenced_requests_are_not_taken_for_replies() -> anyhow::Result<()> {
+    let _serial = serial();
+    let server = RedisServer::start()?;
+    let endpoint = SocketAddr::from((Ipv4Addr::LOCALHOST, server.port));
+    let trace = Trace::start(
+        &[server.port],
+        &[
+            "--emit",
+            "all",
+            "--interval",
+            "1s",
+            "--stats-interval",
+            "0s",
+        ],
+    )?;
+
+    let mut sub = connect(endpoint)?;
+    round_trip(
+        &mut sub,
+        &resp(&["SUBSCRIBE", "ch1", "ch2"]),
+        b"*3\r\n$9\r\nsubscribe\r\n$3\r\nch1\r\n:1\r\n*3\r\n$9\r\nsubscribe\r\n$3\r\nch2\r\n:2\r\n",
+    )?;
+    let mut sub3 = connect(endpoint)?;
+    sub3.write_all(&resp(&["HELLO", "3"]))?;
+    read_until_suffix(&mut sub3, b"modules\r\n*0\r\n")?;
+    round_trip(
+        &mut sub3,
+        &resp(&["SUBSCRIBE", "ch1"]),
+        b">3\r\n$9\r\nsubscribe\r\n$3\r\nch1\r\n:1\r\n",
+    )?;
+    let mut publisher = connect(endpoint)?;
+    for i in 0..5 {
+        let message = format!("m{i}");
+        round_trip(
+            &mut publisher,
+            &resp(&["PUBLISH", "ch1", &message]),
+            b":2\r\n",
+        )?;
+        let body = format!("$7\r\nmessage\r\n$3\r\nch1\r\n$2\r\n{message}\r\n");
+        let mut got = vec![0u8; 4 + body.len()];
+        sub.read_exact(&mut got)?;
+        ensure!(
+            got == format!("*3\r\n{body}").into_bytes(),
+            "RESP2 message {got:?}"
+        );
+        sub3.read_exact(&mut got)?;
+        ensure!(
+            got == format!(">3\r\n{body}").into_bytes(),
+            "RESP3 push {got:?}"
+        );
+    }
+    round_trip(
+        &mut sub,
+        &resp(&["PING"]),
+        b"*2\r\n$4\r\npong\r\n$0\r\n\r\n",
+    )?;
+
+    let mut quiet = connect(endpoint)?;
+    quiet.write_all(&resp(&["CLIENT", "REPLY", "OFF"]))?;
+    quiet.write_all(&resp(&["SET", "q", "1"]))?;
+    quiet.write_all(&resp(&["SET", "q", "2"]))?;
+    round_trip(&mut quiet, &resp(&["CLIENT", "REPLY", "ON"]), b"+OK\r\n")?;
+    quiet.write_all(&resp(&["CLIENT", "REPLY", "SKIP"]))?;
+    quiet.write_all(&resp(&["SET", "q", "3"]))?;
+    round_trip(&mut quiet, &resp(&["GET", "q"]), b"$1\r\n3\r\n")?;
+
+    let mut monitor = connect(endpoint)?;
+    round_trip(&mut monitor, &resp(&["MONITOR"]), b"+OK\r\n")?;
+    for n in 1..=2 {
+        round_trip(
+            &mut publisher,
+            &resp(&["INCR", "n"]),
+            format!(":{n}\r\n").as_bytes(),
+        )?;
+        let line = read_until_suffix(&mut monitor, b"\"n\"\r\n")?;
+        ensure!(line.starts_with(b"+"), "MONITOR line {line:?}");
+    }
+
+    let events = trace.stop()?;
+    let expected: [(&TcpStream, &[(&str, &str)]); 5] = [
+        (&sub, &[("PING", "ok"), ("SUBSCRIBE", "ok")]),
+        (&sub3, &[("HELLO", "ok"), ("SUBSCRIBE", "ok")]),
+        (
+            &publisher,
+            &[
+                ("INCR", "ok"),
+                ("INCR", "ok"),
+                ("PUBLISH", "ok"),
+                ("PUBLISH", "ok"),
+                ("PUBLISH", "ok"),
+                ("PUBLISH", "ok"),
+                ("PUBLISH", "ok"),
+            ],
+        ),
+        (
+            &quiet,
+            &[
+                ("CLIENT REPLY", "no_reply"),
+                ("CLIENT REPLY", "no_reply"),
+                ("CLIENT REPLY", "ok"),
+                ("GET", "ok"),
+                ("SET", "no_reply"),
+                ("SET", "no_reply"),
+                ("SET", "no_reply"),
+            ],
+        ),
+        (&monitor, &[("MONITOR", "ok")]),
+    ];
+    let mut failures = Vec::new();
+    for (stream, want) in expected {
+        let port = stream.local_addr()?.port();
+        for role in ["client", "server"] {
+            let mut got: Vec<(String, String)> = requests(&events, endpoint, role)
+                .into_iter()
+                .filter(|e| e["src"]["port"] == port)
+                .map(|e| {
+                    (
+                        e["command"].as_str().unwrap_or("?").to_string(),
+                        e["outcome"].as_str().unwrap_or("?").to_string(),
+                    )
+                })
+                .collect();
+            got.sort();
+            let want: Vec<(String, String)> = want
+                .iter()
+                .map(|(c, o)| (c.to_string(), o.to_string()))
+                .collect();
+            if got != want {
+                failures.push(format!("port {port}, role {role}: {got:?} != {want:?}"));
+            }
+        }
+    }
+    let stats = last_stats(&events).cloned().unwrap_or(Value::Null);
+    if stats["resp_unmatched_replies"] != 0 {
+        failures.push(format!("replies left unmatched: {stats}"));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}

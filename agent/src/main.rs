@@ -10,13 +10,6 @@ mod gauges;
 mod preflight;
 mod probes;
 mod procfs;
-#[cfg_attr(
-    not(test),
-    allow(
-        dead_code,
-        reason = "the reference parser: the kernel walks streams, tests check it against this"
-    )
-)]
 mod resp;
 mod run;
 mod sinks;

@@ -100,6 +100,9 @@ struct Flow {
     reads: VecDeque<u64>,
     last_ns: u64,
     closed: bool,
+    /// No segment fed yet (a first request handed over by the listener
+    /// goes first).
+    new: bool,
 }
 
 /// Counters of what the tracker could not follow.
@@ -157,7 +160,6 @@ impl Tracker {
             }
             return;
         }
-        let created = !self.flows.contains_key(&segment.cookie);
         if !self.flows.contains_key(&segment.cookie) && self.flows.len() >= MAX_FLOWS {
             self.evict_oldest(out);
         }
@@ -178,21 +180,9 @@ impl Tracker {
             reads: VecDeque::new(),
             last_ns: segment.ts_ns,
             closed: false,
+            new: true,
         });
         flow.last_ns = segment.ts_ns;
-        let events = &mut self.events;
-        events.clear();
-        if created
-            && segment.role == ConnectionRole::Server
-            && let Some(first) = self.handed_over.remove(&(segment.client, segment.server))
-        {
-            for piece in first {
-                let matcher = &mut flow.matcher;
-                flow.order[0].push(piece.seq, piece.ts_ns, &piece.data, piece.len, &mut |p| {
-                    feed(matcher, 0, p, events)
-                });
-            }
-        }
         let stream = usize::from(!segment.requests);
         let whole = segment.offset == 0 && segment.flags & SEGMENT_LAST != 0;
         if !whole {
@@ -203,6 +193,19 @@ impl Tracker {
             flow.assembling[stream].extend_from_slice(segment.data);
             if segment.flags & SEGMENT_LAST == 0 {
                 return;
+            }
+        }
+        let events = &mut self.events;
+        events.clear();
+        if std::mem::take(&mut flow.new)
+            && segment.role == ConnectionRole::Server
+            && let Some(first) = self.handed_over.remove(&(segment.client, segment.server))
+        {
+            for piece in first {
+                let matcher = &mut flow.matcher;
+                flow.order[0].push(piece.seq, piece.ts_ns, &piece.data, piece.len, &mut |p| {
+                    feed(matcher, 0, p, events)
+                });
             }
         }
         let assembled;

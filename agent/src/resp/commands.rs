@@ -455,9 +455,10 @@ pub(super) fn lookup(arg0: &[u8], arg1: Option<&[u8]>) -> Option<super::Command>
     Some(super::Command { name, sub })
 }
 
-/// The command named by the kernel's fixed-size copies of the first two
-/// arguments (NUL-padded, at most `len` bytes kept): names cut at `len`
-/// bytes are completed from the table when only one command starts so.
+/// The command named by fixed-size copies of the first two arguments
+/// (NUL-padded, at most `len` bytes kept): names cut at `len` bytes are
+/// completed from the table when only one command starts so.
+#[cfg(test)]
 pub(crate) fn lookup_kept(arg0: &[u8], arg1: &[u8], len: usize) -> Option<super::Command> {
     let trim = |b: &[u8]| -> usize { b.iter().position(|&c| c == 0).unwrap_or(b.len()) };
     let (arg0, arg1) = (&arg0[..trim(arg0)], &arg1[..trim(arg1)]);

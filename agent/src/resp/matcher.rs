@@ -120,6 +120,7 @@ impl Matcher {
     }
 
     /// Requests waiting for a reply.
+    #[cfg(test)]
     pub fn outstanding(&self) -> usize {
         self.core.outstanding
     }

@@ -40,6 +40,7 @@ pub struct Chunk<'a> {
 
 impl<'a> Chunk<'a> {
     /// A chunk captured whole.
+    #[cfg(test)]
     pub fn new(ts_ns: u64, data: &'a [u8]) -> Self {
         Self {
             ts_ns,
@@ -59,7 +60,9 @@ impl<'a> Chunk<'a> {
     }
 }
 
-/// The command named by the kernel's copies of the first two arguments.
+/// The command named by the first two arguments (tests build commands
+/// with it).
+#[cfg(test)]
 pub fn command_of(name: &[u8], sub: &[u8], kept: usize) -> Option<Command> {
     commands::lookup_kept(name, sub, kept)
 }
@@ -80,11 +83,13 @@ impl Command {
     };
 
     /// The command (for a container command, the container: `CLIENT`).
+    #[cfg(test)]
     pub fn name(&self) -> &'static str {
         self.name
     }
 
     /// The subcommand of a container command (`SETNAME`).
+    #[cfg(test)]
     pub fn subcommand(&self) -> Option<&'static str> {
         self.sub
     }
