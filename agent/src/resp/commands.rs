@@ -431,16 +431,34 @@ pub(super) static CONTAINERS: &[(&str, &[&str])] = &[
 const MAX_NAME: usize = 32;
 
 /// Case-insensitive lookup of a known name; `None` for anything else.
-fn find(table: &[&'static str], word: &[u8]) -> Option<&'static str> {
+/// Every request's name goes through here: a hash map, not a binary search
+/// of string comparisons (which was a tenth of the agent's CPU).
+fn find(table: &'static [&'static str], word: &[u8]) -> Option<&'static str> {
+    type Index = std::collections::HashMap<&'static [u8], &'static str, rustc_hash::FxBuildHasher>;
+    static INDEXES: std::sync::OnceLock<Vec<(usize, Index)>> = std::sync::OnceLock::new();
     let mut upper = [0u8; MAX_NAME];
     let upper = upper.get_mut(..word.len())?;
     for (u, b) in upper.iter_mut().zip(word) {
         *u = b.to_ascii_uppercase();
     }
-    let i = table
-        .binary_search_by(|name| name.as_bytes().cmp(upper))
-        .ok()?;
-    Some(table[i])
+    let indexes = INDEXES.get_or_init(|| {
+        std::iter::once(COMMANDS)
+            .chain(CONTAINERS.iter().map(|(_, subs)| *subs))
+            .map(|names| {
+                let index = names.iter().map(|name| (name.as_bytes(), *name)).collect();
+                (names.as_ptr() as usize, index)
+            })
+            .collect()
+    });
+    let key = table.as_ptr() as usize;
+    match indexes.iter().find(|(table, _)| *table == key) {
+        Some((_, index)) => index.get(&*upper).copied(),
+        // A table not indexed (tests): search it.
+        None => table
+            .binary_search_by(|name| name.as_bytes().cmp(upper))
+            .ok()
+            .map(|i| table[i]),
+    }
 }
 
 /// The command named by a request's first two arguments: `None` when the
