@@ -53,7 +53,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let seeds = connection::seeds(&ports, procfs::cgroup2_mount().as_deref(), monotonic_ns());
     let seeded_connections = probes.seed_connections(&seeds);
     tracing::info!(
-        "watching TCP ports {ports:?} with {} tracepoints on Linux {}",
+        "watching TCP ports {ports:?} with {} kernel programs on Linux {}",
         attached.len(),
         kernel.release
     );
