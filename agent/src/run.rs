@@ -134,9 +134,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 sink.gauges(&gauges).map_err(output_error)?;
                 let seconds = window_start.elapsed().as_secs_f64();
                 window_start = std::time::Instant::now();
-                let mut window = pipeline.aggregator.window(seconds);
-                pipeline.enricher.window(&mut window);
-                sink.latency(&window).map_err(output_error)?;
+                pipeline.write_window(seconds, &mut sink).map_err(output_error)?;
                 sink.flush()?;
             }
             _ = sigint.recv() => break Ok(()),
@@ -147,11 +145,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     drain(events.get_mut(), &mut pipeline, &mut sink, &mut stats)?;
     pipeline.tracker.flush(&mut pipeline.exchanges);
     pipeline.write_exchanges(&mut sink).map_err(output_error)?;
-    let mut window = pipeline
-        .aggregator
-        .window(window_start.elapsed().as_secs_f64());
-    pipeline.enricher.window(&mut window);
-    sink.latency(&window).map_err(output_error)?;
+    pipeline
+        .write_window(window_start.elapsed().as_secs_f64(), &mut sink)
+        .map_err(output_error)?;
     let kernel = probes.kernel_stats();
     sink.stats(
         &stats
@@ -175,6 +171,17 @@ struct Pipeline {
 }
 
 impl Pipeline {
+    /// Writes the `latency` window that ends now and starts the next.
+    fn write_window<W: Write>(
+        &mut self,
+        seconds: f64,
+        sink: &mut JsonSink<W>,
+    ) -> std::io::Result<()> {
+        let mut window = self.aggregator.window(seconds);
+        self.enricher.window(&mut window);
+        sink.latency(&window)
+    }
+
     /// Aggregates the finished exchanges and writes those that get a line.
     fn write_exchanges<W: Write>(&mut self, sink: &mut JsonSink<W>) -> std::io::Result<()> {
         for mut exchange in self.exchanges.drain(..) {

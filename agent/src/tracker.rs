@@ -121,18 +121,11 @@ pub struct TrackerStats {
 const MAX_HANDED_OVER: usize = 4_096;
 const HANDOVER_LIMIT_NS: u64 = 10_000_000_000;
 
-struct HandedOver {
-    ts_ns: u64,
-    seq: u32,
-    data: Vec<u8>,
-    len: u32,
-}
-
 #[derive(Default)]
 pub struct Tracker {
     flows: FxHashMap<u64, Flow>,
     /// By (client, server).
-    handed_over: FxHashMap<(SocketAddr, SocketAddr), Vec<HandedOver>>,
+    handed_over: FxHashMap<(SocketAddr, SocketAddr), Vec<KeptSegment>>,
     /// Scratch for the matcher's output, reused across segments.
     events: Vec<resp::Event>,
     /// Counters of flows already gone.
@@ -151,7 +144,7 @@ impl Tracker {
                 self.handed_over
                     .entry((segment.client, segment.server))
                     .or_default()
-                    .push(HandedOver {
+                    .push(KeptSegment {
                         ts_ns: segment.ts_ns,
                         seq: segment.seq,
                         data: segment.data.to_vec(),
@@ -506,11 +499,13 @@ struct Reorder {
     /// Sequence number of the next byte to deliver; `None` before the first.
     next: Option<u32>,
     /// Segments ahead of `next`, by their distance from it.
-    ahead: std::collections::BTreeMap<u32, Ahead>,
+    ahead: std::collections::BTreeMap<u32, KeptSegment>,
     ahead_bytes: usize,
 }
 
-struct Ahead {
+/// A copy of a segment kept for later: ahead of a hole, or handed over
+/// by a listener.
+struct KeptSegment {
     ts_ns: u64,
     seq: u32,
     data: Vec<u8>,
@@ -536,7 +531,7 @@ impl Reorder {
                 self.ahead_bytes += data.len();
                 self.ahead.insert(
                     distance,
-                    Ahead {
+                    KeptSegment {
                         ts_ns,
                         seq,
                         data: data.to_vec(),

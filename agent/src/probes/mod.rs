@@ -161,12 +161,8 @@ impl Probes {
     }
 }
 
-fn attach_tracepoint(ebpf: &mut Ebpf, tp: &TracepointProgram) -> anyhow::Result<()> {
-    let program: &mut TracePoint = ebpf
-        .program_mut(tp.program)
-        .with_context(|| format!("program {} missing from the eBPF object", tp.program))?
-        .try_into()
-        .with_context(|| format!("program {} is not a tracepoint", tp.program))?;
+pub(crate) fn attach_tracepoint(ebpf: &mut Ebpf, tp: &TracepointProgram) -> anyhow::Result<()> {
+    let program: &mut TracePoint = program(ebpf, tp.program)?;
     program
         .load()
         .with_context(|| format!("verifier rejected program {}", tp.program))?;
@@ -174,4 +170,15 @@ fn attach_tracepoint(ebpf: &mut Ebpf, tp: &TracepointProgram) -> anyhow::Result<
         .attach(tp.category, tp.name)
         .with_context(|| format!("attaching to tracepoint {}/{}", tp.category, tp.name))?;
     Ok(())
+}
+
+/// A program of the eBPF object, as its type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("program {name} has an unexpected type"))
 }

@@ -6,7 +6,19 @@ use std::{fs::File, path::Path};
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType},
+};
+
+use super::{TracepointProgram, attach_tracepoint, program};
+
+/// Application reads (`tcp_recvmsg`), for read delays; attached when the
+/// tracepoint carries `sock_cookie`.
+const APP_READ: TracepointProgram = TracepointProgram {
+    program: "resp_app_read",
+    category: "tcp",
+    name: "tcp_rcv_space_adjust",
+    since: (4, 16),
+    required: false,
 };
 
 /// What to attach to the packet path.
@@ -53,24 +65,8 @@ pub fn attach(
         attached.push(format!("cgroup_skb/{name}"));
     }
     if hook == PacketHook::Resp && app_read_tracepoint {
-        let program: &mut TracePoint = program(ebpf, "resp_app_read")?;
-        program
-            .load()
-            .context("verifier rejected program resp_app_read")?;
-        program
-            .attach("tcp", "tcp_rcv_space_adjust")
-            .context("attaching to tracepoint tcp/tcp_rcv_space_adjust")?;
-        attached.push("tcp/tcp_rcv_space_adjust".into());
+        attach_tracepoint(ebpf, &APP_READ)?;
+        attached.push(format!("{}/{}", APP_READ.category, APP_READ.name));
     }
     Ok(attached)
-}
-
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut T>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    ebpf.program_mut(name)
-        .with_context(|| format!("program {name} missing from the eBPF object"))?
-        .try_into()
-        .with_context(|| format!("program {name} has an unexpected type"))
 }

@@ -396,10 +396,7 @@ fn close_body(c: &Close) -> CloseBody<'_> {
         ConnectionRole::Server => (None, c.task.as_ref()),
     };
     CloseBody {
-        role: match c.role {
-            ConnectionRole::Client => "client",
-            ConnectionRole::Server => "server",
-        },
+        role: role_name(c.role),
         closed_by: closer_name(c.closer),
         duration_us: c.duration_ns.map(|ns| ns.div_ceil(1_000)),
         open_before_agent: c.duration_ns.is_none(),
