@@ -59,8 +59,6 @@ pub struct RespFlow {
 
 pub const FLOW_SENT_SEQ: u8 = 1;
 pub const FLOW_FROM_START: u8 = 1 << 2;
-/// Data arrived that the application has not read yet.
-pub const FLOW_UNREAD: u8 = 1 << 3;
 
 /// One record of a segment's payload; `captured` bytes follow it.
 #[repr(C)]

@@ -14,10 +14,9 @@
 use agent_common::{
     CONNECTION_SEEDED, EventHeader, EventKind, FlowTuple, StatId,
     resp::{
-        CHUNK_BYTES, FLOW_FROM_START, FLOW_SENT_SEQ, FLOW_UNREAD, MAX_CHUNKS, MAX_RESP_FLOWS,
-        ROLE_CLIENT, ROLE_SERVER, RespFlow, SEGMENT_FIN, SEGMENT_FROM_START, SEGMENT_LAST,
-        SEGMENT_RST, SEGMENT_VIA_LISTENER, STREAM_REPLIES, STREAM_REQUESTS, SegmentEvent,
-        SocketEvent,
+        CHUNK_BYTES, FLOW_FROM_START, FLOW_SENT_SEQ, MAX_CHUNKS, MAX_RESP_FLOWS, ROLE_CLIENT,
+        ROLE_SERVER, RespFlow, SEGMENT_FIN, SEGMENT_FROM_START, SEGMENT_LAST, SEGMENT_RST,
+        SEGMENT_VIA_LISTENER, STREAM_REPLIES, STREAM_REQUESTS, SegmentEvent, SocketEvent,
     },
 };
 use aya_ebpf::{
@@ -294,8 +293,6 @@ fn on_segment(ctx: &SkBuffContext, egress: bool) -> Option<()> {
             flow.sent_seq = end;
         }
         flow.flags |= FLOW_SENT_SEQ;
-    } else if fresh > 0 {
-        flow.flags |= FLOW_UNREAD;
     }
     let mut flags = 0u8;
     if tcp_flags & TCP_FIN != 0 {
@@ -489,13 +486,11 @@ fn on_app_read(ctx: &TracePointContext) -> Option<()> {
     }
     // SAFETY: tracepoint field at an offset read from its format file.
     let cookie: u64 = unsafe { ctx.read_at(field as usize) }.ok()?;
-    let flow = RESP_FLOWS.get_ptr_mut(&cookie)?;
-    // SAFETY: map value pointer.
-    let flow = unsafe { &mut *flow };
-    if flow.flags & FLOW_UNREAD == 0 {
-        return None;
-    }
-    flow.flags &= !FLOW_UNREAD;
+    // Every read of a traced socket: which data a read took is not known
+    // here, so "the first read after new data" cannot be told apart from a
+    // read of older data racing with an arrival on another CPU (that lost
+    // the later read and blamed the next round trip on the application).
+    RESP_FLOWS.get_ptr(&cookie)?;
     socket_event(EventKind::AppRead, cookie);
     Some(())
 }
