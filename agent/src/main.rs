@@ -5,6 +5,7 @@ mod aggregate;
 mod cli;
 mod clock;
 mod decode;
+mod detect;
 mod enrich;
 mod gauges;
 mod preflight;
@@ -15,6 +16,7 @@ mod run;
 mod sinks;
 mod tracefs;
 mod tracker;
+mod workload;
 
 use std::process::ExitCode;
 
