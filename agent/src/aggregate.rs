@@ -1,16 +1,18 @@
-//! Aggregate: exchanges → one `latency` series per (role, cgroup, Redis
-//! endpoint, command) and window, with an HDR histogram of the answered
-//! requests' latencies.
+//! Aggregate: exchanges and connect attempts → one `latency` series per
+//! (role, cgroup, Redis endpoint, op) and window, with an HDR histogram of
+//! the answered requests' latencies (op: the command) or of the completed
+//! handshakes (op: `connect`).
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
 use rustc_hash::FxHashMap;
 
-use agent_common::ConnectionRole;
+use agent_common::{ConnectOutcome, ConnectionRole};
 use hdrhistogram::Histogram;
 
 use crate::{
-    resp::Command,
+    decode::Connect,
+    sinks::json::outcome_name,
     tracker::{Exchange, Outcome},
 };
 
@@ -57,8 +59,11 @@ pub struct Window {
     pub overflowed: u64,
 }
 
-/// (role as u8, cgroup id, Redis endpoint, command identity; (0, 0): `OTHER`).
+/// (role as u8, cgroup id, Redis endpoint, command identity; `OTHER_OP`,
+/// `CONNECT_OP`).
 type Key = (u8, u64, SocketAddr, (usize, usize));
+const OTHER_OP: (usize, usize) = (0, 0);
+const CONNECT_OP: (usize, usize) = (usize::MAX, usize::MAX);
 
 struct Accumulator {
     series: Series,
@@ -75,43 +80,14 @@ impl Aggregator {
     /// Counts an exchange. `line`: it deserves a `request` line (slow or
     /// a timeout); returns whether the per-series budget allows it.
     pub fn record(&mut self, exchange: &Exchange, line: bool) -> bool {
-        let mut key: Key = (
+        let key: Key = (
             exchange.role as u8,
             exchange.cgroup_id,
             exchange.server,
             exchange.command.id(),
         );
-        let mut op = Some(exchange.command);
-        if !self.current.contains_key(&key) && self.current.len() >= MAX_SERIES {
-            self.overflowed += 1;
-            key.3 = (0, 0);
-            op = None;
-        }
-        let entry = self.current.entry(key).or_insert_with(|| Accumulator {
-            series: Series {
-                role: exchange.role,
-                cgroup_id: key.1,
-                cgroup: None,
-                endpoint: key.2,
-                op: op.map_or_else(|| "OTHER".to_string(), |c: Command| c.to_string()),
-                count: 0,
-                ok: 0,
-                nil: 0,
-                errors: BTreeMap::new(),
-                timeouts: 0,
-                no_reply: 0,
-                untimed: 0,
-                percentiles: None,
-                max_us: None,
-                mean_us: None,
-                request_bytes: 0,
-                reply_bytes: 0,
-                lines: 0,
-                lines_suppressed: 0,
-            },
-            histogram: Histogram::new_with_bounds(1, HIGHEST_US, 3)
-                .expect("static histogram bounds are valid"),
-        });
+        let command = exchange.command;
+        let entry = self.series(key, || command.to_string());
         let series = &mut entry.series;
         series.count += 1;
         series.request_bytes += exchange.request_bytes;
@@ -156,6 +132,78 @@ impl Aggregator {
             entry.series.lines_suppressed += 1;
             false
         }
+    }
+
+    /// Counts a connect attempt in the `connect` series of its workload
+    /// and endpoint: `ok` when established (handshake timed), else an error
+    /// named by the outcome; `timeout` and `aborted` (a client-side connect
+    /// timeout) also count as `timeouts`.
+    pub fn record_connect(&mut self, connect: &Connect) {
+        let key: Key = (
+            ConnectionRole::Client as u8,
+            connect.task.cgroup_id,
+            connect.dst,
+            CONNECT_OP,
+        );
+        let entry = self.series(key, || "connect".to_string());
+        let series = &mut entry.series;
+        series.count += 1;
+        match connect.outcome {
+            ConnectOutcome::Established => {
+                series.ok += 1;
+                let us = connect.duration_ns.div_ceil(1_000).clamp(1, HIGHEST_US);
+                entry.histogram.saturating_record(us);
+            }
+            outcome => {
+                if matches!(outcome, ConnectOutcome::Timeout | ConnectOutcome::Aborted) {
+                    series.timeouts += 1;
+                }
+                *series
+                    .errors
+                    .entry(outcome_name(outcome).to_string())
+                    .or_default() += 1;
+            }
+        }
+    }
+
+    /// The accumulator of `key`, created if the series budget allows, else
+    /// the `OTHER` series of its role, cgroup and endpoint.
+    fn series(&mut self, mut key: Key, op: impl FnOnce() -> String) -> &mut Accumulator {
+        let mut op = Some(op);
+        if !self.current.contains_key(&key) && self.current.len() >= MAX_SERIES {
+            self.overflowed += 1;
+            key.3 = OTHER_OP;
+            op = None;
+        }
+        self.current.entry(key).or_insert_with(|| Accumulator {
+            series: Series {
+                role: if key.0 == ConnectionRole::Server as u8 {
+                    ConnectionRole::Server
+                } else {
+                    ConnectionRole::Client
+                },
+                cgroup_id: key.1,
+                cgroup: None,
+                endpoint: key.2,
+                op: op.map_or_else(|| "OTHER".to_string(), |op| op()),
+                count: 0,
+                ok: 0,
+                nil: 0,
+                errors: BTreeMap::new(),
+                timeouts: 0,
+                no_reply: 0,
+                untimed: 0,
+                percentiles: None,
+                max_us: None,
+                mean_us: None,
+                request_bytes: 0,
+                reply_bytes: 0,
+                lines: 0,
+                lines_suppressed: 0,
+            },
+            histogram: Histogram::new_with_bounds(1, HIGHEST_US, 3)
+                .expect("static histogram bounds are valid"),
+        })
     }
 
     /// The window since the last call; starts a new one.

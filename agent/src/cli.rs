@@ -51,6 +51,19 @@ pub struct Cli {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
+    /// This node's availability zone (e.g. `us-east-1a`; on EKS the node's
+    /// `topology.kubernetes.io/zone` label), to tell same-zone endpoints
+    /// from cross-zone ones.
+    #[arg(long)]
+    pub zone: Option<String>,
+
+    /// Subnets and their zones, comma-separated `CIDR=ZONE` (e.g.
+    /// `10.0.0.0/19=us-east-1a,10.0.32.0/19=us-east-1b`; on EKS, the VPC's
+    /// subnets, which also hold ElastiCache nodes). Endpoints in no listed
+    /// subnet are `unknown_zone`.
+    #[arg(long, value_delimiter = ',')]
+    pub zone_cidr: Vec<crate::zones::ZoneCidr>,
+
     /// Attach only the bare packet hook (port filter + one counter) and
     /// nothing else: the baseline of `cargo xtask bench`.
     #[arg(long, hide = true)]

@@ -9,6 +9,7 @@ use std::{
 use crate::{
     decode::{Event, Task},
     procfs,
+    workload::Workload,
 };
 
 /// Processes remembered at once; the cache is cleared when full.
@@ -25,6 +26,8 @@ const MAX_CGROUP_IDS: usize = 65_536;
 pub struct Enricher {
     cgroups: HashMap<u32, (Instant, Option<String>)>,
     cgroup_paths: CgroupPaths,
+    /// Cgroup id → workload, for the hot path (one lookup per request).
+    workloads: HashMap<u64, Workload>,
 }
 
 /// Cgroup v2 id → path below the cgroup2 mount (the id is the directory's
@@ -108,6 +111,44 @@ impl Enricher {
     pub fn window(&mut self, window: &mut crate::aggregate::Window) {
         for series in &mut window.series {
             series.cgroup = self.cgroup_paths.path(series.cgroup_id);
+        }
+    }
+
+    /// Names the cgroups of open-connection gauges.
+    pub fn gauges(&mut self, gauges: &mut [crate::gauges::Gauge]) {
+        for gauge in gauges {
+            gauge.cgroup = self.cgroup_paths.path(gauge.key.cgroup_id);
+        }
+    }
+
+    /// The workload of a cgroup v2 id (requests and gauges carry only that).
+    pub fn workload_of_cgroup(&mut self, cgroup_id: u64) -> Workload {
+        if let Some(workload) = self.workloads.get(&cgroup_id) {
+            return workload.clone();
+        }
+        if self.workloads.len() >= MAX_CGROUP_IDS {
+            self.workloads.clear();
+        }
+        let workload = Workload::new(self.cgroup_paths.path(cgroup_id).as_deref(), None);
+        // Unknown ids are asked again after the next tree walk.
+        if workload.cgroup.is_some() {
+            self.workloads.insert(cgroup_id, workload.clone());
+        }
+        workload
+    }
+
+    /// The workload of an enriched task: its process's cgroup (which names
+    /// the pod on cgroup v1 nodes too), else its v2 cgroup, else its name.
+    pub fn workload_of_task(&mut self, task: &Task) -> Workload {
+        match &task.cgroup {
+            Some(path) => Workload::new(Some(path), Some(&task.comm)),
+            None => {
+                let mut workload = self.workload_of_cgroup(task.cgroup_id);
+                if workload.cgroup.is_none() || workload.cgroup.as_deref() == Some("/") {
+                    workload = Workload::new(None, Some(&task.comm));
+                }
+                workload
+            }
         }
     }
 

@@ -24,6 +24,8 @@ pub struct Gauge {
     pub key: GaugeKey,
     /// A process name seen in the group (client role).
     pub comm: Option<String>,
+    /// The group's cgroup path (filled in by `enrich`).
+    pub cgroup: Option<String>,
     pub open: u64,
 }
 
@@ -62,6 +64,7 @@ pub fn open_connection_gauges(
         let gauge = groups.entry(key.clone()).or_insert(Gauge {
             key,
             comm: None,
+            cgroup: None,
             open: 0,
         });
         gauge.open += 1;
@@ -73,6 +76,7 @@ pub fn open_connection_gauges(
         groups.entry(key.clone()).or_insert(Gauge {
             key: key.clone(),
             comm: None,
+            cgroup: None,
             open: 0,
         });
     }

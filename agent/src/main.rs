@@ -8,6 +8,7 @@ mod decode;
 mod detect;
 mod enrich;
 mod gauges;
+mod observe;
 mod preflight;
 mod probes;
 mod procfs;
@@ -17,6 +18,7 @@ mod sinks;
 mod tracefs;
 mod tracker;
 mod workload;
+mod zones;
 
 use std::process::ExitCode;
 

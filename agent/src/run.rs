@@ -12,18 +12,24 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
+use agent_common::{ConnectionRole, ConnectionState, FlowTuple};
+
 use crate::{
     aggregate::Aggregator,
     cli::{Cli, Emit},
     clock::{Clock, monotonic_ns},
     decode::{Event, decode},
+    detect::{Alert, Detector, Observation},
     enrich::Enricher,
-    gauges::open_connection_gauges,
+    gauges::{Gauge, open_connection_gauges},
+    observe::Observer,
     preflight,
     probes::{LoadOptions, Probes, connection, resp::PacketHook},
     procfs,
     sinks::json::{JsonSink, SCHEMA_VERSION, Started, Stats},
     tracker::{Exchange, Outcome, Tracker},
+    workload::Workload,
+    zones::Zones,
 };
 
 /// Longest time an event waits in the ring buffer before it is written.
@@ -62,7 +68,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
-    let mut sink = JsonSink::new(BufWriter::new(std::io::stdout().lock()), Clock::new());
+    let zones = Zones::new(cli.zone.clone(), cli.zone_cidr.clone());
+    let mut sink =
+        JsonSink::new(BufWriter::new(std::io::stdout().lock()), Clock::new()).with_zones(zones);
     sink.started(&Started {
         schema_version: SCHEMA_VERSION,
         version: env!("CARGO_PKG_VERSION"),
@@ -94,6 +102,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         tracker: Tracker::default(),
         aggregator: Aggregator::default(),
         exchanges: Vec::new(),
+        observer: Observer::default(),
+        detectors: Vec::new(),
+        alerts: Vec::new(),
         emit_all: cli.emit == Emit::All,
         slow_ns: u64::try_from(cli.slow_threshold.as_nanos()).unwrap_or(u64::MAX),
     };
@@ -123,14 +134,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 drain(events.get_mut(), &mut pipeline, &mut sink, &mut stats)?;
                 if last_tick.elapsed() >= TICK_INTERVAL {
                     last_tick = std::time::Instant::now();
-                    pipeline.tracker.tick(monotonic_ns(), cli.request_timeout, &mut pipeline.exchanges);
+                    let now = monotonic_ns();
+                    pipeline.tracker.tick(now, cli.request_timeout, &mut pipeline.exchanges);
                     pipeline.write_exchanges(&mut sink).map_err(output_error)?;
+                    pipeline.write_alerts(now, &mut sink).map_err(output_error)?;
                 }
                 sink.flush()?;
             }
             _ = gauge_timer.tick() => {
-                let gauges = open_connection_gauges(&probes.open_connections(), &gauge_keys);
+                let connections = probes.open_connections();
+                let mut gauges = open_connection_gauges(&connections, &gauge_keys);
                 gauge_keys = gauges.iter().filter(|g| g.open > 0).map(|g| g.key.clone()).collect();
+                pipeline.enricher.gauges(&mut gauges);
+                pipeline.observe_connections(monotonic_ns(), &connections, &gauges);
                 sink.gauges(&gauges).map_err(output_error)?;
                 let seconds = window_start.elapsed().as_secs_f64();
                 window_start = std::time::Instant::now();
@@ -159,13 +175,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     result
 }
 
-/// The stages after decode: enrich, track RESP, aggregate.
+/// The stages after decode: enrich, track RESP, aggregate, detect.
 struct Pipeline {
     enricher: Enricher,
     tracker: Tracker,
     aggregator: Aggregator,
     /// Finished exchanges not yet written.
     exchanges: Vec<Exchange>,
+    observer: Observer,
+    detectors: Vec<Box<dyn Detector>>,
+    alerts: Vec<Alert>,
     emit_all: bool,
     slow_ns: u64,
 }
@@ -182,20 +201,91 @@ impl Pipeline {
         sink.latency(&window)
     }
 
+    fn observe(&mut self, observation: &Observation) {
+        for detector in &mut self.detectors {
+            detector.observe(observation);
+        }
+    }
+
+    /// A decoded kernel event (enriched): counted and shown to the detectors.
+    fn event(&mut self, event: &Event) {
+        match event {
+            Event::Connect(connect) => {
+                self.aggregator.record_connect(connect);
+                let workload = self.enricher.workload_of_task(&connect.task);
+                self.observe(&Observer::connect(connect, workload));
+            }
+            Event::Close(close) => {
+                let workload = match &close.task {
+                    Some(task) => self.enricher.workload_of_task(task),
+                    None => Workload::unknown(),
+                };
+                if let Some(observation) = self.observer.close(close, workload) {
+                    self.observe(&observation);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn observe_connections(
+        &mut self,
+        now_ns: u64,
+        connections: &[(FlowTuple, ConnectionState)],
+        gauges: &[Gauge],
+    ) {
+        let mut observations = Vec::new();
+        self.observer.connections(
+            now_ns,
+            connections,
+            gauges,
+            &mut self.enricher,
+            &mut observations,
+        );
+        for observation in &observations {
+            self.observe(observation);
+        }
+    }
+
+    /// Evaluates the detectors and writes the alerts that changed state.
+    fn write_alerts<W: Write>(
+        &mut self,
+        now_ns: u64,
+        sink: &mut JsonSink<W>,
+    ) -> std::io::Result<()> {
+        for detector in &mut self.detectors {
+            detector.evaluate(now_ns, &mut self.alerts);
+        }
+        for alert in self.alerts.drain(..) {
+            sink.alert(&alert)?;
+        }
+        Ok(())
+    }
+
     /// Aggregates the finished exchanges and writes those that get a line.
     fn write_exchanges<W: Write>(&mut self, sink: &mut JsonSink<W>) -> std::io::Result<()> {
-        for mut exchange in self.exchanges.drain(..) {
+        // Taken out (and put back, keeping its allocation) so the loop can
+        // use `self`.
+        let mut exchanges = std::mem::take(&mut self.exchanges);
+        for mut exchange in exchanges.drain(..) {
             // Slow requests and timeouts get a line within a per-series
             // budget (an incident must not flood the log pipeline);
             // `--emit all` is asked for and gets every line.
             let notable =
                 exchange.outcome == Outcome::Timeout || exchange.latency_ns >= self.slow_ns;
             let allowed = self.aggregator.record(&exchange, notable && !self.emit_all);
+            // Client side only: the server side of the same request, when
+            // Redis runs on the node, would count it twice.
+            if exchange.role == ConnectionRole::Client {
+                let workload = self.enricher.workload_of_cgroup(exchange.cgroup_id);
+                self.observe(&Observer::request(&exchange, workload));
+            }
             if self.emit_all || allowed {
                 self.enricher.exchange(&mut exchange);
                 sink.exchange(&exchange)?;
             }
         }
+        self.exchanges = exchanges;
         Ok(())
     }
 }
@@ -241,6 +331,7 @@ fn drain<W: Write>(
                     _ => {}
                 }
                 pipeline.enricher.enrich(&mut event);
+                pipeline.event(&event);
                 if let Err(err) = sink.event(&event) {
                     return Err(output_error(err));
                 }

@@ -339,7 +339,11 @@ impl RedisServer {
 
     /// With more `redis-server` arguments, e.g. `["--enable-debug-command", "yes"]`.
     pub fn start_with(extra_args: &[&str]) -> anyhow::Result<Self> {
-        let port = free_port();
+        Self::start_on(free_port(), extra_args)
+    }
+
+    /// On a given port: e.g. a restart on the port of a stopped server.
+    pub fn start_on(port: u16, extra_args: &[&str]) -> anyhow::Result<Self> {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1 ::1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
@@ -357,10 +361,17 @@ impl RedisServer {
     }
 }
 
-impl Drop for RedisServer {
-    fn drop(&mut self) {
+impl RedisServer {
+    /// Kills the server (SIGKILL: a crash, no goodbye to clients) and reaps it.
+    pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

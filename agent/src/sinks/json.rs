@@ -10,9 +10,12 @@ use crate::{
     aggregate::Window,
     clock::Clock,
     decode::{Close, Connect, Event, SynAckRetransmit, Task},
+    detect::{Alert, AlertState, Severity},
     gauges::Gauge,
     probes::KernelStats,
     tracker::{Exchange, Outcome},
+    workload::{Workload, kubelet_pod},
+    zones::{Locality, Zones},
 };
 
 /// Bumped when a field changes meaning or disappears (adding one does not).
@@ -21,6 +24,8 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub struct JsonSink<W: Write> {
     out: W,
     clock: Clock,
+    /// Shared so bodies can borrow it while `self` writes.
+    zones: std::sync::Arc<Zones>,
 }
 
 #[derive(Serialize)]
@@ -54,6 +59,12 @@ struct ConnectBody<'a> {
 struct Endpoint<'a> {
     ip: IpAddr,
     port: u16,
+    /// Redis side: its zone, when a `--zone-cidr` covers it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zone: Option<&'a str>,
+    /// Redis side: `same_zone`, `cross_zone` or `unknown_zone`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    locality: Option<Locality>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     process: Option<Process<'a>>,
 }
@@ -66,6 +77,29 @@ struct Process<'a> {
     cgroup_id: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     cgroup: Option<&'a str>,
+    #[serde(flatten)]
+    pod: PodFields,
+}
+
+/// The pod and container a kubelet cgroup path names (absent otherwise).
+#[derive(Serialize, Default)]
+struct PodFields {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod_uid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container_id: Option<String>,
+}
+
+impl PodFields {
+    fn of(cgroup: Option<&str>) -> Self {
+        match cgroup.and_then(kubelet_pod) {
+            Some(pod) => Self {
+                pod_uid: Some(pod.uid),
+                container_id: pod.container_id,
+            },
+            None => Self::default(),
+        }
+    }
 }
 
 impl<'a> Endpoint<'a> {
@@ -73,13 +107,25 @@ impl<'a> Endpoint<'a> {
         Self {
             ip: addr.ip(),
             port: addr.port(),
+            zone: None,
+            locality: None,
             process: task.map(|t| Process {
                 pid: t.pid,
                 tid: t.tid,
                 comm: &t.comm,
                 cgroup_id: t.cgroup_id,
                 cgroup: t.cgroup.as_deref(),
+                pod: PodFields::of(t.cgroup.as_deref()),
             }),
+        }
+    }
+
+    /// The Redis side of a connection, placed in its zone.
+    fn redis(addr: std::net::SocketAddr, task: Option<&'a Task>, zones: &'a Zones) -> Self {
+        Self {
+            zone: zones.zone_of(addr.ip()),
+            locality: Some(zones.locality(addr.ip())),
+            ..Self::new(addr, task)
         }
     }
 }
@@ -134,6 +180,8 @@ struct RequestBody<'a> {
     cgroup_id: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     cgroup: Option<&'a str>,
+    #[serde(flatten)]
+    pod: PodFields,
     src: Endpoint<'a>,
     dst: Endpoint<'a>,
 }
@@ -145,6 +193,8 @@ struct LatencyBody<'a> {
     cgroup_id: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     cgroup: Option<&'a str>,
+    #[serde(flatten)]
+    pod: PodFields,
     endpoint: Endpoint<'a>,
     /// The command (`GET`, `CLIENT SETNAME`), `UNKNOWN` if not in the table.
     op: &'a str,
@@ -182,6 +232,45 @@ struct LatencyBody<'a> {
     lines_suppressed: u64,
 }
 
+#[derive(Serialize)]
+struct AlertBody<'a> {
+    kind: &'static str,
+    state: AlertState,
+    severity: Severity,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    endpoint: Option<Endpoint<'a>>,
+    workloads: Vec<WorkloadBody<'a>>,
+    /// When the condition started (`firing`) or ended (`resolved`).
+    since: String,
+    evidence: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct WorkloadBody<'a> {
+    key: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod_uid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    comm: Option<&'a str>,
+}
+
+impl<'a> From<&'a Workload> for WorkloadBody<'a> {
+    fn from(w: &'a Workload) -> Self {
+        Self {
+            key: &w.key,
+            pod_uid: w.pod_uid.as_deref(),
+            container_id: w.container_id.as_deref(),
+            cgroup: w.cgroup.as_deref(),
+            comm: w.comm.as_deref(),
+        }
+    }
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -204,6 +293,10 @@ struct ConnectionsBody<'a> {
 #[derive(Serialize)]
 struct GaugeSource<'a> {
     cgroup_id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup: Option<&'a str>,
+    #[serde(flatten)]
+    pod: PodFields,
     #[serde(skip_serializing_if = "Option::is_none")]
     comm: Option<&'a str>,
 }
@@ -265,22 +358,33 @@ impl Stats {
 
 impl<W: Write> JsonSink<W> {
     pub fn new(out: W, clock: Clock) -> Self {
-        Self { out, clock }
+        Self {
+            out,
+            clock,
+            zones: Default::default(),
+        }
+    }
+
+    /// Redis endpoints get their zone and locality from `zones`.
+    pub fn with_zones(mut self, zones: Zones) -> Self {
+        self.zones = std::sync::Arc::new(zones);
+        self
     }
 
     pub fn event(&mut self, event: &Event) -> std::io::Result<()> {
+        let zones = self.zones.clone();
         match event {
             Event::Connect(connect) => {
                 let ts = self.clock.wall_time(connect.ts_ns);
-                self.line(ts, "connect", connect_body(connect))
+                self.line(ts, "connect", connect_body(connect, &zones))
             }
             Event::Close(close) => {
                 let ts = self.clock.wall_time(close.ts_ns);
-                self.line(ts, "close", close_body(close))
+                self.line(ts, "close", close_body(close, &zones))
             }
             Event::SynAckRetransmit(retransmit) => {
                 let ts = self.clock.wall_time(retransmit.ts_ns);
-                self.line(ts, "synack_retransmit", synack_body(retransmit))
+                self.line(ts, "synack_retransmit", synack_body(retransmit, &zones))
             }
             // Raw RESP capture: the tracker turns it into exchanges.
             Event::AppRead { .. } | Event::SocketGone { .. } => Ok(()),
@@ -290,20 +394,23 @@ impl<W: Write> JsonSink<W> {
     /// One `request` line.
     pub fn exchange(&mut self, exchange: &Exchange) -> std::io::Result<()> {
         let ts = self.clock.wall_time(exchange.ts_ns);
-        self.line(ts, "request", request_body(exchange))
+        let zones = self.zones.clone();
+        self.line(ts, "request", request_body(exchange, &zones))
     }
 
     /// One `latency` line per (role, cgroup, endpoint, command) active in
     /// the window.
     pub fn latency(&mut self, window: &Window) -> std::io::Result<()> {
         let now = SystemTime::now();
+        let zones = self.zones.clone();
         for series in &window.series {
             let body = LatencyBody {
                 window_s: window.seconds,
                 role: role_name(series.role),
                 cgroup_id: series.cgroup_id,
                 cgroup: series.cgroup.as_deref(),
-                endpoint: Endpoint::new(series.endpoint, None),
+                pod: PodFields::of(series.cgroup.as_deref()),
+                endpoint: Endpoint::redis(series.endpoint, None, &zones),
                 op: &series.op,
                 count: series.count,
                 ok: series.ok,
@@ -335,19 +442,39 @@ impl<W: Write> JsonSink<W> {
     /// One `connections` line per gauge.
     pub fn gauges(&mut self, gauges: &[Gauge]) -> std::io::Result<()> {
         let now = SystemTime::now();
+        let zones = self.zones.clone();
         for gauge in gauges {
             let body = ConnectionsBody {
                 role: gauge.key.role,
                 open: gauge.open,
-                src: (gauge.key.role == "client").then_some(GaugeSource {
+                src: (gauge.key.role == "client").then(|| GaugeSource {
                     cgroup_id: gauge.key.cgroup_id,
+                    cgroup: gauge.cgroup.as_deref(),
+                    pod: PodFields::of(gauge.cgroup.as_deref()),
                     comm: gauge.comm.as_deref(),
                 }),
-                dst: Endpoint::new(gauge.key.server, None),
+                dst: Endpoint::redis(gauge.key.server, None, &zones),
             };
             self.line(now, "connections", body)?;
         }
         Ok(())
+    }
+
+    /// One `alert` line: a detector's alert started or ended.
+    pub fn alert(&mut self, alert: &Alert) -> std::io::Result<()> {
+        let zones = self.zones.clone();
+        let body = AlertBody {
+            kind: alert.kind,
+            state: alert.state,
+            severity: alert.severity,
+            message: &alert.message,
+            endpoint: alert.endpoint.map(|e| Endpoint::redis(e, None, &zones)),
+            workloads: alert.workloads.iter().map(WorkloadBody::from).collect(),
+            since: humantime::format_rfc3339_micros(self.clock.wall_time(alert.since_ns))
+                .to_string(),
+            evidence: &alert.evidence,
+        };
+        self.line(SystemTime::now(), "alert", body)
     }
 
     pub fn started(&mut self, started: &Started<'_>) -> std::io::Result<()> {
@@ -373,7 +500,7 @@ impl<W: Write> JsonSink<W> {
     }
 }
 
-fn connect_body(c: &Connect) -> ConnectBody<'_> {
+fn connect_body<'a>(c: &'a Connect, zones: &'a Zones) -> ConnectBody<'a> {
     // Rounded up: a handshake that happened never reports 0 µs.
     let micros = c.duration_ns.div_ceil(1_000);
     let established = c.outcome == ConnectOutcome::Established;
@@ -386,11 +513,11 @@ fn connect_body(c: &Connect) -> ConnectBody<'_> {
         path_drop_suspected: !established && c.answer == SynAnswer::None && c.syn_retransmits > 0,
         error: c.error.map(errno_name),
         src: Endpoint::new(c.src, Some(&c.task)),
-        dst: Endpoint::new(c.dst, None),
+        dst: Endpoint::redis(c.dst, None, zones),
     }
 }
 
-fn close_body(c: &Close) -> CloseBody<'_> {
+fn close_body<'a>(c: &'a Close, zones: &'a Zones) -> CloseBody<'a> {
     let (client_task, server_task) = match c.role {
         ConnectionRole::Client => (c.task.as_ref(), None),
         ConnectionRole::Server => (None, c.task.as_ref()),
@@ -404,7 +531,7 @@ fn close_body(c: &Close) -> CloseBody<'_> {
         resets_received: c.counters.resets_received,
         resets_sent: c.counters.resets_sent,
         src: Endpoint::new(c.client, client_task),
-        dst: Endpoint::new(c.server, server_task),
+        dst: Endpoint::redis(c.server, server_task, zones),
     }
 }
 
@@ -430,7 +557,7 @@ pub fn outcome_label(outcome: Outcome) -> &'static str {
     }
 }
 
-fn request_body(e: &Exchange) -> RequestBody<'_> {
+fn request_body<'a>(e: &'a Exchange, zones: &'a Zones) -> RequestBody<'a> {
     let client = e.role == ConnectionRole::Client;
     let answered = matches!(e.outcome, Outcome::Ok | Outcome::Nil | Outcome::Error(_));
     RequestBody {
@@ -455,15 +582,16 @@ fn request_body(e: &Exchange) -> RequestBody<'_> {
         closed_by: e.closer.map(closer_name),
         cgroup_id: e.cgroup_id,
         cgroup: e.cgroup.as_deref(),
+        pod: PodFields::of(e.cgroup.as_deref()),
         src: Endpoint::new(e.client, None),
-        dst: Endpoint::new(e.server, None),
+        dst: Endpoint::redis(e.server, None, zones),
     }
 }
 
-fn synack_body(r: &SynAckRetransmit) -> SynAckRetransmitBody<'_> {
+fn synack_body<'a>(r: &'a SynAckRetransmit, zones: &'a Zones) -> SynAckRetransmitBody<'a> {
     SynAckRetransmitBody {
         src: Endpoint::new(r.client, None),
-        dst: Endpoint::new(r.server, None),
+        dst: Endpoint::redis(r.server, None, zones),
     }
 }
 

@@ -1,0 +1,157 @@
+//! Zones: the node's own availability zone and a CIDR → zone map for Redis
+//! endpoints, so every endpoint is `same_zone`, `cross_zone` or
+//! `unknown_zone`. On EKS subnets are per AZ, so the VPC's subnet CIDRs
+//! cover pods, nodes and ElastiCache nodes alike.
+
+use std::{net::IpAddr, str::FromStr};
+
+use ipnet::IpNet;
+
+/// Where an endpoint is relative to this node (the names are the output's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(clippy::enum_variant_names)]
+pub enum Locality {
+    SameZone,
+    CrossZone,
+    /// The node's zone or the endpoint's is not configured.
+    UnknownZone,
+}
+
+/// One `--zone-cidr` entry: `10.0.32.0/19=us-east-1b`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ZoneCidr {
+    pub net: IpNet,
+    pub zone: String,
+}
+
+impl FromStr for ZoneCidr {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        let (cidr, zone) = value.split_once('=').ok_or_else(|| {
+            format!("`{value}`: expected CIDR=ZONE, e.g. 10.0.32.0/19=us-east-1b")
+        })?;
+        let net: IpNet = cidr
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{cidr}` is not a CIDR (e.g. 10.0.32.0/19)"))?;
+        let zone = zone.trim();
+        if zone.is_empty() {
+            return Err(format!("`{value}`: the zone name is empty"));
+        }
+        Ok(Self {
+            // 10.0.32.7/19 means its network.
+            net: net.trunc(),
+            zone: zone.to_string(),
+        })
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Zones {
+    node_zone: Option<String>,
+    /// Longest prefix first, so the most specific entry wins.
+    cidrs: Vec<ZoneCidr>,
+}
+
+impl Zones {
+    pub fn new(node_zone: Option<String>, mut cidrs: Vec<ZoneCidr>) -> Self {
+        cidrs.sort_by_key(|c| std::cmp::Reverse(c.net.prefix_len()));
+        Self {
+            node_zone: node_zone.filter(|z| !z.is_empty()),
+            cidrs,
+        }
+    }
+
+    pub fn node_zone(&self) -> Option<&str> {
+        self.node_zone.as_deref()
+    }
+
+    /// The configured zone of `ip` (IPv4-mapped IPv6 is looked up as IPv4).
+    pub fn zone_of(&self, ip: IpAddr) -> Option<&str> {
+        let ip = ip.to_canonical();
+        self.cidrs
+            .iter()
+            .find(|c| c.net.contains(&ip))
+            .map(|c| c.zone.as_str())
+    }
+
+    pub fn locality(&self, ip: IpAddr) -> Locality {
+        if ip.to_canonical().is_loopback() {
+            return Locality::SameZone;
+        }
+        match (self.node_zone(), self.zone_of(ip)) {
+            (Some(node), Some(endpoint)) if node == endpoint => Locality::SameZone,
+            (Some(_), Some(_)) => Locality::CrossZone,
+            _ => Locality::UnknownZone,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zones() -> Zones {
+        Zones::new(
+            Some("us-east-1a".into()),
+            [
+                "10.0.0.0/19=us-east-1a",
+                "10.0.32.0/19=us-east-1b",
+                "10.0.40.0/24=us-east-1c",
+                "fd00::/64=us-east-1b",
+            ]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect(),
+        )
+    }
+
+    #[test]
+    fn endpoints_are_same_cross_or_unknown_zone() {
+        let z = zones();
+        assert_eq!(z.locality("10.0.1.5".parse().unwrap()), Locality::SameZone);
+        assert_eq!(
+            z.locality("10.0.33.5".parse().unwrap()),
+            Locality::CrossZone
+        );
+        assert_eq!(
+            z.locality("192.168.1.1".parse().unwrap()),
+            Locality::UnknownZone
+        );
+        assert_eq!(z.locality("127.0.0.1".parse().unwrap()), Locality::SameZone);
+        let no_node_zone = Zones::new(None, z.cidrs.clone());
+        assert_eq!(
+            no_node_zone.locality("10.0.1.5".parse().unwrap()),
+            Locality::UnknownZone
+        );
+    }
+
+    #[test]
+    fn most_specific_cidr_wins_and_mapped_ipv6_is_ipv4() {
+        let z = zones();
+        assert_eq!(z.zone_of("10.0.40.9".parse().unwrap()), Some("us-east-1c"));
+        assert_eq!(
+            z.zone_of("::ffff:10.0.33.5".parse().unwrap()),
+            Some("us-east-1b")
+        );
+        assert_eq!(z.zone_of("fd00::7".parse().unwrap()), Some("us-east-1b"));
+    }
+
+    #[test]
+    fn bad_entries_are_rejected_with_the_value() {
+        for bad in ["10.0.0.0/19", "10.0.0.0/40=a", "x=a", "10.0.0.0/8="] {
+            let err = bad.parse::<ZoneCidr>().unwrap_err();
+            assert!(err.contains('`'), "{bad}: {err}");
+        }
+        assert_eq!(
+            "10.0.32.7/19=b"
+                .parse::<ZoneCidr>()
+                .unwrap()
+                .net
+                .to_string(),
+            "10.0.32.0/19"
+        );
+    }
+}
