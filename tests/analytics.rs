@@ -66,6 +66,7 @@ fn a_connect_storm_from_a_pod_fires_once_and_names_the_pod() -> anyhow::Result<(
             "10.1.0.0/24=zone-a,10.2.0.0/24=zone-b",
         ],
     )?;
+    agent.expect_alerts();
     let received_before = connections_received(&server, addr)?;
 
     let storm_for = Duration::from_secs(6);
@@ -148,6 +149,7 @@ fn dropped_syns_and_connect_timeout_retries_raise_syn_drops_and_retry_storm() ->
     let (app, redis) = (lab.host("app"), lab.host("redis"));
     let _redis = redis.start_redis(port)?;
     let mut agent = Agent::start(&[port], &["--interval", "1s"])?;
+    agent.expect_alerts();
     let _drop = lab.inject(Path::between(app.ip(), redis.ip(), port), Fault::DropSyn)?;
 
     let python = clients_dir().join("venv/bin/python");
@@ -229,6 +231,8 @@ fn a_redis_restart_under_load_shows_refused_connects_and_recovery() -> anyhow::R
     let port = free_port();
     let mut server = RedisServer::start_on(port, &[])?;
     let mut agent = Agent::start(&[port], &["--interval", "1s"])?;
+    // Refused reconnects may rightly raise alerts.
+    agent.expect_alerts();
 
     let python = clients_dir().join("venv/bin/python");
     // One connection per attempt, 20 ms apart, for 6 s: how production

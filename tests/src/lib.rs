@@ -109,6 +109,8 @@ pub struct Agent {
     seen: Vec<Value>,
     /// The agent's `started` event.
     started: Value,
+    /// Whether the test provokes alerts; otherwise any is a false alarm.
+    alerts_expected: bool,
 }
 
 impl Agent {
@@ -163,6 +165,7 @@ impl Agent {
             barrier_port,
             seen: Vec::new(),
             started: Value::Null,
+            alerts_expected: false,
         };
         agent.started = agent
             .wait_for(agent_start_timeout(), |e| e["type"] == "started")
@@ -283,6 +286,14 @@ impl Agent {
 
     /// SIGINT, then every remaining line until the agent exits; fails unless
     /// it exits 0.
+    /// This test provokes alerts: `stop` does not treat them as false alarms.
+    pub fn expect_alerts(&mut self) {
+        self.alerts_expected = true;
+    }
+
+    /// Stops the agent (SIGINT) and returns the events not yet taken. Fails
+    /// on an `alert` unless [`Agent::expect_alerts`] was called: the suite's
+    /// ordinary traffic must never raise one.
     pub fn stop(mut self) -> anyhow::Result<Vec<Value>> {
         signal(self.child.id(), libc::SIGINT);
         let deadline = Instant::now() + scaled(Duration::from_secs(10));
@@ -302,6 +313,11 @@ impl Agent {
             status.success(),
             "agent exited with {status}: {}",
             self.stderr()
+        );
+        let alerts: Vec<&Value> = rest.iter().filter(|e| e["type"] == "alert").collect();
+        anyhow::ensure!(
+            self.alerts_expected || alerts.is_empty(),
+            "false alarms: {alerts:#?}"
         );
         Ok(rest)
     }
