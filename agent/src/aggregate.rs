@@ -22,8 +22,12 @@ pub const MAX_SERIES: usize = 10_000;
 /// `request` lines written per series and window at most (slow requests and
 /// timeouts, not `--emit all`); the rest are counted in `lines_suppressed`.
 pub const MAX_LINES_PER_SERIES: u64 = 20;
-/// Latencies are recorded in µs from 1 µs to 1 h, 3 significant digits.
+/// Latencies are recorded in µs from 1 µs to 1 h.
 const HIGHEST_US: u64 = 3_600_000_000;
+/// 2 significant digits: values within 1% (p99 of 4.37 ms reads 4.35–4.39
+/// ms). Each histogram takes 13 KiB with `u32` counts (3 digits would take
+/// 90 KiB: 90 MiB for 1,000 series).
+const SIGNIFICANT_DIGITS: u8 = 2;
 
 /// One series of a window.
 #[derive(Clone, Debug, PartialEq)]
@@ -67,7 +71,7 @@ const CONNECT_OP: (usize, usize) = (usize::MAX, usize::MAX);
 
 struct Accumulator {
     series: Series,
-    histogram: Histogram<u64>,
+    histogram: Histogram<u32>,
 }
 
 #[derive(Default)]
@@ -201,7 +205,7 @@ impl Aggregator {
                 lines: 0,
                 lines_suppressed: 0,
             },
-            histogram: Histogram::new_with_bounds(1, HIGHEST_US, 3)
+            histogram: Histogram::new_with_bounds(1, HIGHEST_US, SIGNIFICANT_DIGITS)
                 .expect("static histogram bounds are valid"),
         })
     }

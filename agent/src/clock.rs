@@ -9,6 +9,7 @@ pub struct Clock {
 }
 
 impl Clock {
+    /// The offset between the clocks now.
     pub fn new() -> Self {
         let monotonic = read_clock(libc::CLOCK_MONOTONIC);
         let realtime = read_clock(libc::CLOCK_REALTIME);
@@ -20,6 +21,12 @@ impl Clock {
     pub fn wall_time(&self, monotonic_ns: u64) -> SystemTime {
         let since_epoch = i128::from(monotonic_ns) + self.realtime_minus_monotonic_ns;
         SystemTime::UNIX_EPOCH + Duration::from_nanos(since_epoch.max(0) as u64)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -1,26 +1,9 @@
 //! `resptrace`: wiring only — parse the command line, check the host, load
 //! the probes, run the pipeline until a signal.
 
-mod aggregate;
-mod cli;
-mod clock;
-mod decode;
-mod detect;
-mod enrich;
-mod gauges;
-mod observe;
-mod preflight;
-mod probes;
-mod procfs;
-mod resp;
-mod run;
-mod sinks;
-mod tracefs;
-mod tracker;
-mod workload;
-mod zones;
-
 use std::process::ExitCode;
+
+use agent::{cli, run};
 
 use clap::Parser as _;
 

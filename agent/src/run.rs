@@ -97,17 +97,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     gauge_timer.reset();
     let mut gauge_keys = BTreeSet::new();
     let enricher = Enricher::with_cgroup_root(procfs::cgroup2_mount());
-    let mut pipeline = Pipeline {
+    let mut pipeline = Pipeline::new(
         enricher,
-        tracker: Tracker::default(),
-        aggregator: Aggregator::default(),
-        exchanges: Vec::new(),
-        observer: Observer::default(),
-        detectors: Vec::new(),
-        alerts: Vec::new(),
-        emit_all: cli.emit == Emit::All,
-        slow_ns: u64::try_from(cli.slow_threshold.as_nanos()).unwrap_or(u64::MAX),
-    };
+        cli.emit == Emit::All,
+        u64::try_from(cli.slow_threshold.as_nanos()).unwrap_or(u64::MAX),
+    );
     let mut window_start = std::time::Instant::now();
     let mut last_tick = std::time::Instant::now();
     let mut stats = Stats::default();
@@ -176,7 +170,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// The stages after decode: enrich, track RESP, aggregate, detect.
-struct Pipeline {
+pub struct Pipeline {
     enricher: Enricher,
     tracker: Tracker,
     aggregator: Aggregator,
@@ -190,8 +184,24 @@ struct Pipeline {
 }
 
 impl Pipeline {
+    /// `emit_all`: a `request` line for every request, else only for those
+    /// at least `slow_ns` slow and timeouts.
+    pub fn new(enricher: Enricher, emit_all: bool, slow_ns: u64) -> Self {
+        Self {
+            enricher,
+            tracker: Tracker::default(),
+            aggregator: Aggregator::default(),
+            exchanges: Vec::new(),
+            observer: Observer::default(),
+            detectors: Vec::new(),
+            alerts: Vec::new(),
+            emit_all,
+            slow_ns,
+        }
+    }
+
     /// Writes the `latency` window that ends now and starts the next.
-    fn write_window<W: Write>(
+    pub fn write_window<W: Write>(
         &mut self,
         seconds: f64,
         sink: &mut JsonSink<W>,
@@ -199,6 +209,55 @@ impl Pipeline {
         let mut window = self.aggregator.window(seconds);
         self.enricher.window(&mut window);
         sink.latency(&window)
+    }
+
+    /// One ring buffer record through decode, enrich, the RESP tracker,
+    /// aggregation and the detectors; kernel events are written, finished
+    /// exchanges queued (see `write_exchanges`).
+    pub fn record<W: Write>(
+        &mut self,
+        record: &[u8],
+        sink: &mut JsonSink<W>,
+        stats: &mut Stats,
+    ) -> std::io::Result<()> {
+        // The hot path: RESP payload records, parsed in place.
+        match crate::decode::segment(record) {
+            Some(Ok(segment)) => {
+                stats.events += 1;
+                self.tracker.segment(&segment, &mut self.exchanges);
+                return Ok(());
+            }
+            Some(Err(err)) => {
+                stats.decode_errors += 1;
+                tracing::warn!("dropping an event record: {err}");
+                return Ok(());
+            }
+            None => {}
+        }
+        let mut event = match decode(record) {
+            Ok(event) => event,
+            Err(err) => {
+                stats.decode_errors += 1;
+                tracing::warn!("dropping an event record: {err}");
+                return Ok(());
+            }
+        };
+        stats.events += 1;
+        match event {
+            Event::AppRead { ts_ns, cookie } => {
+                self.tracker.app_read(cookie, ts_ns, &mut self.exchanges);
+                Ok(())
+            }
+            Event::SocketGone { ts_ns, cookie } => {
+                self.tracker.socket_gone(cookie, ts_ns, &mut self.exchanges);
+                Ok(())
+            }
+            _ => {
+                self.enricher.enrich(&mut event);
+                self.event(&event);
+                sink.event(&event)
+            }
+        }
     }
 
     fn observe(&mut self, observation: &Observation) {
@@ -248,7 +307,7 @@ impl Pipeline {
     }
 
     /// Evaluates the detectors and writes the alerts that changed state.
-    fn write_alerts<W: Write>(
+    pub fn write_alerts<W: Write>(
         &mut self,
         now_ns: u64,
         sink: &mut JsonSink<W>,
@@ -263,7 +322,7 @@ impl Pipeline {
     }
 
     /// Aggregates the finished exchanges and writes those that get a line.
-    fn write_exchanges<W: Write>(&mut self, sink: &mut JsonSink<W>) -> std::io::Result<()> {
+    pub fn write_exchanges<W: Write>(&mut self, sink: &mut JsonSink<W>) -> std::io::Result<()> {
         // Taken out (and put back, keeping its allocation) so the loop can
         // use `self`.
         let mut exchanges = std::mem::take(&mut self.exchanges);
@@ -298,49 +357,9 @@ fn drain<W: Write>(
     stats: &mut Stats,
 ) -> anyhow::Result<()> {
     while let Some(record) = ring.next() {
-        // The hot path: RESP payload records, parsed in place.
-        match crate::decode::segment(&record) {
-            Some(Ok(segment)) => {
-                stats.events += 1;
-                pipeline.tracker.segment(&segment, &mut pipeline.exchanges);
-                continue;
-            }
-            Some(Err(err)) => {
-                stats.decode_errors += 1;
-                tracing::warn!("dropping an event record: {err}");
-                continue;
-            }
-            None => {}
-        }
-        match decode(&record) {
-            Ok(mut event) => {
-                stats.events += 1;
-                match &event {
-                    Event::AppRead { ts_ns, cookie } => {
-                        pipeline
-                            .tracker
-                            .app_read(*cookie, *ts_ns, &mut pipeline.exchanges);
-                        continue;
-                    }
-                    Event::SocketGone { ts_ns, cookie } => {
-                        pipeline
-                            .tracker
-                            .socket_gone(*cookie, *ts_ns, &mut pipeline.exchanges);
-                        continue;
-                    }
-                    _ => {}
-                }
-                pipeline.enricher.enrich(&mut event);
-                pipeline.event(&event);
-                if let Err(err) = sink.event(&event) {
-                    return Err(output_error(err));
-                }
-            }
-            Err(err) => {
-                stats.decode_errors += 1;
-                tracing::warn!("dropping an event record: {err}");
-            }
-        }
+        pipeline
+            .record(&record, sink, stats)
+            .map_err(output_error)?;
     }
     pipeline.write_exchanges(sink).map_err(output_error)?;
     Ok(())

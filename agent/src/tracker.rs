@@ -123,7 +123,8 @@ const HANDOVER_LIMIT_NS: u64 = 10_000_000_000;
 
 #[derive(Default)]
 pub struct Tracker {
-    flows: FxHashMap<u64, Flow>,
+    /// Boxed: a `Flow` is ~1 KiB and the map keeps spare capacity.
+    flows: FxHashMap<u64, Box<Flow>>,
     /// By (client, server).
     handed_over: FxHashMap<(SocketAddr, SocketAddr), Vec<KeptSegment>>,
     /// Scratch for the matcher's output, reused across segments.
@@ -156,24 +157,26 @@ impl Tracker {
         if !self.flows.contains_key(&segment.cookie) && self.flows.len() >= MAX_FLOWS {
             self.evict_oldest(out);
         }
-        let flow = self.flows.entry(segment.cookie).or_insert_with(|| Flow {
-            matcher: if segment.flags & SEGMENT_FROM_START != 0 {
-                Matcher::new(resp::Config::default())
-            } else {
-                Matcher::mid_stream(resp::Config::default())
-            },
-            role: segment.role,
-            client: segment.client,
-            server: segment.server,
-            cgroup_id: segment.cgroup_id,
-            assembling: [Vec::new(), Vec::new()],
-            order: [Reorder::default(), Reorder::default()],
-            drops: 0,
-            held: Vec::new(),
-            reads: VecDeque::new(),
-            last_ns: segment.ts_ns,
-            closed: false,
-            new: true,
+        let flow = self.flows.entry(segment.cookie).or_insert_with(|| {
+            Box::new(Flow {
+                matcher: if segment.flags & SEGMENT_FROM_START != 0 {
+                    Matcher::new(resp::Config::default())
+                } else {
+                    Matcher::mid_stream(resp::Config::default())
+                },
+                role: segment.role,
+                client: segment.client,
+                server: segment.server,
+                cgroup_id: segment.cgroup_id,
+                assembling: [Vec::new(), Vec::new()],
+                order: [Reorder::default(), Reorder::default()],
+                drops: 0,
+                held: Vec::new(),
+                reads: VecDeque::new(),
+                last_ns: segment.ts_ns,
+                closed: false,
+                new: true,
+            })
         });
         flow.last_ns = segment.ts_ns;
         let stream = usize::from(!segment.requests);

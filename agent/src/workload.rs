@@ -1,4 +1,3 @@
-#![allow(dead_code)] // TEMP: wired into the pipeline in a following commit
 //! Workload attribution without Kubernetes: a cgroup path → the pod UID and
 //! container ID when it follows a kubelet layout, otherwise the process name
 //! and cgroup path. Pod names and namespaces come later from the API (the

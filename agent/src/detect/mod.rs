@@ -1,4 +1,3 @@
-#![allow(dead_code)] // TEMP: wired into the pipeline in a following commit
 //! Detect: typed observations of the node's Redis traffic → `alert` events
 //! with a lifecycle (`firing` once, `resolved` once).
 //!

@@ -180,8 +180,10 @@ pub(super) struct Parser {
     frame_active: bool,
     /// Its top-level header was valid: it is a real (if partial) frame.
     header_ok: bool,
-    stack: [Level; MAX_DEPTH],
-    depth: usize,
+    /// Open aggregates, innermost last (at most [`MAX_DEPTH`]). A `Vec`, not
+    /// an array: most frames nest 0–2 deep, and an agent keeps two parsers
+    /// per traced connection.
+    stack: Vec<Level>,
     line: [u8; MAX_LINE],
     line_len: usize,
     /// The current line is longer than [`MAX_LINE`].
@@ -220,12 +222,7 @@ impl Parser {
             frame: Frame::new(0),
             frame_active: false,
             header_ok: false,
-            stack: [Level {
-                remaining: 0,
-                index: 0,
-                attr: false,
-            }; MAX_DEPTH],
-            depth: 0,
+            stack: Vec::new(),
             line: [0; MAX_LINE],
             line_len: 0,
             line_over: false,
@@ -268,7 +265,7 @@ impl Parser {
     pub(super) fn resync(&mut self) {
         self.state = State::Header;
         self.frame_active = false;
-        self.depth = 0;
+        self.stack.clear();
     }
 
     pub(super) fn feed(&mut self, chunk: &Chunk<'_>, out: &mut dyn FnMut(Event<'_>)) {
@@ -372,7 +369,7 @@ impl Parser {
     }
 
     fn header_byte(&mut self, b: u8, out: &mut dyn FnMut(Event<'_>)) {
-        let top = self.depth == 0;
+        let top = self.stack.is_empty();
         let valid = match self.side {
             // Requests: arrays of bulk strings, or an inline command.
             Side::Request => (top && !self.frame_active) || b == b'$',
@@ -435,7 +432,7 @@ impl Parser {
 
     fn line_done(&mut self, ty: u8, out: &mut dyn FnMut(Event<'_>)) {
         let target = self.target();
-        let top = self.depth == 0;
+        let top = self.stack.is_empty();
         let is_number = matches!(
             ty,
             b':' | b'$' | b'=' | b'!' | b'*' | b'%' | b'~' | b'>' | b'|'
@@ -484,7 +481,7 @@ impl Parser {
                 if self.side == Side::Request && count > MAX_ARGS {
                     return self.malformed_consumed(out);
                 }
-                if count > 0 && self.depth == MAX_DEPTH {
+                if count > 0 && self.stack.len() == MAX_DEPTH {
                     return self.malformed_consumed(out);
                 }
                 self.header_read(ty);
@@ -505,12 +502,11 @@ impl Parser {
                     return self.value_done(out);
                 }
                 self.set_elem(target, Elem::Other);
-                self.stack[self.depth] = Level {
+                self.stack.push(Level {
                     remaining: count as u64, // > 0
                     index: 0,
                     attr: ty == b'|',
-                };
-                self.depth += 1;
+                });
             }
             b':' => {
                 self.header_read(ty);
@@ -539,7 +535,7 @@ impl Parser {
     /// A valid header: at the top level (attributes aside) it makes the
     /// frame real.
     fn header_read(&mut self, ty: u8) {
-        if self.depth == 0 && ty != b'|' {
+        if self.stack.is_empty() && ty != b'|' {
             self.frame.ty = ty;
             self.header_ok = true;
         }
@@ -621,7 +617,7 @@ impl Parser {
 
     /// Where the value starting now is captured.
     fn target(&self) -> Target {
-        match self.depth {
+        match self.stack.len() {
             0 => Target::Head,
             1 if !self.stack[0].attr && self.stack[0].index < 3 => {
                 Target::Elem(self.stack[0].index as usize)
@@ -663,7 +659,7 @@ impl Parser {
     /// A value ended: count it in its parent, closing finished aggregates.
     fn value_done(&mut self, out: &mut dyn FnMut(Event<'_>)) {
         loop {
-            let Some(level) = self.depth.checked_sub(1).map(|d| &mut self.stack[d]) else {
+            let Some(level) = self.stack.last_mut() else {
                 return self.finish_frame(out);
             };
             level.remaining -= 1;
@@ -672,7 +668,7 @@ impl Parser {
                 return;
             }
             let attr = level.attr;
-            self.depth -= 1;
+            self.stack.pop();
             if attr {
                 // The annotated value comes next, in the same position.
                 return;
@@ -714,7 +710,7 @@ impl Parser {
         });
         self.frame_active = false;
         self.header_ok = false;
-        self.depth = 0;
+        self.stack.clear();
         self.cand_len = 0;
         self.state = State::Desync;
         self.desyncs += 1;
@@ -773,7 +769,7 @@ impl Parser {
         self.cand_len = 0;
         self.state = State::Header;
         self.frame_active = false;
-        self.depth = 0;
+        self.stack.clear();
         let ts = self.ts_ns;
         self.ts_ns = self.cand_ts_ns;
         self.replaying = true;
