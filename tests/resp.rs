@@ -704,7 +704,7 @@ fn request_latencies_across_a_delay_line_match_the_clients_timings() -> anyhow::
     }
     // The `latency` window (HDR histogram, one window for the run): its
     // median is the client's ± 10%; its median and p99 are those of the
-    // request lines it aggregates (± 2%: the histogram keeps 3 significant
+    // request lines it aggregates (± 2%: the histogram keeps 2 significant
     // digits). The window times arrival at the socket, without the client's
     // own scheduling delays, which its p99 includes.
     for (command, client_us) in &timings {
