@@ -247,7 +247,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let _ = fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
     let results = result?;
 
-    let table = format_table(&results, &traced, &skipped);
+    let mut table = format_table(&results, &traced, &skipped);
+    table.push_str(&pipeline_bench(options.rounds.min(PIPELINE_RUNS))?);
     let machine = Machine::describe();
     println!("\n{}\n\n{table}", machine.line());
     eprintln!("==> bench took {:.0} s", started.elapsed().as_secs_f64());
@@ -287,6 +288,55 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     }
     anyhow::ensure!(failed.is_empty(), "modes failed: {}", failed.join("; "));
     Ok(())
+}
+
+/// Runs of the userspace pipeline benchmark (about a second each).
+const PIPELINE_RUNS: usize = 5;
+
+/// The agent's userspace pipeline alone, on synthetic records
+/// (`agent/examples/pipeline.rs`: 10,000 connections, 1,000 series), pinned
+/// to one CPU: events per CPU second (median of `runs`) and peak RSS (the
+/// largest). Returns a markdown table.
+fn pipeline_bench(runs: usize) -> anyhow::Result<String> {
+    eprintln!("==> bench: userspace pipeline (synthetic records)");
+    crate::util::run_status(crate::util::cargo().args([
+        "build",
+        "--release",
+        "--locked",
+        "--package",
+        "agent",
+        "--example",
+        "pipeline",
+    ]))?;
+    let binary = crate::workspace_root().join("target/release/examples/pipeline");
+    let mut rates = Vec::new();
+    let mut peak_kib = 0;
+    let mut last = serde_json::Value::Null;
+    for _ in 0..runs.max(1) {
+        let output = crate::util::output(&mut pinned(0, binary.to_str().context("path")?))?;
+        let line: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .context("the pipeline benchmark's output is not JSON")?;
+        rates.push(
+            line["events_per_cpu_s"]
+                .as_f64()
+                .context("events_per_cpu_s")?,
+        );
+        peak_kib = peak_kib.max(line["peak_rss_kib"].as_u64().context("peak_rss_kib")?);
+        last = line;
+    }
+    let (low, high) = range(&rates);
+    Ok(format!(
+        "\n| userspace pipeline, one core | events/s (median, range) | peak RSS |\n|---|---|---|\n\
+         | decode → track → aggregate → detect → JSON: {} connections, {} series, {} events per run, {} runs | {} ({}–{}) | {} |\n",
+        last["connections"],
+        last["series"],
+        last["events"],
+        rates.len(),
+        thousands(median(&rates)),
+        thousands(low),
+        thousands(high),
+        mib(peak_kib * 1024),
+    ))
 }
 
 fn measure(
