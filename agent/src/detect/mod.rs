@@ -5,12 +5,33 @@
 //! Each detector is a small type fed the same observations; `evaluate` is
 //! called on a timer (every second) with the current monotonic time and
 //! appends alerts whose state changed.
+//!
+//! All state is per key (endpoint, or workload and endpoint), in maps
+//! bounded by a documented cap, and idle keys are evicted: memory stays flat
+//! however long the agent runs.
 
-use std::{net::SocketAddr, sync::Arc};
+mod connect_storm;
+mod counters;
+mod error_replies;
+mod lifecycle;
+mod pool_pressure;
+mod retransmits;
+mod retry_storm;
+mod syn_drops;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use agent_common::{ConnectOutcome, SynAnswer};
+use serde::Serialize;
 
 use crate::workload::Workload;
+
+pub use connect_storm::{ConnectStorm, ConnectStormConfig};
+pub use error_replies::{ErrorReplies, ErrorRepliesConfig};
+pub use pool_pressure::{PoolPressure, PoolPressureConfig};
+pub use retransmits::{Retransmits, RetransmitsConfig};
+pub use retry_storm::{RetryStorm, RetryStormConfig};
+pub use syn_drops::{SynDrops, SynDropsConfig};
 
 /// What the detectors see, built by the pipeline from decoded events,
 /// exchanges and the open-connection gauges. Times are kernel monotonic ns.
@@ -75,19 +96,28 @@ pub struct Alert {
     /// `connect_storm`, `retry_storm`, `syn_drops`, `retransmits`,
     /// `error_replies`, `pool_pressure`.
     pub kind: &'static str,
+    /// Same for the `firing` and the `resolved` event of one alert:
+    /// `<kind>/<endpoint>[/<workload key>][/<variant>]`.
+    pub id: String,
     pub state: AlertState,
     pub severity: Severity,
     /// One line for a human, with the numbers that matter.
     pub message: String,
     /// The Redis endpoint concerned (`None`: node-wide).
     pub endpoint: Option<SocketAddr>,
-    /// Workloads concerned (empty: node-wide), identified by `Workload::key`.
+    /// Workloads concerned, most affected first, at most
+    /// `MAX_ALERT_WORKLOADS` (empty: node-wide).
     pub workloads: Vec<Workload>,
-    /// Monotonic ns when the condition started (firing) / ended (resolved).
-    pub since_ns: u64,
+    /// Monotonic ns when the condition started.
+    pub started_ns: u64,
+    /// Resolved alerts: monotonic ns when the condition ended.
+    pub ended_ns: Option<u64>,
     /// The numbers behind it, detector-specific (documented in docs/events.md).
     pub evidence: serde_json::Map<String, serde_json::Value>,
 }
+
+/// Workloads named in one alert at most (the evidence counts them all).
+pub const MAX_ALERT_WORKLOADS: usize = 10;
 
 /// A detector: fed every observation, evaluated on a timer.
 pub trait Detector {
@@ -95,4 +125,218 @@ pub trait Detector {
     fn observe(&mut self, observation: &Observation);
     /// Appends the alerts whose state changed by `now_ns`.
     fn evaluate(&mut self, now_ns: u64, alerts: &mut Vec<Alert>);
+    /// Keys (endpoints, workload–endpoint pairs) not tracked because the
+    /// detector's maps were full, since start.
+    fn untracked(&self) -> u64;
+}
+
+/// How long an alert's condition must stay clear before it is resolved
+/// (no flapping between `firing` and `resolved`).
+pub const DEFAULT_RESOLVE_AFTER: Duration = Duration::from_secs(10);
+
+/// Every detector threshold. The CLI exposes each field as
+/// `--<detector>-<field>` (e.g. `--connect-storm-rate-per-s`), its help
+/// naming the `DEFAULT_*` constant next to the field.
+#[derive(Clone, Debug)]
+pub struct DetectorConfig {
+    /// `--resolve-after`: see `DEFAULT_RESOLVE_AFTER`.
+    pub resolve_after: Duration,
+    pub connect_storm: ConnectStormConfig,
+    pub retry_storm: RetryStormConfig,
+    pub syn_drops: SynDropsConfig,
+    pub retransmits: RetransmitsConfig,
+    pub error_replies: ErrorRepliesConfig,
+    pub pool_pressure: PoolPressureConfig,
+}
+
+impl Default for DetectorConfig {
+    fn default() -> Self {
+        Self {
+            resolve_after: DEFAULT_RESOLVE_AFTER,
+            connect_storm: ConnectStormConfig::default(),
+            retry_storm: RetryStormConfig::default(),
+            syn_drops: SynDropsConfig::default(),
+            retransmits: RetransmitsConfig::default(),
+            error_replies: ErrorRepliesConfig::default(),
+            pool_pressure: PoolPressureConfig::default(),
+        }
+    }
+}
+
+/// Every detector, fed the same observations.
+pub struct Detectors {
+    detectors: Vec<Box<dyn Detector + Send>>,
+}
+
+impl Detectors {
+    pub fn new(config: &DetectorConfig) -> Self {
+        let resolve_after_ns = duration_ns(config.resolve_after);
+        Self {
+            detectors: vec![
+                Box::new(ConnectStorm::new(
+                    config.connect_storm.clone(),
+                    resolve_after_ns,
+                )),
+                Box::new(RetryStorm::new(
+                    config.retry_storm.clone(),
+                    resolve_after_ns,
+                )),
+                Box::new(SynDrops::new(config.syn_drops.clone(), resolve_after_ns)),
+                Box::new(Retransmits::new(
+                    config.retransmits.clone(),
+                    resolve_after_ns,
+                )),
+                Box::new(ErrorReplies::new(
+                    config.error_replies.clone(),
+                    resolve_after_ns,
+                )),
+                Box::new(PoolPressure::new(
+                    config.pool_pressure.clone(),
+                    resolve_after_ns,
+                )),
+            ],
+        }
+    }
+
+    pub fn observe(&mut self, observation: &Observation) {
+        for detector in &mut self.detectors {
+            detector.observe(observation);
+        }
+    }
+
+    /// Call every second with the current monotonic time; appends the
+    /// alerts to write.
+    pub fn evaluate(&mut self, now_ns: u64, alerts: &mut Vec<Alert>) {
+        for detector in &mut self.detectors {
+            detector.evaluate(now_ns, alerts);
+        }
+    }
+
+    /// Keys no detector could track because its maps were full (for `stats`).
+    pub fn untracked(&self) -> u64 {
+        self.detectors.iter().map(|d| d.untracked()).sum()
+    }
+}
+
+/// The body of an `alert` event (the sink adds `ts`, `type` and `node`).
+#[derive(Serialize)]
+pub struct AlertBody<'a> {
+    pub kind: &'static str,
+    pub id: &'a str,
+    pub state: AlertState,
+    pub severity: Severity,
+    pub message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<EndpointBody>,
+    pub workloads: Vec<WorkloadBody<'a>>,
+    /// RFC 3339 UTC, when the condition started.
+    pub started: String,
+    /// Resolved alerts: RFC 3339 UTC, when the condition ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
+    /// Resolved alerts: `ended - started` in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<f64>,
+    pub evidence: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Serialize)]
+pub struct EndpointBody {
+    pub ip: std::net::IpAddr,
+    pub port: u16,
+}
+
+#[derive(Serialize)]
+pub struct WorkloadBody<'a> {
+    pub key: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm: Option<&'a str>,
+}
+
+impl Alert {
+    /// The serialisable body of this alert; `wall_time` turns a monotonic
+    /// timestamp into RFC 3339 (e.g. via `Clock::wall_time`).
+    pub fn body(&self, wall_time: impl Fn(u64) -> String) -> AlertBody<'_> {
+        AlertBody {
+            kind: self.kind,
+            id: &self.id,
+            state: self.state,
+            severity: self.severity,
+            message: &self.message,
+            endpoint: self.endpoint.map(|e| EndpointBody {
+                ip: e.ip(),
+                port: e.port(),
+            }),
+            workloads: self
+                .workloads
+                .iter()
+                .map(|w| WorkloadBody {
+                    key: &w.key,
+                    pod_uid: w.pod_uid.as_deref(),
+                    container_id: w.container_id.as_deref(),
+                    cgroup: w.cgroup.as_deref(),
+                    comm: w.comm.as_deref(),
+                })
+                .collect(),
+            started: wall_time(self.started_ns),
+            ended: self.ended_ns.map(&wall_time),
+            duration_s: self
+                .ended_ns
+                .map(|ended| seconds(ended.saturating_sub(self.started_ns))),
+            evidence: &self.evidence,
+        }
+    }
+}
+
+const NS_PER_S: u64 = 1_000_000_000;
+
+fn duration_ns(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Nanoseconds → seconds, rounded to the millisecond for readable evidence.
+fn seconds(ns: u64) -> f64 {
+    round3(ns as f64 / NS_PER_S as f64)
+}
+
+/// Evidence numbers: three decimals are plenty, and shorter to read.
+fn round3(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}
+
+/// `json!({...})` → the evidence map.
+fn evidence(value: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    match value {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    }
+}
+
+/// The workloads to name in an alert: the `MAX_ALERT_WORKLOADS` with the
+/// largest weight (failures, attempts…), then by key for a stable order.
+fn top_workloads<'a>(weighted: impl Iterator<Item = (&'a Workload, u64)>) -> Vec<Workload> {
+    let mut all: Vec<(&Workload, u64)> = weighted.collect();
+    all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.key.cmp(&b.0.key)));
+    all.into_iter()
+        .take(MAX_ALERT_WORKLOADS)
+        .map(|(w, _)| w.clone())
+        .collect()
+}
+
+/// How a message names a workload: its key (`pod:<uid>`, `cgroup:<path>`,
+/// `comm:<name>`).
+fn workload_names(workloads: &[Workload]) -> String {
+    let mut names: Vec<&str> = workloads.iter().map(|w| &*w.key).collect();
+    if names.len() > 3 {
+        let more = names.len() - 3;
+        names.truncate(3);
+        return format!("{} and {more} more", names.join(", "));
+    }
+    names.join(", ")
 }
