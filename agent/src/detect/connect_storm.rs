@@ -557,3 +557,129 @@ impl Detector for ConnectStorm {
         self.endpoints.untracked() + self.untracked_pairs
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::testing::*;
+
+    fn detector() -> ConnectStorm {
+        ConnectStorm::new(ConnectStormConfig::default(), 10 * S)
+    }
+
+    /// `per_second` established connects from `workload` in each second of
+    /// `seconds` (offsets from `T0`).
+    fn connects(
+        workload: &Workload,
+        seconds: std::ops::Range<u64>,
+        per_second: u64,
+        outcome: ConnectOutcome,
+    ) -> Vec<Observation> {
+        seconds
+            .flat_map(|s| spread(T0 + s * S, per_second))
+            .map(|ts| connect(ts, workload, redis(9), outcome, 200_000))
+            .collect()
+    }
+
+    #[test]
+    fn a_pod_at_200_connects_per_second_fires_once_naming_it_and_resolves_once() {
+        let stream = connects(&pod(1), 5..10, 200, ConnectOutcome::Established);
+        let alerts = run(&mut detector(), stream, T0 + 60 * S);
+        assert_fired_and_resolved_once(&alerts);
+        let (fired_at, firing) = &alerts[0];
+        // Three whole seconds above 100/s: written at the third one's end.
+        assert_eq!(*fired_at / S, (T0 + 8 * S) / S);
+        assert_eq!(firing.severity, Severity::Warning);
+        assert_eq!(firing.workloads.len(), 1);
+        assert_eq!(firing.workloads[0].pod_uid.as_deref(), Some(&*pod_uid(1)));
+        assert_eq!(number(firing, "rate_per_s"), 200.0);
+        assert_eq!(number(firing, "failure_fraction"), 0.0);
+        assert_eq!(firing.evidence["trigger"], "rate");
+        assert!(firing.message.contains("pod:"), "{}", firing.message);
+        let resolved = &alerts[1].1;
+        assert_eq!(number(resolved, "attempts"), 1000.0);
+        assert_eq!(number(resolved, "peak_rate_per_s"), 200.0);
+        // Clear from the storm's last second on, resolved 10 s later.
+        assert_eq!(resolved.ended_ns.unwrap() / S, (T0 + 11 * S) / S);
+    }
+
+    #[test]
+    fn a_pool_start_up_burst_is_not_a_storm() {
+        let mut stream = Vec::new();
+        // redis-benchmark -c 50: 50 connects within 100 ms; a 500-connection
+        // pool in one second; then the pools are kept.
+        for ts in (0..50).map(|i| T0 + 2 * S + i * 2 * MS) {
+            stream.push(established(ts, &pod(1), redis(9)));
+        }
+        stream.extend(connects(&pod(2), 20..21, 500, ConnectOutcome::Established));
+        assert_eq!(run(&mut detector(), stream, T0 + 120 * S), vec![]);
+    }
+
+    #[test]
+    fn steady_churn_at_its_usual_rate_never_fires() {
+        // A pool that recycles connections all day: 60/s ± 20 %.
+        let stream: Vec<Observation> = (0..600)
+            .flat_map(|s| {
+                let rate = 48 + (s * 7919) % 25;
+                connects(&pod(1), s..s + 1, rate, ConnectOutcome::Established)
+            })
+            .collect();
+        assert_eq!(run(&mut detector(), stream, T0 + 620 * S), vec![]);
+    }
+
+    #[test]
+    fn a_workload_far_above_its_baseline_fires_below_the_absolute_rate() {
+        // Another pod's steady 30/s keeps the node-wide rate unremarkable.
+        let mut stream = connects(&pod(2), 0..160, 30, ConnectOutcome::Established);
+        stream.extend(connects(&pod(1), 0..120, 2, ConnectOutcome::Established));
+        stream.extend(connects(&pod(1), 120..126, 40, ConnectOutcome::Refused));
+        let alerts = run(&mut detector(), stream, T0 + 160 * S);
+        assert_fired_and_resolved_once(&alerts);
+        let firing = &alerts[0].1;
+        assert_eq!(firing.workloads[0].pod_uid.as_deref(), Some(&*pod_uid(1)));
+        assert_eq!(firing.evidence["trigger"], "workload_baseline");
+        assert_eq!(number(firing, "baseline_per_s"), 2.0);
+        assert_eq!(number(firing, "threshold_per_s"), 20.0);
+        // 240 refused among 420 attempts in the window.
+        assert_eq!(number(firing, "failure_fraction"), 0.571);
+        assert_eq!(firing.severity, Severity::Critical);
+    }
+
+    #[test]
+    fn a_new_workload_is_judged_by_the_absolute_rate_only() {
+        // 60/s is 30 times nothing, but the pod has no history yet.
+        let stream = connects(&pod(1), 0..20, 60, ConnectOutcome::Established);
+        assert_eq!(run(&mut detector(), stream, T0 + 40 * S), vec![]);
+    }
+
+    #[test]
+    fn many_workloads_reconnecting_at_once_are_named_a_fleet_reconnect() {
+        let stream: Vec<Observation> = (1..=5)
+            .flat_map(|n| connects(&pod(n), 10..14, 30, ConnectOutcome::Established))
+            .collect();
+        let alerts = run(&mut detector(), stream, T0 + 40 * S);
+        assert_fired_and_resolved_once(&alerts);
+        let firing = &alerts[0].1;
+        assert_eq!(firing.evidence["fleet_reconnect"], true);
+        assert_eq!(number(firing, "workloads_connecting"), 5.0);
+        assert_eq!(firing.workloads.len(), 5);
+        assert!(
+            firing.message.contains("5 workloads reconnecting at once"),
+            "{}",
+            firing.message
+        );
+    }
+
+    #[test]
+    fn idle_keys_are_forgotten() {
+        let mut storm = detector();
+        let stream = (0..100u8)
+            .map(|n| established(T0 + S, &pod(n), redis(n)))
+            .collect();
+        run(&mut storm, stream, T0 + 2 * S);
+        assert_eq!((storm.endpoints.len(), storm.pairs), (100, 100));
+        let mut alerts = Vec::new();
+        storm.evaluate(T0 + (IDLE_EVICT_S + 2) * S, &mut alerts);
+        assert_eq!((storm.endpoints.len(), storm.pairs), (0, 0));
+    }
+}

@@ -292,3 +292,76 @@ fn alert(endpoint: SocketAddr, burst: &Burst, started_ns: u64, ended_ns: Option<
         evidence,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::testing::*;
+
+    fn detector() -> ErrorReplies {
+        ErrorReplies::new(ErrorRepliesConfig::default(), 10 * S)
+    }
+
+    /// 100 requests per second from `workload`; those in `failing` seconds
+    /// get `error`.
+    fn traffic(
+        workload: &Workload,
+        seconds: std::ops::Range<u64>,
+        failing: std::ops::Range<u64>,
+        error: &str,
+    ) -> Vec<Observation> {
+        seconds
+            .flat_map(|s| spread(T0 + s * S, 100).map(move |ts| (s, ts)))
+            .map(|(s, ts)| {
+                let error = failing.contains(&s).then_some(error);
+                request(ts, workload, redis(9), error)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_failover_fires_and_its_resolution_reports_the_time_to_recover() {
+        // The primary goes: LOADING from 20 s to 35 s, then served again.
+        let stream = traffic(&pod(1), 0..90, 20..35, "LOADING");
+        let alerts = run(&mut detector(), stream, T0 + 90 * S);
+        assert_fired_and_resolved_once(&alerts);
+        let (fired_at, firing) = &alerts[0];
+        assert_eq!(*fired_at / S, T0 / S + 21);
+        assert_eq!(firing.severity, Severity::Critical);
+        assert_eq!(firing.started_ns, T0 + 20 * S);
+        let resolved = &alerts[1].1;
+        // The last LOADING came at 34.99 s.
+        assert_eq!(resolved.ended_ns, Some(T0 + 34 * S + 990 * MS));
+        assert_eq!(number(resolved, "time_to_recover_s"), 14.99);
+        assert_eq!(resolved.evidence["errors"]["LOADING"], 1_500);
+        assert!(
+            resolved.message.contains("recovered"),
+            "{}",
+            resolved.message
+        );
+    }
+
+    #[test]
+    fn a_few_moved_replies_after_a_reshard_are_normal() {
+        let mut stream = traffic(&pod(1), 0..60, 0..0, "MOVED");
+        for i in 0..4 {
+            stream.push(request(
+                T0 + 30 * S + i * MS,
+                &pod(2),
+                redis(9),
+                Some("MOVED"),
+            ));
+        }
+        // And errors that are not failovers.
+        stream.extend((0..50).map(|i| request(T0 + i * S, &pod(2), redis(9), Some("WRONGTYPE"))));
+        assert_eq!(run(&mut detector(), stream, T0 + 60 * S), vec![]);
+    }
+
+    #[test]
+    fn moved_bursts_are_info() {
+        let stream = traffic(&pod(1), 0..40, 10..12, "MOVED");
+        let alerts = run(&mut detector(), stream, T0 + 40 * S);
+        assert_fired_and_resolved_once(&alerts);
+        assert_eq!(alerts[0].1.severity, Severity::Info);
+    }
+}

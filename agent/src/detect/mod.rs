@@ -18,6 +18,8 @@ mod pool_pressure;
 mod retransmits;
 mod retry_storm;
 mod syn_drops;
+#[cfg(test)]
+mod testing;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -339,4 +341,116 @@ fn workload_names(workloads: &[Workload]) -> String {
         return format!("{} and {more} more", names.join(", "));
     }
     names.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{testing::*, *};
+
+    struct Set(Detectors);
+
+    impl Detector for Set {
+        fn kind(&self) -> &'static str {
+            "all"
+        }
+        fn observe(&mut self, observation: &Observation) {
+            self.0.observe(observation);
+        }
+        fn evaluate(&mut self, now_ns: u64, alerts: &mut Vec<Alert>) {
+            self.0.evaluate(now_ns, alerts);
+        }
+        fn untracked(&self) -> u64 {
+            self.0.untracked()
+        }
+    }
+
+    #[test]
+    fn a_benchmark_and_a_test_suite_raise_no_alert() {
+        let mut stream = Vec::new();
+        // redis-benchmark -c 50 for a minute: 50 connects in 100 ms, then
+        // requests on the kept connections (2,000/s here, for test speed).
+        let benchmark = pod(1);
+        stream.extend((0..50).map(|i| established(T0 + S + i * 2 * MS, &benchmark, redis(9))));
+        stream.extend(
+            (1..61)
+                .flat_map(|s| spread(T0 + s * S, 2_000))
+                .map(|ts| request(ts, &benchmark, redis(9), None)),
+        );
+        for i in 1..=6 {
+            let ts = T0 + i * 10 * S;
+            stream.push(open_connections(ts, &benchmark, redis(9), 50));
+            stream.push(retransmits(ts, &benchmark, redis(9), 0));
+        }
+        stream.push(open_connections(T0 + 70 * S, &benchmark, redis(9), 0));
+        // A test suite: a few connections at a time, a refused connect and
+        // an unanswered one now and then, the odd error reply.
+        let suite = pod(2);
+        for s in 0..70 {
+            let ts = T0 + s * S + 300 * MS;
+            for i in 0..3 {
+                stream.push(established(ts + i * MS, &suite, redis(8)));
+            }
+            stream.push(request(
+                ts + 5 * MS,
+                &suite,
+                redis(8),
+                (s % 7 == 0).then_some("WRONGTYPE"),
+            ));
+            if s % 15 == 0 {
+                stream.push(connect(
+                    ts,
+                    &suite,
+                    redis(7),
+                    ConnectOutcome::Refused,
+                    100_000,
+                ));
+            }
+        }
+        stream.push(request(T0 + 30 * S, &suite, redis(8), Some("MOVED")));
+        let alerts = run(
+            &mut Set(Detectors::new(&DetectorConfig::default())),
+            stream,
+            T0 + 100 * S,
+        );
+        assert_eq!(alerts, vec![]);
+    }
+
+    #[test]
+    fn an_alert_serialises_with_its_workloads_and_times() {
+        let alert = Alert {
+            kind: "syn_drops",
+            id: "syn_drops/10.2.0.9:6379".into(),
+            state: AlertState::Resolved,
+            severity: Severity::Critical,
+            message: "m".into(),
+            endpoint: Some(redis(9)),
+            workloads: vec![pod(1)],
+            started_ns: 5 * S,
+            ended_ns: Some(7 * S + 500 * MS),
+            evidence: evidence(serde_json::json!({ "unanswered_connects": 3 })),
+        };
+        let body = serde_json::to_value(alert.body(|ns| format!("t{}", ns / S))).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "kind": "syn_drops",
+                "id": "syn_drops/10.2.0.9:6379",
+                "state": "resolved",
+                "severity": "critical",
+                "message": "m",
+                "endpoint": { "ip": "10.2.0.9", "port": 6379 },
+                "workloads": [{
+                    "key": format!("pod:{}", pod_uid(1)),
+                    "pod_uid": pod_uid(1),
+                    "container_id": "4f2a9b1c8d7e6f5a4b3c2d1e0f9a8b7c",
+                    "cgroup": pod(1).cgroup.as_deref().unwrap(),
+                    "comm": "java",
+                }],
+                "started": "t5",
+                "ended": "t7",
+                "duration_s": 2.5,
+                "evidence": { "unanswered_connects": 3 },
+            })
+        );
+    }
 }

@@ -105,6 +105,9 @@ impl PairState {
     }
 }
 
+/// A node's open connections to one endpoint, and who holds them.
+type Holders<'a> = (u64, Vec<(&'a Workload, u64)>);
+
 #[derive(Debug, Default)]
 struct EndpointState {
     lifecycle: Lifecycle,
@@ -213,7 +216,7 @@ impl PoolPressure {
     }
 
     fn evaluate_share(&mut self, now_ns: u64, alerts: &mut Vec<Alert>) {
-        let mut totals: FxHashMap<SocketAddr, (u64, Vec<(&Workload, u64)>)> = FxHashMap::default();
+        let mut totals: FxHashMap<SocketAddr, Holders> = FxHashMap::default();
         for ((_, endpoint), pair) in self.pairs.iter() {
             let total = totals.entry(*endpoint).or_default();
             total.0 += pair.open();
@@ -342,5 +345,85 @@ impl Detector for PoolPressure {
 
     fn untracked(&self) -> u64 {
         self.pairs.untracked() + self.endpoints.untracked()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::testing::*;
+
+    fn detector() -> PoolPressure {
+        PoolPressure::new(PoolPressureConfig::default(), 10 * S)
+    }
+
+    /// One reading every 10 s from T0, the values given.
+    fn readings(workload: &Workload, values: &[u64]) -> Vec<Observation> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, &open)| open_connections(T0 + i as u64 * 10 * S, workload, redis(9), open))
+            .collect()
+    }
+
+    #[test]
+    fn a_pool_that_keeps_growing_fires_and_resolves_once_it_stops() {
+        let mut values: Vec<u64> = (1..=8).map(|i| i * 10).collect();
+        values.extend([80; 12]);
+        let alerts = run(&mut detector(), readings(&pod(1), &values), T0 + 200 * S);
+        assert_fired_and_resolved_once(&alerts);
+        let firing = &alerts[0].1;
+        assert_eq!(firing.evidence["reason"], "rising");
+        assert_eq!(number(firing, "open_before"), 10.0);
+        assert_eq!(number(firing, "open"), 60.0);
+        assert_eq!(firing.workloads[0].pod_uid.as_deref(), Some(&*pod_uid(1)));
+        assert_eq!(number(&alerts[1].1, "peak_open"), 80.0);
+    }
+
+    #[test]
+    fn a_pool_opened_at_start_up_and_kept_is_not_pressure() {
+        let mut values = vec![50; 30];
+        // Fluctuating around its size.
+        values.extend([48, 52, 50, 49, 53, 51, 50, 52, 54, 50]);
+        assert_eq!(
+            run(&mut detector(), readings(&pod(1), &values), T0 + 400 * S),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn slow_small_growth_is_not_pressure() {
+        let values: Vec<u64> = (0..20).map(|i| 10 + i / 2).collect();
+        assert_eq!(
+            run(&mut detector(), readings(&pod(1), &values), T0 + 200 * S),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn a_node_holding_half_of_maxclients_fires_once() {
+        let mut stream = Vec::new();
+        for n in 1..=3 {
+            let mut values = vec![2_000; 6];
+            values.extend([300; 6]);
+            stream.extend(readings(&pod(n), &values));
+        }
+        let alerts = run(&mut detector(), stream, T0 + 130 * S);
+        assert_fired_and_resolved_once(&alerts);
+        let firing = &alerts[0].1;
+        assert_eq!(firing.evidence["reason"], "maxclients_share");
+        assert_eq!(number(firing, "open"), 6_000.0);
+        assert_eq!(number(firing, "share"), 0.6);
+        assert_eq!(firing.workloads.len(), 3);
+        assert_eq!(firing.severity, Severity::Warning);
+    }
+
+    #[test]
+    fn gone_pairs_are_forgotten() {
+        let mut pressure = detector();
+        let mut stream = readings(&pod(1), &[5, 5]);
+        stream.push(open_connections(T0 + 20 * S, &pod(1), redis(9), 0));
+        run(&mut pressure, stream, T0 + 30 * S);
+        assert_eq!(pressure.pairs.len(), 0);
     }
 }

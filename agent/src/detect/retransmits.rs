@@ -289,3 +289,58 @@ impl Detector for Retransmits {
         self.endpoints.untracked()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::testing::*;
+
+    fn detector() -> Retransmits {
+        Retransmits::new(RetransmitsConfig::default(), 10 * S)
+    }
+
+    /// `per_second` requests from `workload` during `seconds`.
+    fn requests(
+        workload: &Workload,
+        seconds: std::ops::Range<u64>,
+        per_second: u64,
+    ) -> Vec<Observation> {
+        seconds
+            .flat_map(|s| spread(T0 + s * S, per_second))
+            .map(|ts| request(ts, workload, redis(9), None))
+            .collect()
+    }
+
+    #[test]
+    fn lossy_connections_fire_and_resolve_once() {
+        let mut stream = requests(&pod(1), 0..120, 100);
+        // Read from the connection map every 10 s: 50 retransmits each time
+        // from 20 s to 60 s.
+        stream.extend((2..=6).map(|i| retransmits(T0 + i * 10 * S, &pod(1), redis(9), 50)));
+        let alerts = run(&mut detector(), stream, T0 + 120 * S);
+        assert_fired_and_resolved_once(&alerts);
+        let firing = &alerts[0].1;
+        assert_eq!(firing.workloads[0].pod_uid.as_deref(), Some(&*pod_uid(1)));
+        // The first reading alone: 50, against the 2,002 requests since
+        // the traffic started 20 s before.
+        assert_eq!(number(firing, "retransmits"), 50.0);
+        assert_eq!(number(firing, "requests"), 2_002.0);
+        assert_eq!(number(firing, "per_1000_requests"), 24.975);
+        assert_eq!(number(&alerts[1].1, "retransmits"), 250.0);
+    }
+
+    #[test]
+    fn a_few_retransmits_under_heavy_traffic_are_noise() {
+        let mut stream = requests(&pod(1), 0..60, 5_000);
+        stream.extend((1..=5).map(|i| retransmits(T0 + i * 10 * S, &pod(1), redis(9), 40)));
+        assert_eq!(run(&mut detector(), stream, T0 + 60 * S), vec![]);
+    }
+
+    #[test]
+    fn a_healthy_network_never_fires() {
+        let mut stream = requests(&pod(1), 0..60, 1_000);
+        // One retransmit a minute.
+        stream.push(retransmits(T0 + 30 * S, &pod(1), redis(9), 1));
+        assert_eq!(run(&mut detector(), stream, T0 + 60 * S), vec![]);
+    }
+}

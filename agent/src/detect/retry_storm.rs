@@ -421,3 +421,146 @@ fn resolved(endpoint: SocketAddr, state: &PairState, started_ns: u64, ended_ns: 
         evidence: evidence(json!({ "failed_attempts": state.incident_failures })),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::testing::*;
+
+    fn detector() -> RetryStorm {
+        RetryStorm::new(RetryStormConfig::default(), 10 * S)
+    }
+
+    /// A client with a 2 s connect timeout and 3 attempts per request,
+    /// against dropped SYNs: requests start at `starts` (offsets from T0).
+    fn timed_out_requests(starts: &[u64]) -> Vec<Observation> {
+        starts
+            .iter()
+            .flat_map(|&start| {
+                (1..=3).map(move |attempt| {
+                    let ended = T0 + start * S + attempt * 2_001 * MS;
+                    connect(
+                        ended,
+                        &pod(1),
+                        redis(9),
+                        ConnectOutcome::Aborted,
+                        2_000 * MS,
+                    )
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn aborted_connects_every_2_s_fire_by_the_third_attempt_and_resolve_once() {
+        let stream = timed_out_requests(&[10, 17, 24]);
+        let third_attempt_ns = T0 + 10 * S + 3 * 2_001 * MS;
+        let alerts = run(&mut detector(), stream, T0 + 90 * S);
+        assert_fired_and_resolved_once(&alerts);
+        let (fired_at, firing) = &alerts[0];
+        assert!(*fired_at <= third_attempt_ns + S, "fired late: {firing:#?}");
+        assert_eq!(firing.workloads[0].pod_uid.as_deref(), Some(&*pod_uid(1)));
+        assert_eq!(firing.severity, Severity::Critical);
+        assert_eq!(number(firing, "interval_s"), 2.0);
+        assert_eq!(firing.evidence["interval_from"], "duration");
+        assert_eq!(number(firing, "attempts_per_request"), 3.0);
+        assert_eq!(number(firing, "caller_wait_s"), 6.0);
+        assert_eq!(firing.evidence["outcomes"]["aborted"], 3);
+        assert_eq!(number(&alerts[1].1, "failed_attempts"), 9.0);
+    }
+
+    #[test]
+    fn finished_requests_give_attempts_per_request() {
+        // Two failed attempts, then the third connects: three attempts per
+        // request, 4 s of waiting.
+        let mut stream = Vec::new();
+        for start in [10, 20, 30] {
+            for attempt in 1..=2 {
+                let ended = T0 + start * S + attempt * 2_001 * MS;
+                stream.push(connect(
+                    ended,
+                    &pod(1),
+                    redis(9),
+                    ConnectOutcome::Aborted,
+                    2_000 * MS,
+                ));
+            }
+            stream.push(established(T0 + start * S + 4_100 * MS, &pod(1), redis(9)));
+        }
+        let alerts = run(&mut detector(), stream, T0 + 100 * S);
+        assert_fired_and_resolved_once(&alerts);
+        let firing = &alerts[0].1;
+        assert_eq!(firing.severity, Severity::Warning, "requests get through");
+        assert_eq!(number(firing, "attempts_per_request"), 3.0);
+        assert_eq!(number(firing, "failed_attempts_per_request"), 2.0);
+        assert_eq!(number(firing, "caller_wait_s"), 4.0);
+    }
+
+    #[test]
+    fn immediate_retries_against_a_refusing_server_are_paced_by_their_gaps() {
+        let stream = (0..10)
+            .map(|i| {
+                connect(
+                    T0 + 5 * S + i * 500 * MS,
+                    &pod(1),
+                    redis(9),
+                    ConnectOutcome::Refused,
+                    100_000,
+                )
+            })
+            .collect();
+        let alerts = run(&mut detector(), stream, T0 + 60 * S);
+        assert_fired_and_resolved_once(&alerts);
+        assert_eq!(alerts[0].1.evidence["interval_from"], "gap");
+        assert_eq!(number(&alerts[0].1, "interval_s"), 0.5);
+    }
+
+    #[test]
+    fn isolated_failures_are_not_retries() {
+        // A failed connect now and then, each on its own.
+        let mut stream: Vec<Observation> = (0..6)
+            .map(|i| {
+                connect(
+                    T0 + i * 20 * S,
+                    &pod(1),
+                    redis(9),
+                    ConnectOutcome::Aborted,
+                    2_000 * MS,
+                )
+            })
+            .collect();
+        // Two attempts and a success: a retry, but one.
+        stream.push(connect(
+            T0 + 130 * S,
+            &pod(2),
+            redis(9),
+            ConnectOutcome::Refused,
+            100_000,
+        ));
+        stream.push(connect(
+            T0 + 131 * S,
+            &pod(2),
+            redis(9),
+            ConnectOutcome::Refused,
+            100_000,
+        ));
+        stream.push(established(T0 + 132 * S, &pod(2), redis(9)));
+        // Healthy pools.
+        stream.extend((0..200).map(|i| established(T0 + i * S, &pod(3), redis(9))));
+        assert_eq!(run(&mut detector(), stream, T0 + 200 * S), vec![]);
+    }
+
+    #[test]
+    fn irregular_failures_are_not_a_retry_pattern() {
+        let durations_ms = [150, 1_900, 700, 4_000, 300];
+        let mut ended = T0 + 5 * S;
+        let stream = durations_ms
+            .iter()
+            .map(|&ms| {
+                ended += ms * MS + 10 * MS;
+                connect(ended, &pod(1), redis(9), ConnectOutcome::Aborted, ms * MS)
+            })
+            .collect();
+        assert_eq!(run(&mut detector(), stream, T0 + 60 * S), vec![]);
+    }
+}

@@ -273,3 +273,103 @@ fn alert(
         })),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::testing::*;
+
+    fn detector() -> SynDrops {
+        SynDrops::new(SynDropsConfig::default(), 10 * S)
+    }
+
+    fn dropped(ts_ns: u64, workload: &Workload) -> Observation {
+        connect(
+            ts_ns,
+            workload,
+            redis(9),
+            ConnectOutcome::Aborted,
+            2_000 * MS,
+        )
+    }
+
+    #[test]
+    fn the_first_unanswered_attempt_fires_and_a_connect_resolves_it() {
+        let stream = vec![
+            dropped(T0 + 5 * S, &pod(1)),
+            dropped(T0 + 7 * S, &pod(1)),
+            dropped(T0 + 9 * S, &pod(1)),
+            // The rule is lifted.
+            established(T0 + 12 * S, &pod(1), redis(9)),
+        ];
+        let alerts = run(&mut detector(), stream, T0 + 60 * S);
+        assert_fired_and_resolved_once(&alerts);
+        let (fired_at, firing) = &alerts[0];
+        assert_eq!(*fired_at / S, T0 / S + 5, "fires on the first drop");
+        assert_eq!(firing.severity, Severity::Warning);
+        assert_eq!(firing.endpoint, Some(redis(9)));
+        assert_eq!(firing.workloads[0].pod_uid.as_deref(), Some(&*pod_uid(1)));
+        assert_eq!(firing.started_ns, T0 + 3 * S, "when the first SYN left");
+        let resolved = &alerts[1].1;
+        assert_eq!(number(resolved, "unanswered_connects"), 3.0);
+        assert_eq!(number(resolved, "syn_retransmits"), 6.0);
+        assert_eq!(resolved.ended_ns.unwrap() / S, T0 / S + 12);
+    }
+
+    #[test]
+    fn an_endpoint_nobody_tries_any_more_resolves_after_quiet() {
+        let stream = (0..5)
+            .map(|i| dropped(T0 + (5 + 2 * i) * S, &pod(1)))
+            .collect();
+        let alerts = run(&mut detector(), stream, T0 + 90 * S);
+        assert_fired_and_resolved_once(&alerts);
+        // Last drop at 13 s, quiet 30 s; resolved after the hold-down.
+        assert_eq!(alerts[1].1.ended_ns.unwrap() / S, T0 / S + 43);
+    }
+
+    #[test]
+    fn other_workloads_connecting_do_not_resolve_a_pod_s_drops() {
+        let mut stream: Vec<Observation> = (0..20)
+            .map(|i| dropped(T0 + (5 + 2 * i) * S, &pod(1)))
+            .collect();
+        stream.extend((0..50).map(|i| established(T0 + i * S, &pod(2), redis(9))));
+        let alerts = run(&mut detector(), stream, T0 + 50 * S);
+        assert_eq!(states(&alerts), vec![AlertState::Firing]);
+    }
+
+    #[test]
+    fn two_workloads_dropped_make_it_critical() {
+        let stream = vec![
+            dropped(T0 + 5 * S, &pod(1)),
+            dropped(T0 + 5 * S + MS, &pod(2)),
+        ];
+        let alerts = run(&mut detector(), stream, T0 + 8 * S);
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(alerts[0].1.severity, Severity::Critical);
+        assert_eq!(number(&alerts[0].1, "workloads_affected"), 2.0);
+    }
+
+    #[test]
+    fn answered_or_short_failures_are_not_drops() {
+        let stream = vec![
+            connect(T0 + S, &pod(1), redis(9), ConnectOutcome::Refused, 100_000),
+            connect(
+                T0 + 2 * S,
+                &pod(1),
+                redis(9),
+                ConnectOutcome::Unreachable,
+                3_000 * MS,
+            ),
+            // A 200 ms client timeout before any SYN retransmit.
+            connect(
+                T0 + 3 * S,
+                &pod(1),
+                redis(9),
+                ConnectOutcome::Aborted,
+                200 * MS,
+            ),
+            established(T0 + 4 * S, &pod(1), redis(9)),
+        ];
+        assert_eq!(run(&mut detector(), stream, T0 + 30 * S), vec![]);
+    }
+}
