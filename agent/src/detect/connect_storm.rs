@@ -141,10 +141,12 @@ impl Rate {
     fn threshold(&self, config: &Tuning, now_s: u64, absolute: Option<f64>) -> Option<f64> {
         let warm = now_s.saturating_sub(self.first_s) >= config.warmup_s;
         let relative = warm.then(|| (config.factor * self.baseline()).max(config.floor_per_s));
-        match (absolute, relative) {
+        let threshold = match (absolute, relative) {
             (Some(a), Some(r)) => Some(a.min(r)),
             (a, r) => a.or(r),
-        }
+        };
+        // A storm takes at least one attempt a second, whatever the flags say.
+        threshold.map(|t| t.max(1.0))
     }
 
     /// Every second of `from..to` at or above `threshold`.
