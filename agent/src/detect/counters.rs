@@ -1,9 +1,11 @@
 //! Bounded per-key state for the detectors: per-second counters over a
 //! short ring, and maps with a cap (what does not fit is counted, not kept).
 
-use std::{borrow::Borrow, hash::Hash};
+use std::{borrow::Borrow, hash::Hash, sync::Arc};
 
 use rustc_hash::FxHashMap;
+
+use crate::workload::Workload;
 
 /// Per-second values of the last `len` seconds (a ring indexed by the
 /// second): constant memory, and old seconds fall out on their own.
@@ -115,6 +117,47 @@ impl<K: Eq + Hash, V> BoundedMap<K, V> {
 
     pub fn untracked(&self) -> u64 {
         self.untracked
+    }
+}
+
+/// Workloads kept per `WorkloadCounts` (the rest are counted only).
+pub const MAX_COUNTED_WORKLOADS: usize = 64;
+
+/// How much each workload contributed to an endpoint's alert, and when it
+/// last did: the alert's `workloads` and `workloads_affected`.
+#[derive(Debug, Default)]
+pub struct WorkloadCounts {
+    counts: FxHashMap<Arc<str>, (Workload, u64, u64)>,
+    untracked: u64,
+}
+
+impl WorkloadCounts {
+    pub fn add(&mut self, workload: &Workload, n: u64, ts_ns: u64) {
+        if let Some((_, count, last_ns)) = self.counts.get_mut(&workload.key) {
+            *count += n;
+            *last_ns = (*last_ns).max(ts_ns);
+        } else if self.counts.len() < MAX_COUNTED_WORKLOADS {
+            self.counts
+                .insert(workload.key.clone(), (workload.clone(), n, ts_ns));
+        } else {
+            self.untracked += 1;
+        }
+    }
+
+    /// Forgets the workloads that contributed nothing since `since_ns`.
+    pub fn forget_before(&mut self, since_ns: u64) {
+        self.counts
+            .retain(|_, (_, _, last_ns)| *last_ns >= since_ns);
+    }
+
+    /// The workloads to name, most counted first.
+    pub fn top(&self) -> Vec<Workload> {
+        super::top_workloads(self.counts.values().map(|(w, n, _)| (w, *n)))
+    }
+
+    /// Workloads that contributed (beyond the cap too).
+    pub fn affected(&self) -> u64 {
+        self.counts.len() as u64 + self.untracked
     }
 }
 

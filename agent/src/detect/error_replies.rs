@@ -6,19 +6,17 @@
 //! and its `resolved` event says when the burst started, when the last one
 //! came and the time to recover.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
-use rustc_hash::FxHashMap;
 use serde_json::json;
 
 use super::{
     Alert, AlertState, Detector, NS_PER_S, Observation, Severity,
-    counters::{BoundedMap, SecondRing},
+    counters::{BoundedMap, SecondRing, WorkloadCounts},
     evidence,
     lifecycle::{Lifecycle, Transition},
-    round3, seconds, top_workloads, workload_names,
+    round3, seconds, workload_names,
 };
-use crate::workload::Workload;
 
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(10);
 pub const DEFAULT_MIN_COUNT: u64 = 5;
@@ -37,8 +35,6 @@ pub const FAILOVER_ERRORS: [(&str, Severity); 7] = [
 
 /// Endpoints tracked at most.
 pub const MAX_ENDPOINTS: usize = 1024;
-/// Workloads kept per endpoint during a burst (the rest are counted).
-const MAX_WORKLOADS: usize = 64;
 /// Longest `window` honoured (the per-second ring is sized by it).
 const MAX_WINDOW_S: u64 = 600;
 
@@ -73,8 +69,7 @@ struct Burst {
     last_ns: u64,
     by_error: BTreeMap<&'static str, u64>,
     requests: u64,
-    workloads: FxHashMap<Arc<str>, (Workload, u64)>,
-    workloads_untracked: u64,
+    workloads: WorkloadCounts,
 }
 
 impl Burst {
@@ -180,15 +175,7 @@ impl Detector for ErrorReplies {
         burst.first_ns = burst.first_ns.min(*ts_ns);
         burst.last_ns = burst.last_ns.max(*ts_ns);
         *burst.by_error.entry(word).or_default() += 1;
-        if let Some((_, n)) = burst.workloads.get_mut(&workload.key) {
-            *n += 1;
-        } else if burst.workloads.len() < MAX_WORKLOADS {
-            burst
-                .workloads
-                .insert(workload.key.clone(), (workload.clone(), 1));
-        } else {
-            burst.workloads_untracked += 1;
-        }
+        burst.workloads.add(workload, 1, *ts_ns);
     }
 
     fn evaluate(&mut self, now_ns: u64, alerts: &mut Vec<Alert>) {
@@ -237,7 +224,7 @@ impl Detector for ErrorReplies {
 }
 
 fn alert(endpoint: SocketAddr, burst: &Burst, started_ns: u64, ended_ns: Option<u64>) -> Alert {
-    let workloads = top_workloads(burst.workloads.values().map(|(w, n)| (w, *n)));
+    let workloads = burst.workloads.top();
     let errors = burst.errors();
     let error_fraction = if burst.requests > 0 {
         errors as f64 / burst.requests as f64
@@ -253,7 +240,7 @@ fn alert(endpoint: SocketAddr, burst: &Burst, started_ns: u64, ended_ns: Option<
         "errors": by_error,
         "requests": burst.requests,
         "error_fraction": round3(error_fraction),
-        "workloads_affected": burst.workloads.len() as u64 + burst.workloads_untracked,
+        "workloads_affected": burst.workloads.affected(),
     }));
     let (state, message) = match ended_ns {
         None => (
@@ -296,7 +283,7 @@ fn alert(endpoint: SocketAddr, burst: &Burst, started_ns: u64, ended_ns: Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::detect::testing::*;
+    use crate::{detect::testing::*, workload::Workload};
 
     fn detector() -> ErrorReplies {
         ErrorReplies::new(ErrorRepliesConfig::default(), 10 * S)

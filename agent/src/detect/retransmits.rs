@@ -9,19 +9,17 @@
 //! pipeline reads the connection map or a connection closes, so the rate
 //! is taken over a `window` that spans several of those readings.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
-use rustc_hash::FxHashMap;
 use serde_json::json;
 
 use super::{
     Alert, AlertState, Detector, NS_PER_S, Observation, Severity,
-    counters::{BoundedMap, SecondRing},
+    counters::{BoundedMap, SecondRing, WorkloadCounts},
     evidence,
     lifecycle::{Lifecycle, Transition},
-    round3, seconds, top_workloads, workload_names,
+    round3, seconds, workload_names,
 };
-use crate::workload::Workload;
 
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(30);
 pub const DEFAULT_RATE_PER_S: f64 = 1.0;
@@ -29,8 +27,6 @@ pub const DEFAULT_PER_1000_REQUESTS: f64 = 10.0;
 
 /// Endpoints tracked at most.
 pub const MAX_ENDPOINTS: usize = 1024;
-/// Retransmitting workloads kept per endpoint (the rest are counted).
-const MAX_WORKLOADS: usize = 64;
 /// Longest `window` honoured (the per-second ring is sized by it).
 const MAX_WINDOW_S: u64 = 600;
 
@@ -64,19 +60,11 @@ struct Counts {
 }
 
 #[derive(Debug)]
-struct Contributor {
-    workload: Workload,
-    /// Retransmits since the endpoint's current incident started (or in
-    /// the window, when quiet).
-    retransmits: u64,
-    last_ns: u64,
-}
-
-#[derive(Debug)]
 struct EndpointState {
     seconds: SecondRing<Counts>,
-    workloads: FxHashMap<Arc<str>, Contributor>,
-    workloads_untracked: u64,
+    /// Retransmits per workload since the alert fired (in the window, when
+    /// quiet).
+    workloads: WorkloadCounts,
     last_seen_ns: u64,
     lifecycle: Lifecycle,
     incident: Counts,
@@ -107,8 +95,7 @@ impl Retransmits {
             || endpoint,
             || EndpointState {
                 seconds: SecondRing::new(ring_seconds),
-                workloads: FxHashMap::default(),
-                workloads_untracked: 0,
+                workloads: WorkloadCounts::default(),
                 last_seen_ns: 0,
                 lifecycle: Lifecycle::default(),
                 incident: Counts::default(),
@@ -157,21 +144,7 @@ impl Detector for Retransmits {
                 if state.lifecycle.is_firing() {
                     state.incident.retransmits += count;
                 }
-                if let Some(contributor) = state.workloads.get_mut(&workload.key) {
-                    contributor.retransmits += count;
-                    contributor.last_ns = contributor.last_ns.max(*ts_ns);
-                } else if state.workloads.len() < MAX_WORKLOADS {
-                    state.workloads.insert(
-                        workload.key.clone(),
-                        Contributor {
-                            workload: workload.clone(),
-                            retransmits: *count,
-                            last_ns: *ts_ns,
-                        },
-                    );
-                } else {
-                    state.workloads_untracked += 1;
-                }
+                state.workloads.add(workload, *count, *ts_ns);
             }
             _ => {}
         }
@@ -206,17 +179,12 @@ impl Detector for Retransmits {
                 // Quiet: contributors count what the window holds.
                 state
                     .workloads
-                    .retain(|_, c| c.last_ns + window_ns >= now_ns);
+                    .forget_before(now_ns.saturating_sub(window_ns));
             }
             match state.lifecycle.update(condition, now_ns, resolve_after_ns) {
                 Some(Transition::Fired { started_ns }) => {
                     state.incident = window;
-                    let workloads = top_workloads(
-                        state
-                            .workloads
-                            .values()
-                            .map(|c| (&c.workload, c.retransmits)),
-                    );
+                    let workloads = state.workloads.top();
                     let per_1000_text =
                         per_1000.map_or(String::new(), |p| format!(" ({p:.1} per 1000 requests)"));
                     alerts.push(Alert {
@@ -239,8 +207,7 @@ impl Detector for Retransmits {
                             "requests": window.requests,
                             "per_1000_requests": per_1000.map(round3),
                             "window_s": window_s,
-                            "workloads_affected":
-                                state.workloads.len() as u64 + state.workloads_untracked,
+                            "workloads_affected": state.workloads.affected(),
                         })),
                     });
                 }
@@ -248,12 +215,7 @@ impl Detector for Retransmits {
                     started_ns,
                     ended_ns,
                 }) => {
-                    let workloads = top_workloads(
-                        state
-                            .workloads
-                            .values()
-                            .map(|c| (&c.workload, c.retransmits)),
-                    );
+                    let workloads = state.workloads.top();
                     alerts.push(Alert {
                         kind: "retransmits",
                         id: format!("retransmits/{endpoint}"),
@@ -293,7 +255,7 @@ impl Detector for Retransmits {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::detect::testing::*;
+    use crate::{detect::testing::*, workload::Workload};
 
     fn detector() -> Retransmits {
         Retransmits::new(RetransmitsConfig::default(), 10 * S)
