@@ -127,8 +127,8 @@ pub trait Detector {
     fn observe(&mut self, observation: &Observation);
     /// Appends the alerts whose state changed by `now_ns`.
     fn evaluate(&mut self, now_ns: u64, alerts: &mut Vec<Alert>);
-    /// Keys (endpoints, workload–endpoint pairs) not tracked because the
-    /// detector's maps were full, since start.
+    /// Observations of keys (endpoints, workload–endpoint pairs) the
+    /// detector could not track because its maps were full, since start.
     fn untracked(&self) -> u64;
 }
 
@@ -214,7 +214,8 @@ impl Detectors {
         }
     }
 
-    /// Keys no detector could track because its maps were full (for `stats`).
+    /// Observations no detector could track because its maps were full
+    /// (for `stats`: `detector_untracked`).
     pub fn untracked(&self) -> u64 {
         self.detectors.iter().map(|d| d.untracked()).sum()
     }
