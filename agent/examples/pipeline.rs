@@ -11,6 +11,7 @@
 use std::{io::Write as _, time::Instant};
 
 use agent::{
+    detect::DetectorConfig,
     enrich::Enricher,
     run::Pipeline,
     sinks::json::{JsonSink, Stats},
@@ -151,7 +152,12 @@ fn main() -> anyhow::Result<()> {
             reply_seq: 1,
         })
         .collect();
-    let mut pipeline = Pipeline::new(Enricher::default(), false, u64::MAX);
+    let mut pipeline = Pipeline::new(
+        Enricher::default(),
+        &DetectorConfig::default(),
+        false,
+        u64::MAX,
+    );
     let mut sink = JsonSink::new(std::io::sink(), agent::clock::Clock::new());
     let mut stats = Stats::default();
     let mut record = Vec::with_capacity(256);

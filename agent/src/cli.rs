@@ -64,6 +64,9 @@ pub struct Cli {
     #[arg(long, value_delimiter = ',')]
     pub zone_cidr: Vec<crate::zones::ZoneCidr>,
 
+    #[command(flatten)]
+    pub detectors: DetectorFlags,
+
     /// Attach only the bare packet hook (port filter + one counter) and
     /// nothing else: the baseline of `cargo xtask bench`.
     #[arg(long, hide = true)]
@@ -72,6 +75,133 @@ pub struct Cli {
     /// Filter for the agent's own logs on stderr (tracing `EnvFilter` syntax).
     #[arg(long, env = "RESPTRACE_LOG", default_value = "info")]
     pub log: String,
+}
+
+/// The detectors' thresholds (`alert` events, docs/events.md).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Detectors")]
+pub struct DetectorFlags {
+    /// An alert resolves once its condition has been clear this long.
+    #[arg(long, default_value_t = humantime::Duration::from(crate::detect::DEFAULT_RESOLVE_AFTER))]
+    pub resolve_after: humantime::Duration,
+
+    /// connect_storm: connects per second (node-wide or one workload, to one endpoint) that make a storm when held for --connect-storm-sustain.
+    #[arg(long, default_value_t = crate::detect::connect_storm::DEFAULT_RATE_PER_S)]
+    pub connect_storm_rate_per_s: f64,
+
+    /// connect_storm: how long a rate must hold, every second of it.
+    #[arg(long, default_value_t = humantime::Duration::from(crate::detect::connect_storm::DEFAULT_SUSTAIN))]
+    pub connect_storm_sustain: humantime::Duration,
+
+    /// connect_storm: a rate this many times the usual one (EWMA) is also a storm.
+    #[arg(long, default_value_t = crate::detect::connect_storm::DEFAULT_BASELINE_FACTOR)]
+    pub connect_storm_baseline_factor: f64,
+
+    /// connect_storm: the baseline rule never fires below this rate.
+    #[arg(long, default_value_t = crate::detect::connect_storm::DEFAULT_BASELINE_FLOOR_PER_S)]
+    pub connect_storm_baseline_floor_per_s: f64,
+
+    /// connect_storm: half-life of the baseline.
+    #[arg(long, default_value_t = humantime::Duration::from(crate::detect::connect_storm::DEFAULT_BASELINE_HALFLIFE))]
+    pub connect_storm_baseline_halflife: humantime::Duration,
+
+    /// connect_storm: history needed before the baseline rule applies.
+    #[arg(long, default_value_t = humantime::Duration::from(crate::detect::connect_storm::DEFAULT_BASELINE_WARMUP))]
+    pub connect_storm_baseline_warmup: humantime::Duration,
+
+    /// connect_storm: this many workloads connecting at once is a fleet reconnect (as after a failover).
+    #[arg(long, default_value_t = crate::detect::connect_storm::DEFAULT_FLEET_WORKLOADS)]
+    pub connect_storm_fleet_workloads: usize,
+
+    /// retry_storm: failed attempts of one workload to one endpoint within --retry-storm-window that can make a retry storm.
+    #[arg(long, default_value_t = crate::detect::retry_storm::DEFAULT_MIN_FAILURES)]
+    pub retry_storm_min_failures: u32,
+
+    /// retry_storm: how far back failed attempts count.
+    #[arg(long, default_value_t = humantime::Duration::from(crate::detect::retry_storm::DEFAULT_WINDOW))]
+    pub retry_storm_window: humantime::Duration,
+
+    /// retry_storm: an attempt this soon after a failed one is a retry of the same request.
+    #[arg(long, default_value_t = humantime::Duration::from(crate::detect::retry_storm::DEFAULT_RETRY_GAP))]
+    pub retry_storm_retry_gap: humantime::Duration,
+
+    /// retry_storm: how regular the attempts must be (spread of their intervals relative to the median).
+    #[arg(long, default_value_t = crate::detect::retry_storm::DEFAULT_REGULARITY)]
+    pub retry_storm_regularity: f64,
+
+    /// syn_drops: the alert resolves this long after the last unanswered attempt, when nothing connects again.
+    #[arg(long, default_value_t = humantime::Duration::from(crate::detect::syn_drops::DEFAULT_QUIET))]
+    pub syn_drops_quiet: humantime::Duration,
+
+    /// syn_drops: unanswered attempts that make the alert critical.
+    #[arg(long, default_value_t = crate::detect::syn_drops::DEFAULT_CRITICAL_COUNT)]
+    pub syn_drops_critical_count: u64,
+
+    /// retransmits: span over which data retransmits are counted.
+    #[arg(long, default_value_t = humantime::Duration::from(crate::detect::retransmits::DEFAULT_WINDOW))]
+    pub retransmits_window: humantime::Duration,
+
+    /// retransmits: retransmits per second to an endpoint that fire the alert...
+    #[arg(long, default_value_t = crate::detect::retransmits::DEFAULT_RATE_PER_S)]
+    pub retransmits_rate_per_s: f64,
+
+    /// retransmits: ...when also at least this many per 1,000 requests (if requests are seen).
+    #[arg(long, default_value_t = crate::detect::retransmits::DEFAULT_PER_1000_REQUESTS)]
+    pub retransmits_per_1000_requests: f64,
+
+    /// error_replies: span over which failover replies (MOVED, ASK, LOADING, READONLY, CLUSTERDOWN, MASTERDOWN, TRYAGAIN) are counted.
+    #[arg(long, default_value_t = humantime::Duration::from(crate::detect::error_replies::DEFAULT_WINDOW))]
+    pub error_replies_window: humantime::Duration,
+
+    /// error_replies: failover replies in the window that fire the alert.
+    #[arg(long, default_value_t = crate::detect::error_replies::DEFAULT_MIN_COUNT)]
+    pub error_replies_min_count: u64,
+
+    /// pool_pressure: consecutive --interval readings over which a workload's open connections to an endpoint must keep rising.
+    #[arg(long, default_value_t = crate::detect::pool_pressure::DEFAULT_RISING_READINGS)]
+    pub pool_pressure_rising_readings: usize,
+
+    /// pool_pressure: ...by at least this many connections.
+    #[arg(long, default_value_t = crate::detect::pool_pressure::DEFAULT_MIN_GROWTH)]
+    pub pool_pressure_min_growth: u64,
+
+    /// pool_pressure: the Redis servers' maxclients.
+    #[arg(long, default_value_t = crate::detect::pool_pressure::DEFAULT_MAXCLIENTS)]
+    pub pool_pressure_maxclients: u64,
+
+    /// pool_pressure: share of maxclients the node may hold to one endpoint before it is pressure.
+    #[arg(long, default_value_t = crate::detect::pool_pressure::DEFAULT_MAXCLIENTS_SHARE)]
+    pub pool_pressure_maxclients_share: f64,
+}
+
+impl DetectorFlags {
+    pub fn config(&self) -> crate::detect::DetectorConfig {
+        let mut config = crate::detect::DetectorConfig::default();
+        config.resolve_after = self.resolve_after.into();
+        config.connect_storm.rate_per_s = self.connect_storm_rate_per_s;
+        config.connect_storm.sustain = self.connect_storm_sustain.into();
+        config.connect_storm.baseline_factor = self.connect_storm_baseline_factor;
+        config.connect_storm.baseline_floor_per_s = self.connect_storm_baseline_floor_per_s;
+        config.connect_storm.baseline_halflife = self.connect_storm_baseline_halflife.into();
+        config.connect_storm.baseline_warmup = self.connect_storm_baseline_warmup.into();
+        config.connect_storm.fleet_workloads = self.connect_storm_fleet_workloads;
+        config.retry_storm.min_failures = self.retry_storm_min_failures;
+        config.retry_storm.window = self.retry_storm_window.into();
+        config.retry_storm.retry_gap = self.retry_storm_retry_gap.into();
+        config.retry_storm.regularity = self.retry_storm_regularity;
+        config.syn_drops.quiet = self.syn_drops_quiet.into();
+        config.syn_drops.critical_count = self.syn_drops_critical_count;
+        config.retransmits.window = self.retransmits_window.into();
+        config.retransmits.rate_per_s = self.retransmits_rate_per_s;
+        config.retransmits.per_1000_requests = self.retransmits_per_1000_requests;
+        config.error_replies.window = self.error_replies_window.into();
+        config.error_replies.min_count = self.error_replies_min_count;
+        config.pool_pressure.rising_readings = self.pool_pressure_rising_readings;
+        config.pool_pressure.min_growth = self.pool_pressure_min_growth;
+        config.pool_pressure.maxclients = self.pool_pressure_maxclients;
+        config.pool_pressure.maxclients_share = self.pool_pressure_maxclients_share;
+        config
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -19,12 +19,12 @@ use crate::{
     cli::{Cli, Emit},
     clock::{Clock, monotonic_ns},
     decode::{Event, decode},
-    detect::{Alert, Detector, Observation},
+    detect::{Alert, DetectorConfig, Detectors, Observation},
     enrich::Enricher,
     gauges::{Gauge, open_connection_gauges},
     observe::Observer,
     preflight,
-    probes::{LoadOptions, Probes, connection, resp::PacketHook},
+    probes::{KernelStats, LoadOptions, Probes, connection, resp::PacketHook},
     procfs,
     sinks::json::{JsonSink, SCHEMA_VERSION, Started, Stats},
     tracker::{Exchange, Outcome, Tracker},
@@ -99,6 +99,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let enricher = Enricher::with_cgroup_root(procfs::cgroup2_mount());
     let mut pipeline = Pipeline::new(
         enricher,
+        &cli.detectors.config(),
         cli.emit == Emit::All,
         u64::try_from(cli.slow_threshold.as_nanos()).unwrap_or(u64::MAX),
     );
@@ -121,7 +122,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             _ = async { stats_timer.as_mut().unwrap().tick().await }, if stats_timer.is_some() => {
                 let kernel = probes.kernel_stats();
-                sink.stats(&stats.with_kernel(kernel).with_tracker(pipeline.tracker.stats()))?;
+                sink.stats(&pipeline.stats(stats, kernel))?;
                 sink.flush()?;
             }
             _ = drain_timer.tick() => {
@@ -159,11 +160,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         .write_window(window_start.elapsed().as_secs_f64(), &mut sink)
         .map_err(output_error)?;
     let kernel = probes.kernel_stats();
-    sink.stats(
-        &stats
-            .with_kernel(kernel)
-            .with_tracker(pipeline.tracker.stats()),
-    )?;
+    sink.stats(&pipeline.stats(stats, kernel))?;
     sink.flush()?;
     tracing::info!("detaching");
     result
@@ -177,7 +174,7 @@ pub struct Pipeline {
     /// Finished exchanges not yet written.
     exchanges: Vec<Exchange>,
     observer: Observer,
-    detectors: Vec<Box<dyn Detector>>,
+    detectors: Detectors,
     alerts: Vec<Alert>,
     emit_all: bool,
     slow_ns: u64,
@@ -186,14 +183,19 @@ pub struct Pipeline {
 impl Pipeline {
     /// `emit_all`: a `request` line for every request, else only for those
     /// at least `slow_ns` slow and timeouts.
-    pub fn new(enricher: Enricher, emit_all: bool, slow_ns: u64) -> Self {
+    pub fn new(
+        enricher: Enricher,
+        detectors: &DetectorConfig,
+        emit_all: bool,
+        slow_ns: u64,
+    ) -> Self {
         Self {
             enricher,
             tracker: Tracker::default(),
             aggregator: Aggregator::default(),
             exchanges: Vec::new(),
             observer: Observer::default(),
-            detectors: Vec::new(),
+            detectors: Detectors::new(detectors),
             alerts: Vec::new(),
             emit_all,
             slow_ns,
@@ -260,10 +262,16 @@ impl Pipeline {
         }
     }
 
-    fn observe(&mut self, observation: &Observation) {
-        for detector in &mut self.detectors {
-            detector.observe(observation);
+    /// The agent's counters with the pipeline's and the kernel's.
+    fn stats(&self, stats: Stats, kernel: KernelStats) -> Stats {
+        Stats {
+            detector_untracked: self.detectors.untracked(),
+            ..stats.with_kernel(kernel).with_tracker(self.tracker.stats())
         }
+    }
+
+    fn observe(&mut self, observation: &Observation) {
+        self.detectors.observe(observation);
     }
 
     /// A decoded kernel event (enriched): counted and shown to the detectors.
@@ -312,9 +320,7 @@ impl Pipeline {
         now_ns: u64,
         sink: &mut JsonSink<W>,
     ) -> std::io::Result<()> {
-        for detector in &mut self.detectors {
-            detector.evaluate(now_ns, &mut self.alerts);
-        }
+        self.detectors.evaluate(now_ns, &mut self.alerts);
         for alert in self.alerts.drain(..) {
             sink.alert(&alert)?;
         }

@@ -99,10 +99,6 @@ impl<K: Eq + Hash, V> BoundedMap<K, V> {
         self.map.get_mut(key)
     }
 
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&K, &mut V)> {
-        self.map.iter_mut()
-    }
-
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         self.map.iter()
     }
@@ -111,6 +107,7 @@ impl<K: Eq + Hash, V> BoundedMap<K, V> {
         self.map.retain(keep);
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.map.len()
     }

@@ -9,21 +9,20 @@
 //! bounded by a documented cap, and idle keys are evicted: memory stays flat
 //! however long the agent runs.
 
-mod connect_storm;
+pub mod connect_storm;
 mod counters;
-mod error_replies;
+pub mod error_replies;
 mod lifecycle;
-mod pool_pressure;
-mod retransmits;
-mod retry_storm;
-mod syn_drops;
+pub mod pool_pressure;
+pub mod retransmits;
+pub mod retry_storm;
+pub mod syn_drops;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use agent_common::{ConnectOutcome, SynAnswer};
-use serde::Serialize;
 
 use crate::workload::Workload;
 
@@ -220,82 +219,6 @@ impl Detectors {
     }
 }
 
-/// The body of an `alert` event (the sink adds `ts`, `type` and `node`).
-#[derive(Serialize)]
-pub struct AlertBody<'a> {
-    pub kind: &'static str,
-    pub id: &'a str,
-    pub state: AlertState,
-    pub severity: Severity,
-    pub message: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub endpoint: Option<EndpointBody>,
-    pub workloads: Vec<WorkloadBody<'a>>,
-    /// RFC 3339 UTC, when the condition started.
-    pub started: String,
-    /// Resolved alerts: RFC 3339 UTC, when the condition ended.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ended: Option<String>,
-    /// Resolved alerts: `ended - started` in seconds.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub duration_s: Option<f64>,
-    pub evidence: &'a serde_json::Map<String, serde_json::Value>,
-}
-
-#[derive(Serialize)]
-pub struct EndpointBody {
-    pub ip: std::net::IpAddr,
-    pub port: u16,
-}
-
-#[derive(Serialize)]
-pub struct WorkloadBody<'a> {
-    pub key: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pod_uid: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub container_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub comm: Option<&'a str>,
-}
-
-impl Alert {
-    /// The serialisable body of this alert; `wall_time` turns a monotonic
-    /// timestamp into RFC 3339 (e.g. via `Clock::wall_time`).
-    pub fn body(&self, wall_time: impl Fn(u64) -> String) -> AlertBody<'_> {
-        AlertBody {
-            kind: self.kind,
-            id: &self.id,
-            state: self.state,
-            severity: self.severity,
-            message: &self.message,
-            endpoint: self.endpoint.map(|e| EndpointBody {
-                ip: e.ip(),
-                port: e.port(),
-            }),
-            workloads: self
-                .workloads
-                .iter()
-                .map(|w| WorkloadBody {
-                    key: &w.key,
-                    pod_uid: w.pod_uid.as_deref(),
-                    container_id: w.container_id.as_deref(),
-                    cgroup: w.cgroup.as_deref(),
-                    comm: w.comm.as_deref(),
-                })
-                .collect(),
-            started: wall_time(self.started_ns),
-            ended: self.ended_ns.map(&wall_time),
-            duration_s: self
-                .ended_ns
-                .map(|ended| seconds(ended.saturating_sub(self.started_ns))),
-            evidence: &self.evidence,
-        }
-    }
-}
-
 const NS_PER_S: u64 = 1_000_000_000;
 
 fn duration_ns(duration: Duration) -> u64 {
@@ -413,44 +336,5 @@ mod tests {
             T0 + 100 * S,
         );
         assert_eq!(alerts, vec![]);
-    }
-
-    #[test]
-    fn an_alert_serialises_with_its_workloads_and_times() {
-        let alert = Alert {
-            kind: "syn_drops",
-            id: "syn_drops/10.2.0.9:6379".into(),
-            state: AlertState::Resolved,
-            severity: Severity::Critical,
-            message: "m".into(),
-            endpoint: Some(redis(9)),
-            workloads: vec![pod(1)],
-            started_ns: 5 * S,
-            ended_ns: Some(7 * S + 500 * MS),
-            evidence: evidence(serde_json::json!({ "unanswered_connects": 3 })),
-        };
-        let body = serde_json::to_value(alert.body(|ns| format!("t{}", ns / S))).unwrap();
-        assert_eq!(
-            body,
-            serde_json::json!({
-                "kind": "syn_drops",
-                "id": "syn_drops/10.2.0.9:6379",
-                "state": "resolved",
-                "severity": "critical",
-                "message": "m",
-                "endpoint": { "ip": "10.2.0.9", "port": 6379 },
-                "workloads": [{
-                    "key": format!("pod:{}", pod_uid(1)),
-                    "pod_uid": pod_uid(1),
-                    "container_id": "4f2a9b1c8d7e6f5a4b3c2d1e0f9a8b7c",
-                    "cgroup": pod(1).cgroup.as_deref().unwrap(),
-                    "comm": "java",
-                }],
-                "started": "t5",
-                "ended": "t7",
-                "duration_s": 2.5,
-                "evidence": { "unanswered_connects": 3 },
-            })
-        );
     }
 }

@@ -235,14 +235,21 @@ struct LatencyBody<'a> {
 #[derive(Serialize)]
 struct AlertBody<'a> {
     kind: &'static str,
+    /// The same on an alert's `firing` and `resolved` events.
+    id: &'a str,
     state: AlertState,
     severity: Severity,
     message: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     endpoint: Option<Endpoint<'a>>,
     workloads: Vec<WorkloadBody<'a>>,
-    /// When the condition started (`firing`) or ended (`resolved`).
-    since: String,
+    /// When the condition started.
+    started: String,
+    /// Resolved: when it ended, and how long it lasted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ended: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_s: Option<f64>,
     evidence: &'a serde_json::Map<String, serde_json::Value>,
 }
 
@@ -334,6 +341,8 @@ pub struct Stats {
     pub resp_desyncs: u64,
     /// Replies with no request they could answer.
     pub resp_unmatched_replies: u64,
+    /// Observations a detector could not track: its bounded maps were full.
+    pub detector_untracked: u64,
 }
 
 impl Stats {
@@ -465,16 +474,24 @@ impl<W: Write> JsonSink<W> {
         let zones = self.zones.clone();
         let body = AlertBody {
             kind: alert.kind,
+            id: &alert.id,
             state: alert.state,
             severity: alert.severity,
             message: &alert.message,
             endpoint: alert.endpoint.map(|e| Endpoint::redis(e, None, &zones)),
             workloads: alert.workloads.iter().map(WorkloadBody::from).collect(),
-            since: humantime::format_rfc3339_micros(self.clock.wall_time(alert.since_ns))
-                .to_string(),
+            started: self.rfc3339(alert.started_ns),
+            ended: alert.ended_ns.map(|ns| self.rfc3339(ns)),
+            duration_s: alert
+                .ended_ns
+                .map(|ended| (ended.saturating_sub(alert.started_ns) as f64 / 1e6).round() / 1e3),
             evidence: &alert.evidence,
         };
         self.line(SystemTime::now(), "alert", body)
+    }
+
+    fn rfc3339(&self, monotonic_ns: u64) -> String {
+        humantime::format_rfc3339_micros(self.clock.wall_time(monotonic_ns)).to_string()
     }
 
     pub fn started(&mut self, started: &Started<'_>) -> std::io::Result<()> {
@@ -668,6 +685,61 @@ mod tests {
         let text = String::from_utf8(sink.out).unwrap();
         assert!(text.ends_with('\n') && text.matches('\n').count() == 1);
         serde_json::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn an_alert_line_names_its_workloads_zone_and_times() {
+        use crate::detect::testing::{MS, S, pod, pod_uid, redis};
+        let clock = Clock::new();
+        let zones = Zones::new(
+            Some("zone-a".into()),
+            vec!["10.2.0.0/16=zone-b".parse().unwrap()],
+        );
+        let mut sink = JsonSink::new(Vec::new(), clock).with_zones(zones);
+        let alert = Alert {
+            kind: "syn_drops",
+            id: "syn_drops/10.2.0.9:6379".into(),
+            state: AlertState::Resolved,
+            severity: Severity::Critical,
+            message: "m".into(),
+            endpoint: Some(redis(9)),
+            workloads: vec![pod(1)],
+            started_ns: 5 * S,
+            ended_ns: Some(7 * S + 500 * MS),
+            evidence: serde_json::json!({ "unanswered_connects": 3 })
+                .as_object()
+                .unwrap()
+                .clone(),
+        };
+        sink.alert(&alert).unwrap();
+        let mut v: serde_json::Value = serde_json::from_slice(&sink.out).unwrap();
+        let started = humantime::format_rfc3339_micros(clock.wall_time(5 * S)).to_string();
+        assert_eq!(v["started"], started.as_str());
+        assert!(v["ended"].as_str().unwrap() > started.as_str());
+        for field in ["ts", "started", "ended"] {
+            v.as_object_mut().unwrap().remove(field);
+        }
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "type": "alert",
+                "kind": "syn_drops",
+                "id": "syn_drops/10.2.0.9:6379",
+                "state": "resolved",
+                "severity": "critical",
+                "message": "m",
+                "endpoint": { "ip": "10.2.0.9", "port": 6379, "zone": "zone-b", "locality": "cross_zone" },
+                "workloads": [{
+                    "key": format!("pod:{}", pod_uid(1)),
+                    "pod_uid": pod_uid(1),
+                    "container_id": "4f2a9b1c8d7e6f5a4b3c2d1e0f9a8b7c",
+                    "cgroup": pod(1).cgroup.as_deref().unwrap(),
+                    "comm": "java",
+                }],
+                "duration_s": 2.5,
+                "evidence": { "unanswered_connects": 3 },
+            })
+        );
     }
 
     #[test]
