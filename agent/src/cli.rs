@@ -176,31 +176,44 @@ pub struct DetectorFlags {
 
 impl DetectorFlags {
     pub fn config(&self) -> crate::detect::DetectorConfig {
-        let mut config = crate::detect::DetectorConfig::default();
-        config.resolve_after = self.resolve_after.into();
-        config.connect_storm.rate_per_s = self.connect_storm_rate_per_s;
-        config.connect_storm.sustain = self.connect_storm_sustain.into();
-        config.connect_storm.baseline_factor = self.connect_storm_baseline_factor;
-        config.connect_storm.baseline_floor_per_s = self.connect_storm_baseline_floor_per_s;
-        config.connect_storm.baseline_halflife = self.connect_storm_baseline_halflife.into();
-        config.connect_storm.baseline_warmup = self.connect_storm_baseline_warmup.into();
-        config.connect_storm.fleet_workloads = self.connect_storm_fleet_workloads;
-        config.retry_storm.min_failures = self.retry_storm_min_failures;
-        config.retry_storm.window = self.retry_storm_window.into();
-        config.retry_storm.retry_gap = self.retry_storm_retry_gap.into();
-        config.retry_storm.regularity = self.retry_storm_regularity;
-        config.syn_drops.quiet = self.syn_drops_quiet.into();
-        config.syn_drops.critical_count = self.syn_drops_critical_count;
-        config.retransmits.window = self.retransmits_window.into();
-        config.retransmits.rate_per_s = self.retransmits_rate_per_s;
-        config.retransmits.per_1000_requests = self.retransmits_per_1000_requests;
-        config.error_replies.window = self.error_replies_window.into();
-        config.error_replies.min_count = self.error_replies_min_count;
-        config.pool_pressure.rising_readings = self.pool_pressure_rising_readings;
-        config.pool_pressure.min_growth = self.pool_pressure_min_growth;
-        config.pool_pressure.maxclients = self.pool_pressure_maxclients;
-        config.pool_pressure.maxclients_share = self.pool_pressure_maxclients_share;
-        config
+        use crate::detect::*;
+        DetectorConfig {
+            resolve_after: self.resolve_after.into(),
+            connect_storm: ConnectStormConfig {
+                rate_per_s: self.connect_storm_rate_per_s,
+                sustain: self.connect_storm_sustain.into(),
+                baseline_factor: self.connect_storm_baseline_factor,
+                baseline_floor_per_s: self.connect_storm_baseline_floor_per_s,
+                baseline_halflife: self.connect_storm_baseline_halflife.into(),
+                baseline_warmup: self.connect_storm_baseline_warmup.into(),
+                fleet_workloads: self.connect_storm_fleet_workloads,
+            },
+            retry_storm: RetryStormConfig {
+                min_failures: self.retry_storm_min_failures,
+                window: self.retry_storm_window.into(),
+                retry_gap: self.retry_storm_retry_gap.into(),
+                regularity: self.retry_storm_regularity,
+            },
+            syn_drops: SynDropsConfig {
+                quiet: self.syn_drops_quiet.into(),
+                critical_count: self.syn_drops_critical_count,
+            },
+            retransmits: RetransmitsConfig {
+                window: self.retransmits_window.into(),
+                rate_per_s: self.retransmits_rate_per_s,
+                per_1000_requests: self.retransmits_per_1000_requests,
+            },
+            error_replies: ErrorRepliesConfig {
+                window: self.error_replies_window.into(),
+                min_count: self.error_replies_min_count,
+            },
+            pool_pressure: PoolPressureConfig {
+                rising_readings: self.pool_pressure_rising_readings,
+                min_growth: self.pool_pressure_min_growth,
+                maxclients: self.pool_pressure_maxclients,
+                maxclients_share: self.pool_pressure_maxclients_share,
+            },
+        }
     }
 }
 
