@@ -109,9 +109,16 @@ fn a_connect_storm_from_a_pod_fires_once_and_names_the_pod() -> anyhow::Result<(
         "resolved twice"
     );
 
+    // The pod's connect windows (the test's own INFO queries come from the
+    // root cgroup).
     let windows: Vec<&Value> = events
         .iter()
-        .filter(|e| e["type"] == "latency" && e["op"] == "connect" && e["endpoint"]["port"] == port)
+        .filter(|e| {
+            e["type"] == "latency"
+                && e["op"] == "connect"
+                && e["endpoint"]["port"] == port
+                && e["pod_uid"] == uid.as_str()
+        })
         .collect();
     let attempts: u64 = windows.iter().map(|w| w["count"].as_u64().unwrap()).sum();
     let established: u64 = windows.iter().map(|w| w["ok"].as_u64().unwrap()).sum();
@@ -130,7 +137,7 @@ fn a_connect_storm_from_a_pod_fires_once_and_names_the_pod() -> anyhow::Result<(
             .iter()
             .all(|w| w["endpoint"]["locality"] == "cross_zone"
                 && w["endpoint"]["zone"] == "zone-b"
-                && w["pod_uid"] == uid.as_str()),
+                && w["container_id"] == app.pod().unwrap().container_id()),
         "{windows:?}"
     );
     Ok(())
