@@ -4,6 +4,7 @@
 mod aggregate;
 mod cli;
 mod clock;
+mod config;
 mod decode;
 mod detect;
 mod enrich;
@@ -20,12 +21,10 @@ mod workload;
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
-
 fn main() -> ExitCode {
-    let cli = match cli::Cli::try_parse() {
+    let cli = match config::load() {
         Ok(cli) => cli,
-        Err(err) => {
+        Err(config::ConfigError::Flags(err)) => {
             use clap::error::ErrorKind;
             if matches!(
                 err.kind(),
@@ -40,6 +39,10 @@ fn main() -> ExitCode {
                 "resptrace: {}",
                 rendered.lines().next().unwrap_or("invalid arguments")
             );
+            return ExitCode::from(2);
+        }
+        Err(err) => {
+            eprintln!("resptrace: {err}");
             return ExitCode::from(2);
         }
     };
