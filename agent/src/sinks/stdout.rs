@@ -163,25 +163,33 @@ mod tests {
     /// A writer that blocks until opened, then collects what it gets.
     #[derive(Clone, Default)]
     struct Gate {
-        state: Arc<(Mutex<(bool, Vec<u8>)>, Condvar)>,
+        state: Arc<(Mutex<GateState>, Condvar)>,
+    }
+
+    #[derive(Default)]
+    struct GateState {
+        open: bool,
+        written: Vec<u8>,
     }
 
     impl Gate {
         fn open(&self) {
-            self.state.0.lock().unwrap().0 = true;
+            self.state.0.lock().unwrap().open = true;
             self.state.1.notify_all();
         }
 
         fn written(&self) -> String {
-            String::from_utf8(self.state.0.lock().unwrap().1.clone()).unwrap()
+            String::from_utf8(self.state.0.lock().unwrap().written.clone()).unwrap()
         }
     }
 
     impl Write for Gate {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
             let (lock, opened) = &*self.state;
-            let mut state = opened.wait_while(lock.lock().unwrap(), |s| !s.0).unwrap();
-            state.1.extend_from_slice(buf);
+            let mut state = opened
+                .wait_while(lock.lock().unwrap(), |s| !s.open)
+                .unwrap();
+            state.written.extend_from_slice(buf);
             Ok(buf.len())
         }
 
