@@ -268,7 +268,7 @@ fn check_value(arg: &Arg, value: &OsStr) -> Result<(), String> {
     let shown = value.to_string_lossy();
     let reason = match std::error::Error::source(&err).map(ToString::to_string) {
         // Most parsers name the value themselves.
-        Some(cause) if cause.contains(shown.as_ref()) => cause,
+        Some(cause) if cause.contains(shown.as_ref()) => format!("invalid value: {cause}"),
         Some(cause) => format!("invalid value `{shown}`: {cause}"),
         None => format!("invalid value `{shown}`"),
     };
