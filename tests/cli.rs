@@ -37,6 +37,44 @@ fn ports_that_are_not_ports_are_rejected() {
     assert_one_line_error(&run(&["--ports", &too_many.join(",")]), "at most 16");
 }
 
+/// A config file's mistakes: one line naming the file and the key, exit 2.
+#[test]
+fn config_file_mistakes_name_the_file_and_the_key() {
+    let dir = std::env::temp_dir().join(format!("resptrace-cli-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (text, needle) in [
+        ("intervall = \"5s\"\n", "unknown key `intervall`"),
+        ("interval = \"5 fortnights\"\n", "key `interval`: "),
+        (
+            "ports = [6379, 70000]\n",
+            "key `ports`: invalid value: 70000",
+        ),
+        (
+            "emit = \"everything\"\n",
+            "key `emit`: invalid value `everything` (one of: slow, all)",
+        ),
+        ("ports = [6379\n", "line 1: "),
+    ] {
+        let path = dir.join("resptrace.toml");
+        std::fs::write(&path, text).unwrap();
+        let output = run(&["--config", path.to_str().unwrap()]);
+        let prefix = format!("resptrace: config {}: ", path.display());
+        assert!(
+            String::from_utf8_lossy(&output.stderr).starts_with(&prefix),
+            "{text}"
+        );
+        assert_one_line_error(&output, needle);
+        assert_eq!(output.status.code(), Some(2), "{text}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let output = Command::new(agent_binary())
+        .env("RESPTRACE_INTERVAL", "soon")
+        .output()
+        .unwrap();
+    assert_one_line_error(&output, "RESPTRACE_INTERVAL: invalid value: `soon`");
+    assert_eq!(output.status.code(), Some(2));
+}
+
 #[test]
 fn help_documents_every_flag() {
     let output = run(&["--help"]);
@@ -47,6 +85,10 @@ fn help_documents_every_flag() {
         "--ring-buffer-kib",
         "--stats-interval",
         "--log",
+        "--format",
+        "--node-name",
+        "--config",
+        "RESPTRACE_PORTS",
         "--version",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help:\n{help}");

@@ -158,7 +158,7 @@ fn main() -> anyhow::Result<()> {
         false,
         u64::MAX,
     );
-    let mut sink = JsonSink::new(std::io::sink(), agent::clock::Clock::new());
+    let mut sink = JsonSink::new(std::io::sink(), agent::clock::Clock::new(), "bench");
     let mut stats = Stats::default();
     let mut record = Vec::with_capacity(256);
     let mut ts_ns = 1_000_000_000u64;

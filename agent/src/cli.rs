@@ -1,6 +1,6 @@
 //! Command line of `resptrace`. Every default is stated in its flag's help.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use agent_common::MAX_WATCHED_PORTS;
 use clap::Parser;
@@ -13,7 +13,10 @@ use clap::Parser;
              timed and attributed to the process and cgroup that made them",
     long_about = None,
     after_help = "Writes one JSON object per line on stdout (schema: docs/events.md); \
-                  its own logs go to stderr. Needs root, or CAP_BPF + CAP_PERFMON \
+                  its own logs go to stderr. Every flag can also be set with the \
+                  environment variable shown, or as a key of the --config file \
+                  (same name, without `--`); flags win over the environment, \
+                  which wins over the file. Needs root, or CAP_BPF + CAP_PERFMON \
                   (CAP_SYS_ADMIN before Linux 5.8), and a kernel ≥ 5.8 with BTF."
 )]
 pub struct Cli {
@@ -73,8 +76,30 @@ pub struct Cli {
     pub bare_hook: bool,
 
     /// Filter for the agent's own logs on stderr (tracing `EnvFilter` syntax).
-    #[arg(long, env = "RESPTRACE_LOG", default_value = "info")]
+    #[arg(long, default_value = "info")]
     pub log: String,
+
+    /// How events are written on stdout: `json` (one object per line, for
+    /// log pipelines) or `pretty` (one aligned line per event, for a human
+    /// at a terminal; coloured when stdout is one).
+    #[arg(long, value_enum, default_value = "json")]
+    pub format: Format,
+
+    /// The node's name in every event (`node`). Default: `$NODE_NAME` (set
+    /// by the DaemonSet from the downward API), else the hostname.
+    #[arg(long)]
+    pub node_name: Option<String>,
+
+    /// TOML file with settings, keyed like the long flags (`interval = "10s"`,
+    /// `ports = [6379, 6380]`). Flags and environment variables override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Json,
+    Pretty,
 }
 
 /// The detectors' thresholds (`alert` events, docs/events.md).

@@ -3,14 +3,12 @@
 
 use std::process::ExitCode;
 
-use agent::{cli, run};
-
-use clap::Parser as _;
+use agent::{config, run};
 
 fn main() -> ExitCode {
-    let cli = match cli::Cli::try_parse() {
+    let cli = match config::load() {
         Ok(cli) => cli,
-        Err(err) => {
+        Err(config::ConfigError::Flags(err)) => {
             use clap::error::ErrorKind;
             if matches!(
                 err.kind(),
@@ -25,6 +23,10 @@ fn main() -> ExitCode {
                 "resptrace: {}",
                 rendered.lines().next().unwrap_or("invalid arguments")
             );
+            return ExitCode::from(2);
+        }
+        Err(err) => {
+            eprintln!("resptrace: {err}");
             return ExitCode::from(2);
         }
     };

@@ -10,6 +10,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
+/// This host's name (the agent's UTS namespace: with `hostNetwork` or
+/// `hostPID` pods, the node's), for the `node` of events.
+pub fn hostname() -> anyhow::Result<String> {
+    let name = fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_err(|e| anyhow::anyhow!("reading /proc/sys/kernel/hostname: {e}"))?;
+    Ok(name.trim_end().to_owned())
+}
+
 /// The cgroup2 mount point (`/sys/fs/cgroup` on v2 hosts,
 /// `/sys/fs/cgroup/unified` on hybrid ones), if any.
 pub fn cgroup2_mount() -> Option<PathBuf> {

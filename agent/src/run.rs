@@ -3,7 +3,8 @@
 
 use std::{
     collections::BTreeSet,
-    io::{BufWriter, ErrorKind, Write},
+    io::{ErrorKind, IsTerminal as _, Write},
+    os::fd::AsFd as _,
 };
 
 use anyhow::Context as _;
@@ -16,7 +17,7 @@ use agent_common::{ConnectionRole, ConnectionState, FlowTuple};
 
 use crate::{
     aggregate::Aggregator,
-    cli::{Cli, Emit},
+    cli::{Cli, Emit, Format},
     clock::{Clock, monotonic_ns},
     decode::{Event, decode},
     detect::{Alert, DetectorConfig, Detectors, Observation},
@@ -26,7 +27,10 @@ use crate::{
     preflight,
     probes::{KernelStats, LoadOptions, Probes, connection, resp::PacketHook},
     procfs,
-    sinks::json::{JsonSink, SCHEMA_VERSION, Started, Stats},
+    sinks::{
+        json::{JsonSink, Started, Stats},
+        stdout::{LineQueue, QUEUE_LIMIT_BYTES},
+    },
     tracker::{Exchange, Outcome, Tracker},
     workload::Workload,
     zones::Zones,
@@ -37,6 +41,9 @@ const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50)
 /// How often unanswered requests are checked against `--request-timeout`
 /// and exchanges waiting for a read are given up.
 const TICK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long the agent waits at exit for its last lines to reach stdout
+/// (well within Kubernetes' default 30 s termination grace period).
+const EXIT_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let ports = cli.watched_ports().map_err(anyhow::Error::msg)?;
@@ -69,10 +76,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
     let zones = Zones::new(cli.zone.clone(), cli.zone_cidr.clone());
-    let mut sink =
-        JsonSink::new(BufWriter::new(std::io::stdout().lock()), Clock::new()).with_zones(zones);
+    let node = match cli.node_name.clone() {
+        Some(node) => node,
+        None => procfs::hostname().context("naming the node (or set --node-name)")?,
+    };
+    let mut sink = stdout_sink(cli.format, &node)?.with_zones(zones);
     sink.started(&Started {
-        schema_version: SCHEMA_VERSION,
         version: env!("CARGO_PKG_VERSION"),
         pid: std::process::id(),
         kernel: &kernel.release,
@@ -122,7 +131,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             _ = async { stats_timer.as_mut().unwrap().tick().await }, if stats_timer.is_some() => {
                 let kernel = probes.kernel_stats();
-                sink.stats(&pipeline.stats(stats, kernel))?;
+                let lines_dropped = sink.output().lines_dropped();
+                sink.stats(&pipeline.stats(stats, kernel).with_lines_dropped(lines_dropped))?;
                 sink.flush()?;
             }
             _ = drain_timer.tick() => {
@@ -160,10 +170,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         .write_window(window_start.elapsed().as_secs_f64(), &mut sink)
         .map_err(output_error)?;
     let kernel = probes.kernel_stats();
-    sink.stats(&pipeline.stats(stats, kernel))?;
-    sink.flush()?;
+    let lines_dropped = sink.output().lines_dropped();
+    sink.stats(&pipeline.stats(stats, kernel).with_lines_dropped(lines_dropped))?;
+    match sink.into_output().finish(EXIT_FLUSH_TIMEOUT) {
+        Err(err) if err.kind() == ErrorKind::TimedOut => tracing::warn!("{err}"),
+        other => other.map_err(output_error)?,
+    }
     tracing::info!("detaching");
     result
+}
+
+/// The event sink on stdout, through a writer thread (see `sinks::stdout`).
+fn stdout_sink(format: Format, node: &str) -> anyhow::Result<JsonSink<LineQueue>> {
+    let stdout = std::io::stdout();
+    // Written through its own fd, past std's line-buffered `Stdout`.
+    let fd = stdout
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicating stdout")?;
+    let queue = LineQueue::spawn(std::fs::File::from(fd), QUEUE_LIMIT_BYTES)
+        .context("starting the stdout writer thread")?;
+    let sink = JsonSink::new(queue, Clock::new(), node);
+    Ok(match format {
+        Format::Json => sink,
+        Format::Pretty => sink.pretty(stdout.is_terminal()),
+    })
 }
 
 /// The stages after decode: enrich, track RESP, aggregate, detect.

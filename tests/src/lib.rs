@@ -25,6 +25,7 @@ pub mod delay;
 pub mod faults;
 pub mod kernel;
 pub mod netns;
+pub mod schema;
 pub mod sweep;
 pub mod topology;
 
@@ -98,10 +99,17 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     }
 }
 
-/// A running `resptrace`, its stdout parsed line by line.
+/// A running `resptrace`, its stdout parsed line by line and every line
+/// validated against `docs/events.schema.json`: a line that is not JSON or
+/// does not match fails the test (at the next wait, or when the agent is
+/// dropped).
 pub struct Agent {
     child: Child,
-    events: Receiver<Value>,
+    /// Stdout lines: events, or why a line is not a valid one.
+    events: Receiver<Result<Value, String>>,
+    /// Invalid stdout lines, with why.
+    invalid_lines: Arc<Mutex<Vec<String>>>,
+    stdout_reader: Option<thread::JoinHandle<()>>,
     stderr: Arc<Mutex<String>>,
     /// A watched port with no listener: a connect to it is a marker event.
     barrier_port: u16,
@@ -135,15 +143,18 @@ impl Agent {
 
         let (sender, events) = channel();
         let stdout = child.stdout.take().expect("piped stdout");
-        thread::spawn(move || {
+        let invalid_lines = Arc::new(Mutex::new(Vec::new()));
+        let invalid = Arc::clone(&invalid_lines);
+        // Reads to the end even when nobody waits any more: the agent must
+        // never block on its stdout, and every line gets checked.
+        let stdout_reader = thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                let value: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
-                    panic!("agent wrote a line that is not JSON ({e}): {line}")
-                });
-                if sender.send(value).is_err() {
-                    break;
+                let checked = schema::check_line(&line);
+                if let Err(why) = &checked {
+                    invalid.lock().unwrap().push(why.clone());
                 }
+                let _ = sender.send(checked);
             }
         });
         let stderr = Arc::new(Mutex::new(String::new()));
@@ -161,6 +172,8 @@ impl Agent {
         let mut agent = Self {
             child,
             events,
+            invalid_lines,
+            stdout_reader: Some(stdout_reader),
             stderr,
             barrier_port,
             seen: Vec::new(),
@@ -203,8 +216,9 @@ impl Agent {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left) {
-                Ok(event) if predicate(&event) => return Ok(event),
-                Ok(event) => self.seen.push(event),
+                Ok(Ok(event)) if predicate(&event) => return Ok(event),
+                Ok(Ok(event)) => self.seen.push(event),
+                Ok(Err(invalid)) => bail!("agent wrote an invalid line: {invalid}"),
                 Err(RecvTimeoutError::Timeout) => bail!(
                     "no matching event within {timeout:?}; seen: {:#?}\nagent stderr:\n{}",
                     self.seen,
@@ -303,7 +317,8 @@ impl Agent {
                 .events
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             {
-                Ok(event) => rest.push(event),
+                Ok(Ok(event)) => rest.push(event),
+                Ok(Err(invalid)) => bail!("agent wrote an invalid line: {invalid}"),
                 Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => bail!("agent did not exit after SIGINT"),
             }
@@ -333,6 +348,18 @@ impl Drop for Agent {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
             }
+        }
+        // The agent has exited: its stdout is at its end.
+        if let Some(reader) = self.stdout_reader.take() {
+            let _ = reader.join();
+        }
+        let invalid = self.invalid_lines.lock().unwrap();
+        if !invalid.is_empty() && !thread::panicking() {
+            panic!(
+                "agent wrote {} invalid line(s); the first: {}",
+                invalid.len(),
+                invalid[0]
+            );
         }
     }
 }

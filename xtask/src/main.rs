@@ -192,6 +192,14 @@ fn run_agent(args: &[String]) -> anyhow::Result<()> {
         sudo.arg(&binary);
         sudo
     };
+    // A human at a terminal reads aligned lines, unless asked otherwise.
+    let format_chosen = args
+        .iter()
+        .any(|a| a == "--format" || a.starts_with("--format="))
+        || std::env::var_os("RESPTRACE_FORMAT").is_some();
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) && !format_chosen {
+        command.args(["--format", "pretty"]);
+    }
     command.args(args);
     // Ctrl-C reaches the agent (same process group), which detaches and exits;
     // xtask only waits for it.

@@ -1,5 +1,6 @@
-//! JSON lines on stdout: one object per line, schema in `docs/events.md`.
-//! Field names are an API: stable, units in the name.
+//! JSON lines on stdout: one object per line, schema in `docs/events.md`
+//! and `docs/events.schema.json`. Field names are an API: stable, units in
+//! the name. With `--format pretty`, the same objects as aligned text.
 
 use std::{io::Write, net::IpAddr, time::SystemTime};
 
@@ -26,15 +27,31 @@ pub struct JsonSink<W: Write> {
     clock: Clock,
     /// Shared so bodies can borrow it while `self` writes.
     zones: std::sync::Arc<Zones>,
+    /// `node` of every line.
+    node: Box<str>,
+    /// `Some(colour)`: `--format pretty`, with ANSI colours if `colour`.
+    pretty: Option<bool>,
 }
 
+/// The fields every event has, then its own.
 #[derive(Serialize)]
 struct Line<'a, T: Serialize> {
-    ts: String,
+    ts: Rfc3339Micros,
     #[serde(rename = "type")]
     kind: &'a str,
+    node: &'a str,
+    schema_version: u32,
     #[serde(flatten)]
     body: T,
+}
+
+/// `2026-11-25T17:17:06.967463Z`, written without an intermediate String.
+struct Rfc3339Micros(SystemTime);
+
+impl Serialize for Rfc3339Micros {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_rfc3339_micros(self.0))
+    }
 }
 
 #[derive(Serialize)]
@@ -311,7 +328,6 @@ struct GaugeSource<'a> {
 /// Facts about the running agent, written once after all programs attached.
 #[derive(Serialize)]
 pub struct Started<'a> {
-    pub schema_version: u32,
     pub version: &'a str,
     pub pid: u32,
     pub kernel: &'a str,
@@ -343,6 +359,9 @@ pub struct Stats {
     pub resp_unmatched_replies: u64,
     /// Observations a detector could not track: its bounded maps were full.
     pub detector_untracked: u64,
+    /// Lines not written because stdout was not read fast enough (the
+    /// queue to it was full); the ring buffer is drained regardless.
+    pub lines_dropped: u64,
 }
 
 impl Stats {
@@ -351,6 +370,11 @@ impl Stats {
         self.resp_desyncs = tracker.desyncs;
         self.resp_gaps = tracker.gaps;
         self.resp_unmatched_replies = tracker.unmatched_replies;
+        self
+    }
+
+    pub fn with_lines_dropped(mut self, lines_dropped: u64) -> Self {
+        self.lines_dropped = lines_dropped;
         self
     }
 
@@ -366,10 +390,13 @@ impl Stats {
 }
 
 impl<W: Write> JsonSink<W> {
-    pub fn new(out: W, clock: Clock) -> Self {
+    /// JSON lines on `out`, each naming `node`.
+    pub fn new(out: W, clock: Clock, node: &str) -> Self {
         Self {
             out,
             clock,
+            node: node.into(),
+            pretty: None,
             zones: Default::default(),
         }
     }
@@ -378,6 +405,20 @@ impl<W: Write> JsonSink<W> {
     pub fn with_zones(mut self, zones: Zones) -> Self {
         self.zones = std::sync::Arc::new(zones);
         self
+    }
+
+    /// `--format pretty` instead of JSON; ANSI colours if `colour`.
+    pub fn pretty(mut self, colour: bool) -> Self {
+        self.pretty = Some(colour);
+        self
+    }
+
+    pub fn output(&self) -> &W {
+        &self.out
+    }
+
+    pub fn into_output(self) -> W {
+        self.out
     }
 
     pub fn event(&mut self, event: &Event) -> std::io::Result<()> {
@@ -508,10 +549,16 @@ impl<W: Write> JsonSink<W> {
 
     fn line<T: Serialize>(&mut self, ts: SystemTime, kind: &str, body: T) -> std::io::Result<()> {
         let line = Line {
-            ts: humantime::format_rfc3339_micros(ts).to_string(),
+            ts: Rfc3339Micros(ts),
             kind,
+            node: &self.node,
+            schema_version: SCHEMA_VERSION,
             body,
         };
+        if let Some(colour) = self.pretty {
+            let value = serde_json::to_value(&line)?;
+            return super::pretty::write_line(&mut self.out, &value, colour);
+        }
         serde_json::to_writer(&mut self.out, &line)?;
         self.out.write_all(b"\n")
     }
@@ -680,7 +727,7 @@ mod tests {
     }
 
     fn render(event: &Event) -> serde_json::Value {
-        let mut sink = JsonSink::new(Vec::new(), Clock::new());
+        let mut sink = JsonSink::new(Vec::new(), Clock::new(), "node-1");
         sink.event(event).unwrap();
         let text = String::from_utf8(sink.out).unwrap();
         assert!(text.ends_with('\n') && text.matches('\n').count() == 1);
@@ -695,7 +742,7 @@ mod tests {
             Some("zone-a".into()),
             vec!["10.2.0.0/16=zone-b".parse().unwrap()],
         );
-        let mut sink = JsonSink::new(Vec::new(), clock).with_zones(zones);
+        let mut sink = JsonSink::new(Vec::new(), clock, "node-1").with_zones(zones);
         let alert = Alert {
             kind: "syn_drops",
             id: "syn_drops/10.2.0.9:6379".into(),
@@ -716,7 +763,7 @@ mod tests {
         let started = humantime::format_rfc3339_micros(clock.wall_time(5 * S)).to_string();
         assert_eq!(v["started"], started.as_str());
         assert!(v["ended"].as_str().unwrap() > started.as_str());
-        for field in ["ts", "started", "ended"] {
+        for field in ["ts", "node", "schema_version", "started", "ended"] {
             v.as_object_mut().unwrap().remove(field);
         }
         assert_eq!(
@@ -750,6 +797,8 @@ mod tests {
             0,
         )));
         assert_eq!(v["type"], "connect");
+        assert_eq!(v["node"], "node-1");
+        assert_eq!(v["schema_version"], SCHEMA_VERSION);
         assert_eq!(v["outcome"], "established");
         assert_eq!(v["answer"], "syn_ack");
         assert_eq!(v["handshake_us"], 57);

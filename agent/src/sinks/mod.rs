@@ -1,3 +1,5 @@
 //! Sinks: where events leave the agent.
 
 pub mod json;
+pub mod pretty;
+pub mod stdout;
