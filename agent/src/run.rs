@@ -171,7 +171,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         .map_err(output_error)?;
     let kernel = probes.kernel_stats();
     let lines_dropped = sink.output().lines_dropped();
-    sink.stats(&pipeline.stats(stats, kernel).with_lines_dropped(lines_dropped))?;
+    sink.stats(
+        &pipeline
+            .stats(stats, kernel)
+            .with_lines_dropped(lines_dropped),
+    )?;
     match sink.into_output().finish(EXIT_FLUSH_TIMEOUT) {
         Err(err) if err.kind() == ErrorKind::TimedOut => tracing::warn!("{err}"),
         other => other.map_err(output_error)?,
