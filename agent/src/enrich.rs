@@ -111,6 +111,11 @@ impl Enricher {
         }
     }
 
+    /// The workload (`Workload::key`) of a cgroup v2 id.
+    pub fn workload(&mut self, cgroup_id: u64) -> std::sync::Arc<str> {
+        crate::workload::Workload::new(self.cgroup_paths.path(cgroup_id).as_deref(), None).key
+    }
+
     /// Names the cgroup of an exchange.
     pub fn exchange(&mut self, exchange: &mut crate::tracker::Exchange) {
         exchange.cgroup = self.cgroup_paths.path(exchange.cgroup_id);

@@ -8,6 +8,7 @@ mod decode;
 mod detect;
 mod enrich;
 mod gauges;
+mod http;
 mod preflight;
 mod probes;
 mod procfs;

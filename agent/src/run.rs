@@ -4,6 +4,7 @@
 use std::{
     collections::BTreeSet,
     io::{BufWriter, ErrorKind, Write},
+    sync::Arc,
 };
 
 use anyhow::Context as _;
@@ -18,12 +19,17 @@ use crate::{
     clock::{Clock, monotonic_ns},
     decode::{Event, decode},
     enrich::Enricher,
-    gauges::open_connection_gauges,
+    gauges::{Gauge, open_connection_gauges},
+    http::{self, Health},
     preflight,
     probes::{LoadOptions, Probes, connection, resp::PacketHook},
     procfs,
-    sinks::json::{JsonSink, SCHEMA_VERSION, Started, Stats},
+    sinks::{
+        json::{JsonSink, SCHEMA_VERSION, Started, Stats},
+        metrics::Metrics,
+    },
     tracker::{Exchange, Outcome, Tracker},
+    workload::Workload,
 };
 
 /// Longest time an event waits in the ring buffer before it is written.
@@ -36,6 +42,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let ports = cli.watched_ports().map_err(anyhow::Error::msg)?;
     let kernel = preflight::check()?;
     tracing::debug!(?kernel, "preflight checks passed");
+
+    // Listening before the programs load: `/readyz` says 503 meanwhile.
+    let health = Arc::new(Health::default());
+    let metrics = match cli.http_addr {
+        Some(addr) => {
+            let metrics = Metrics::new();
+            let bound = http::serve(addr, metrics.registry(), Arc::clone(&health))?;
+            tracing::info!("serving /metrics, /healthz and /readyz on http://{bound}");
+            Some(metrics)
+        }
+        None => None,
+    };
 
     let cgroup_root = procfs::cgroup2_root()?;
     let (mut probes, ring) = Probes::load(&LoadOptions {
@@ -93,6 +111,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         enricher,
         tracker: Tracker::default(),
         aggregator: Aggregator::default(),
+        metrics,
         exchanges: Vec::new(),
         emit_all: cli.emit == Emit::All,
         slow_ns: u64::try_from(cli.slow_threshold.as_nanos()).unwrap_or(u64::MAX),
@@ -120,6 +139,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 sink.flush()?;
             }
             _ = drain_timer.tick() => {
+                health.beat();
                 drain(events.get_mut(), &mut pipeline, &mut sink, &mut stats)?;
                 if last_tick.elapsed() >= TICK_INTERVAL {
                     last_tick = std::time::Instant::now();
@@ -136,6 +156,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 window_start = std::time::Instant::now();
                 pipeline.write_window(seconds, &mut sink).map_err(output_error)?;
                 sink.flush()?;
+                let totals = stats.with_kernel(probes.kernel_stats()).with_tracker(pipeline.tracker.stats());
+                pipeline.update_metrics(&gauges, &totals);
+                health.set_ready();
             }
             _ = sigint.recv() => break Ok(()),
             _ = sigterm.recv() => break Ok(()),
@@ -164,6 +187,8 @@ struct Pipeline {
     enricher: Enricher,
     tracker: Tracker,
     aggregator: Aggregator,
+    /// With `--http-addr` only.
+    metrics: Option<Metrics>,
     /// Finished exchanges not yet written.
     exchanges: Vec<Exchange>,
     emit_all: bool,
@@ -191,12 +216,25 @@ impl Pipeline {
             let notable =
                 exchange.outcome == Outcome::Timeout || exchange.latency_ns >= self.slow_ns;
             let allowed = self.aggregator.record(&exchange, notable && !self.emit_all);
+            if let Some(metrics) = &mut self.metrics {
+                metrics.record_exchange(&exchange, || self.enricher.workload(exchange.cgroup_id));
+            }
             if self.emit_all || allowed {
                 self.enricher.exchange(&mut exchange);
                 sink.exchange(&exchange)?;
             }
         }
         Ok(())
+    }
+
+    /// The interval's gauges and counters to `/metrics`; a window ended.
+    fn update_metrics(&mut self, gauges: &[Gauge], stats: &Stats) {
+        let Some(metrics) = &mut self.metrics else {
+            return;
+        };
+        metrics.set_open_connections(gauges, |gauge| self.enricher.workload(gauge.key.cgroup_id));
+        metrics.set_agent_stats(stats);
+        metrics.end_window(std::time::Instant::now());
     }
 }
 
@@ -241,6 +279,11 @@ fn drain<W: Write>(
                     _ => {}
                 }
                 pipeline.enricher.enrich(&mut event);
+                if let (Some(metrics), Event::Connect(connect)) = (&mut pipeline.metrics, &event) {
+                    let task = &connect.task;
+                    let workload = Workload::new(task.cgroup.as_deref(), Some(&task.comm));
+                    metrics.record_connect(connect, workload.key);
+                }
                 if let Err(err) = sink.event(&event) {
                     return Err(output_error(err));
                 }

@@ -1,3 +1,4 @@
 //! Sinks: where events leave the agent.
 
 pub mod json;
+pub mod metrics;
