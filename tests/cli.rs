@@ -47,6 +47,7 @@ fn help_documents_every_flag() {
         "--ring-buffer-kib",
         "--stats-interval",
         "--log",
+        "--http-addr",
         "--version",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
