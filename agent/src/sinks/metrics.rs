@@ -756,6 +756,31 @@ mod tests {
         assert!(text.ends_with("# EOF\n"));
     }
 
+    /// Cost per exchange: `cargo test --release -p agent --bin resptrace
+    /// metrics_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn metrics_cost_per_exchange() {
+        let mut metrics = Metrics::new();
+        let commands = [&b"GET"[..], b"SET", b"HGET", b"INCR"];
+        let exchanges: Vec<Exchange> = (0..1_000u64)
+            .map(|i| {
+                let mut e = exchange(commands[i as usize % 4], Outcome::Ok, 100 + i);
+                e.cgroup_id = i % 50;
+                e
+            })
+            .collect();
+        let rounds = 2_000;
+        let started = Instant::now();
+        for _ in 0..rounds {
+            for e in &exchanges {
+                metrics.record_exchange(e, || POD.into());
+            }
+        }
+        let ns = started.elapsed().as_nanos() as f64 / (rounds * exchanges.len()) as f64;
+        eprintln!("{ns:.0} ns per exchange");
+    }
+
     #[test]
     fn error_prefixes_beyond_the_cap_are_other() {
         let mut metrics = Metrics::new();
