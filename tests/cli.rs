@@ -89,6 +89,7 @@ fn help_documents_every_flag() {
         "--node-name",
         "--config",
         "RESPTRACE_PORTS",
+        "--http-addr",
         "--version",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help:\n{help}");

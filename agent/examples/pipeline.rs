@@ -1,5 +1,6 @@
 //! The agent's userspace pipeline on synthetic ring buffer records: decode →
-//! RESP tracker → aggregate → detect → JSON (to a sink that discards), on
+//! RESP tracker → aggregate → detect → JSON (to a sink that discards) and
+//! Prometheus metrics, on
 //! one thread, as the agent runs it. `cargo xtask bench` runs it and reports
 //! its line; run alone: `cargo run --release -p agent --example pipeline`.
 //!
@@ -14,7 +15,10 @@ use agent::{
     detect::DetectorConfig,
     enrich::Enricher,
     run::Pipeline,
-    sinks::json::{JsonSink, Stats},
+    sinks::{
+        json::{JsonSink, Stats},
+        metrics::Metrics,
+    },
 };
 use agent_common::{
     EventHeader, EventKind, FlowTuple,
@@ -155,6 +159,8 @@ fn main() -> anyhow::Result<()> {
     let mut pipeline = Pipeline::new(
         Enricher::default(),
         &DetectorConfig::default(),
+        // As in the DaemonSet, with `--http-addr`.
+        Some(Metrics::new()),
         false,
         u64::MAX,
     );

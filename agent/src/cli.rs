@@ -1,6 +1,6 @@
 //! Command line of `resptrace`. Every default is stated in its flag's help.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use agent_common::MAX_WATCHED_PORTS;
 use clap::Parser;
@@ -69,6 +69,11 @@ pub struct Cli {
 
     #[command(flatten)]
     pub detectors: DetectorFlags,
+
+    /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` on this
+    /// address, e.g. `0.0.0.0:9464`. Off by default.
+    #[arg(long, value_parser = parse_http_addr)]
+    pub http_addr: Option<SocketAddr>,
 
     /// Attach only the bare packet hook (port filter + one counter) and
     /// nothing else: the baseline of `cargo xtask bench`.
@@ -285,6 +290,12 @@ fn parse_interval(value: &str) -> Result<Duration, String> {
     Ok(interval)
 }
 
+fn parse_http_addr(value: &str) -> Result<SocketAddr, String> {
+    value
+        .parse()
+        .map_err(|_| format!("`{value}` is not an IP address and port, e.g. 0.0.0.0:9464"))
+}
+
 fn parse_ring_buffer_kib(value: &str) -> Result<u32, String> {
     let kib: u32 = value
         .parse()
@@ -329,6 +340,16 @@ mod tests {
         let list: Vec<String> = (7000..7017).map(|p| p.to_string()).collect();
         let cli = parse(&["--ports", &list.join(",")]).unwrap();
         assert!(cli.watched_ports().is_err());
+    }
+
+    #[test]
+    fn http_listener_is_off_by_default_and_takes_an_address_and_port() {
+        assert_eq!(parse(&[]).unwrap().http_addr, None);
+        let cli = parse(&["--http-addr", "0.0.0.0:9464"]).unwrap();
+        assert_eq!(cli.http_addr, Some("0.0.0.0:9464".parse().unwrap()));
+        for bad in ["9464", "localhost:9464", "0.0.0.0"] {
+            assert!(parse(&["--http-addr", bad]).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod decode;
 pub mod detect;
 pub mod enrich;
 pub mod gauges;
+pub mod http;
 pub mod observe;
 pub mod preflight;
 pub mod probes;

@@ -5,6 +5,7 @@ use std::{
     collections::BTreeSet,
     io::{ErrorKind, IsTerminal as _, Write},
     os::fd::AsFd as _,
+    sync::Arc,
 };
 
 use anyhow::Context as _;
@@ -20,15 +21,17 @@ use crate::{
     cli::{Cli, Emit, Format},
     clock::{Clock, monotonic_ns},
     decode::{Event, decode},
-    detect::{Alert, DetectorConfig, Detectors, Observation},
+    detect::{Alert, AlertState, DetectorConfig, Detectors, Observation},
     enrich::Enricher,
     gauges::{Gauge, open_connection_gauges},
+    http::{self, Health},
     observe::Observer,
     preflight,
     probes::{KernelStats, LoadOptions, Probes, connection, resp::PacketHook},
     procfs,
     sinks::{
         json::{JsonSink, Started, Stats},
+        metrics::Metrics,
         stdout::{LineQueue, QUEUE_LIMIT_BYTES},
     },
     tracker::{Exchange, Outcome, Tracker},
@@ -49,6 +52,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let ports = cli.watched_ports().map_err(anyhow::Error::msg)?;
     let kernel = preflight::check()?;
     tracing::debug!(?kernel, "preflight checks passed");
+
+    // Listening before the programs load: `/readyz` says 503 meanwhile.
+    let health = Arc::new(Health::default());
+    let metrics = match cli.http_addr {
+        Some(addr) => {
+            let metrics = Metrics::new();
+            let bound = http::serve(addr, metrics.registry(), Arc::clone(&health))?;
+            tracing::info!("serving /metrics, /healthz and /readyz on http://{bound}");
+            Some(metrics)
+        }
+        None => None,
+    };
 
     let cgroup_root = procfs::cgroup2_root()?;
     let (mut probes, ring) = Probes::load(&LoadOptions {
@@ -109,6 +124,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut pipeline = Pipeline::new(
         enricher,
         &cli.detectors.config(),
+        metrics,
         cli.emit == Emit::All,
         u64::try_from(cli.slow_threshold.as_nanos()).unwrap_or(u64::MAX),
     );
@@ -136,6 +152,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 sink.flush()?;
             }
             _ = drain_timer.tick() => {
+                health.beat();
                 drain(events.get_mut(), &mut pipeline, &mut sink, &mut stats)?;
                 if last_tick.elapsed() >= TICK_INTERVAL {
                     last_tick = std::time::Instant::now();
@@ -157,6 +174,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 window_start = std::time::Instant::now();
                 pipeline.write_window(seconds, &mut sink).map_err(output_error)?;
                 sink.flush()?;
+                let totals = stats.with_kernel(probes.kernel_stats()).with_tracker(pipeline.tracker.stats());
+                pipeline.update_metrics(&gauges, &totals);
+                health.set_ready();
             }
             _ = sigint.recv() => break Ok(()),
             _ = sigterm.recv() => break Ok(()),
@@ -206,6 +226,8 @@ pub struct Pipeline {
     enricher: Enricher,
     tracker: Tracker,
     aggregator: Aggregator,
+    /// With `--http-addr` only.
+    metrics: Option<Metrics>,
     /// Finished exchanges not yet written.
     exchanges: Vec<Exchange>,
     observer: Observer,
@@ -221,6 +243,7 @@ impl Pipeline {
     pub fn new(
         enricher: Enricher,
         detectors: &DetectorConfig,
+        metrics: Option<Metrics>,
         emit_all: bool,
         slow_ns: u64,
     ) -> Self {
@@ -228,6 +251,7 @@ impl Pipeline {
             enricher,
             tracker: Tracker::default(),
             aggregator: Aggregator::default(),
+            metrics,
             exchanges: Vec::new(),
             observer: Observer::default(),
             detectors: Detectors::new(detectors),
@@ -315,6 +339,9 @@ impl Pipeline {
             Event::Connect(connect) => {
                 self.aggregator.record_connect(connect);
                 let workload = self.enricher.workload_of_task(&connect.task);
+                if let Some(metrics) = &mut self.metrics {
+                    metrics.record_connect(connect, workload.key.clone());
+                }
                 self.observe(&Observer::connect(connect, workload));
             }
             Event::Close(close) => {
@@ -357,6 +384,10 @@ impl Pipeline {
     ) -> std::io::Result<()> {
         self.detectors.evaluate(now_ns, &mut self.alerts);
         for alert in self.alerts.drain(..) {
+            if let Some(metrics) = &mut self.metrics {
+                let firing = alert.state == AlertState::Firing;
+                metrics.set_alert(alert.kind, alert.endpoint, firing);
+            }
             sink.alert(&alert)?;
         }
         Ok(())
@@ -378,7 +409,13 @@ impl Pipeline {
             // Redis runs on the node, would count it twice.
             if exchange.role == ConnectionRole::Client {
                 let workload = self.enricher.workload_of_cgroup(exchange.cgroup_id);
+                if let Some(metrics) = &mut self.metrics {
+                    metrics.record_exchange(&exchange, || workload.key.clone());
+                }
                 self.observe(&Observer::request(&exchange, workload));
+            } else if let Some(metrics) = &mut self.metrics {
+                let workload = self.enricher.workload_of_cgroup(exchange.cgroup_id);
+                metrics.record_exchange(&exchange, || workload.key);
             }
             if self.emit_all || allowed {
                 self.enricher.exchange(&mut exchange);
@@ -387,6 +424,18 @@ impl Pipeline {
         }
         self.exchanges = exchanges;
         Ok(())
+    }
+
+    /// The interval's gauges and counters to `/metrics`; a window ended.
+    fn update_metrics(&mut self, gauges: &[Gauge], stats: &Stats) {
+        let Some(metrics) = &mut self.metrics else {
+            return;
+        };
+        metrics.set_open_connections(gauges, |gauge| {
+            self.enricher.workload_of_cgroup(gauge.key.cgroup_id).key
+        });
+        metrics.set_agent_stats(stats);
+        metrics.end_window(std::time::Instant::now());
     }
 }
 

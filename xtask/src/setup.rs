@@ -4,7 +4,8 @@
 //!
 //! 1. Debian packages: `rustc-web` + `libstd-rust-web-dev-bpf` (a rustc whose
 //!    `core` is prebuilt for bpfel-unknown-none, so no rust-src/build-std),
-//!    the `libLLVM` it links to, redis and the tools the tests use.
+//!    the `libLLVM` it links to, redis and the tools the tests use (a
+//!    Prometheus server for `tests/metrics.rs`, its service disabled).
 //! 2. An LLVM prefix with `lib/libLLVM.so` for bpf-linker's build script
 //!    (Debian ships only the versioned `libLLVM.so.N.M`).
 //! 3. bpf-linker, built against that same LLVM major.
@@ -43,6 +44,8 @@ const PACKAGES: &[&str] = &[
     "iptables",
     "iproute2",
     "procps",
+    // tests/metrics.rs scrapes the agent with a server of its own.
+    "prometheus",
 ];
 
 /// Packages only `cargo xtask bench` needs (its `bpftrace` mode), installed
@@ -147,6 +150,9 @@ fn install_packages() -> anyhow::Result<()> {
     let missing = missing_packages(&packages);
     if !missing.is_empty() {
         apt_install(&missing)?;
+        if missing.iter().any(|p| p == "prometheus") {
+            disable_prometheus_service();
+        }
     }
     // The LLVM bpf-linker links against must be the one rustc-web uses.
     let major = rustc_llvm_major()?;
@@ -155,8 +161,29 @@ fn install_packages() -> anyhow::Result<()> {
     if !missing.is_empty() {
         apt_install(&missing)?;
     }
-    eprintln!("    ok: Debian rustc with LLVM {major}, redis, iptables, iproute2");
+    eprintln!("    ok: Debian rustc with LLVM {major}, redis, iptables, iproute2, prometheus");
     Ok(())
+}
+
+/// Debian's `prometheus` enables its service and starts it on :9090 (unless
+/// a `policy-rc.d` forbids, as in containers); the tests run a server of
+/// their own, so the service is stopped and kept from starting at boot.
+fn disable_prometheus_service() {
+    let commands: &[&[&str]] = if Path::new("/run/systemd/system").exists() {
+        &[&["systemctl", "disable", "--now", "prometheus.service"]]
+    } else {
+        &[
+            &["service", "prometheus", "stop"],
+            &["update-rc.d", "prometheus", "disable"],
+        ]
+    };
+    for command in commands {
+        // Not running, or no such init script: nothing to undo.
+        if let Err(err) = output(Command::new(command[0]).args(&command[1..])) {
+            eprintln!("    note: {err:#}");
+        }
+    }
+    eprintln!("    ok: the prometheus service is disabled (tests run their own)");
 }
 
 /// LLVM major version of Debian's rustc (`LLVM version: 22.1.8`).

@@ -155,7 +155,7 @@ impl ErrorPrefix {
     }
 
     /// The prefix of an error message (its first bytes suffice).
-    fn of(message: &[u8]) -> Self {
+    pub(crate) fn of(message: &[u8]) -> Self {
         let word = message.split(|&b| b == b' ').next().unwrap_or_default();
         let all_caps = word.first().is_some_and(u8::is_ascii_uppercase)
             && word

@@ -603,7 +603,7 @@ fn micros(ns: u64) -> f64 {
     (ns as f64 / 100.0).round() / 10.0
 }
 
-fn role_name(role: ConnectionRole) -> &'static str {
+pub fn role_name(role: ConnectionRole) -> &'static str {
     match role {
         ConnectionRole::Client => "client",
         ConnectionRole::Server => "server",
