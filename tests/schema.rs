@@ -72,23 +72,26 @@ fn samples() -> Vec<Value> {
             "stats",
             json!({"events": 1, "decode_errors": 0, "ring_buffer_full": 0, "connect_map_full": 0,
             "connection_map_full": 0, "read_failed": 0, "resp_gaps": 0, "resp_flow_map_full": 0, "resp_truncated": 0,
-            "resp_unparsed_bytes": 0, "resp_desyncs": 0, "resp_unmatched_replies": 0, "lines_dropped": 7}),
+            "resp_unparsed_bytes": 0, "resp_desyncs": 0, "resp_unmatched_replies": 0, "lines_dropped": 7,
+            "detector_untracked": 0}),
         ),
         with(
             "alert",
-            json!({"kind": "connect_storm", "state": "firing", "severity": "warning",
+            json!({"kind": "connect_storm", "id": "connect_storm/10.2.0.9:6379", "state": "firing", "severity": "warning",
             "message": "pod 1b4e28ba… opens 250 connections/s to 10.2.0.9:6379 (baseline 2/s)",
-            "endpoint": {"ip": "10.2.0.9", "port": 6379},
+            "endpoint": {"ip": "10.2.0.9", "port": 6379, "zone": "us-east-1b", "locality": "cross_zone"},
             "workloads": [{"key": "pod:1b4e28ba-2fa1-11d2-883f-0016d3cca427", "pod_uid": "1b4e28ba-2fa1-11d2-883f-0016d3cca427",
                            "container_id": "0123abcd", "cgroup": "/kubepods/burstable/pod1b4e28ba-2fa1-11d2-883f-0016d3cca427/0123abcd",
                            "comm": "java"}, {"key": "comm:redis-cli", "comm": "redis-cli"}],
-            "since": "2026-11-25T17:17:01.000000Z",
-            "evidence": {"connects_per_s": 250.0, "baseline_per_s": 2, "window": "10s"}}),
+            "started": "2026-11-25T17:17:01.000000Z",
+            "evidence": {"connects_per_s": 250.0, "baseline_per_s": 2, "window": "10s", "fleet_reconnect": false,
+                         "workload_rates_per_s": {"pod:1b4e28ba-2fa1-11d2-883f-0016d3cca427": 250.0}}}),
         ),
         with(
             "alert",
-            json!({"kind": "syn_drops", "state": "resolved", "severity": "critical", "message": "SYNs answered again",
-            "workloads": [], "since": "2026-11-25T17:18:01.000000Z", "evidence": {}}),
+            json!({"kind": "syn_drops", "id": "syn_drops/10.2.0.9:6379", "state": "resolved", "severity": "critical",
+            "message": "SYNs answered again", "workloads": [], "started": "2026-11-25T17:17:01.000000Z",
+            "ended": "2026-11-25T17:18:01.000000Z", "duration_s": 60.0, "evidence": {}}),
         ),
     ]
 }
@@ -152,8 +155,8 @@ fn wrong_lines_fail() {
         ),
         (
             "unknown nested field",
-            Some(changed(&connect, "/dst", "zone", json!("a"))),
-            "zone",
+            Some(changed(&connect, "/dst", "rack", json!("a"))),
+            "rack",
         ),
         (
             "wrong type",
@@ -211,7 +214,7 @@ fn wrong_lines_fail() {
                 &sample("alert"),
                 "/evidence",
                 "pods",
-                json!({"a": 1}),
+                json!({"a": {"b": 1}}),
             )),
             "/evidence/pods",
         ),
@@ -296,6 +299,7 @@ fn every_object_is_closed() {
         [
             "",
             "/$defs/alert/properties/evidence",
+            "/$defs/alert/properties/evidence/additionalProperties/anyOf/1",
             "/$defs/latency/properties/errors"
         ]
     );
