@@ -119,6 +119,8 @@ pub struct Agent {
     started: Value,
     /// Whether the test provokes alerts; otherwise any is a false alarm.
     alerts_expected: bool,
+    /// Every `alert` read, whoever took it.
+    alerts: Vec<Value>,
 }
 
 impl Agent {
@@ -179,6 +181,7 @@ impl Agent {
             seen: Vec::new(),
             started: Value::Null,
             alerts_expected: false,
+            alerts: Vec::new(),
         };
         agent.started = agent
             .wait_for(agent_start_timeout(), |e| e["type"] == "started")
@@ -215,7 +218,13 @@ impl Agent {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.events.recv_timeout(left) {
+            let received = self.events.recv_timeout(left);
+            if let Ok(Ok(event)) = &received
+                && event["type"] == "alert"
+            {
+                self.alerts.push(event.clone());
+            }
+            match received {
                 Ok(Ok(event)) if predicate(&event) => return Ok(event),
                 Ok(Ok(event)) => self.seen.push(event),
                 Ok(Err(invalid)) => bail!("agent wrote an invalid line: {invalid}"),
@@ -329,7 +338,11 @@ impl Agent {
             "agent exited with {status}: {}",
             self.stderr()
         );
-        let alerts: Vec<&Value> = rest.iter().filter(|e| e["type"] == "alert").collect();
+        let alerts: Vec<&Value> = self
+            .alerts
+            .iter()
+            .chain(rest.iter().filter(|e| e["type"] == "alert"))
+            .collect();
         anyhow::ensure!(
             self.alerts_expected || alerts.is_empty(),
             "false alarms: {alerts:#?}"
