@@ -12,9 +12,10 @@
 use std::{io::Write as _, time::Instant};
 
 use agent::{
+    aggregate::DEFAULT_MAX_SERIES,
     detect::DetectorConfig,
     enrich::Enricher,
-    run::Pipeline,
+    run::{Pipeline, PipelineOptions},
     sinks::{
         json::{JsonSink, Stats},
         metrics::Metrics,
@@ -161,8 +162,11 @@ fn main() -> anyhow::Result<()> {
         &DetectorConfig::default(),
         // As in the DaemonSet, with `--http-addr`.
         Some(Metrics::new()),
-        false,
-        u64::MAX,
+        PipelineOptions {
+            emit_all: false,
+            slow_ns: u64::MAX,
+            max_series: DEFAULT_MAX_SERIES,
+        },
     );
     let mut sink = JsonSink::new(std::io::sink(), agent::clock::Clock::new(), "bench");
     let mut stats = Stats::default();

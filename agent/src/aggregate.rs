@@ -16,9 +16,10 @@ use crate::{
     tracker::{Exchange, Outcome},
 };
 
-/// Series kept per window at most; further ones are merged into one
-/// `OTHER` series (counted in `overflowed`).
-pub const MAX_SERIES: usize = 10_000;
+/// Series kept per window at most by default (`--max-series`); further
+/// ones are merged into an `OTHER` series per role and endpoint (counted in
+/// `overflowed`).
+pub const DEFAULT_MAX_SERIES: usize = 10_000;
 /// `request` lines written per series and window at most (slow requests and
 /// timeouts, not `--emit all`); the rest are counted in `lines_suppressed`.
 pub const MAX_LINES_PER_SERIES: u64 = 20;
@@ -59,7 +60,7 @@ pub struct Series {
 pub struct Window {
     pub seconds: f64,
     pub series: Vec<Series>,
-    /// Exchanges folded into `OTHER` series because of `MAX_SERIES`.
+    /// Exchanges folded into `OTHER` series because of `--max-series`.
     pub overflowed: u64,
 }
 
@@ -74,13 +75,27 @@ struct Accumulator {
     histogram: Histogram<u32>,
 }
 
-#[derive(Default)]
 pub struct Aggregator {
     current: FxHashMap<Key, Accumulator>,
     overflowed: u64,
+    max_series: usize,
+}
+
+impl Default for Aggregator {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_SERIES)
+    }
 }
 
 impl Aggregator {
+    pub fn new(max_series: usize) -> Self {
+        Self {
+            current: FxHashMap::default(),
+            overflowed: 0,
+            max_series,
+        }
+    }
+
     /// Counts an exchange. `line`: it deserves a `request` line (slow or
     /// a timeout); returns whether the per-series budget allows it.
     pub fn record(&mut self, exchange: &Exchange, line: bool) -> bool {
@@ -171,11 +186,13 @@ impl Aggregator {
     }
 
     /// The accumulator of `key`, created if the series budget allows, else
-    /// the `OTHER` series of its role, cgroup and endpoint.
+    /// the `OTHER` series of its role and endpoint (cgroup id 0: a burst of
+    /// new pods must not grow the overflow itself).
     fn series(&mut self, mut key: Key, op: impl FnOnce() -> String) -> &mut Accumulator {
         let mut op = Some(op);
-        if !self.current.contains_key(&key) && self.current.len() >= MAX_SERIES {
+        if !self.current.contains_key(&key) && self.current.len() >= self.max_series {
             self.overflowed += 1;
+            key.1 = 0;
             key.3 = OTHER_OP;
             op = None;
         }
@@ -290,6 +307,22 @@ mod tests {
             "timeouts are not latencies"
         );
         assert!(agg.window(10.0).series.is_empty(), "windows start empty");
+    }
+
+    #[test]
+    fn series_beyond_the_cap_fold_into_one_other_series_per_role_and_endpoint() {
+        let get = crate::resp::command_of(b"GET", b"", 16).unwrap();
+        let mut agg = Aggregator::new(3);
+        for cgroup_id in 0..100 {
+            let mut e = exchange(get, Outcome::Ok, 100);
+            e.cgroup_id = cgroup_id;
+            agg.record(&e, false);
+        }
+        let w = agg.window(1.0);
+        assert_eq!(w.series.len(), 4, "3 series and OTHER");
+        let other = w.series.iter().find(|s| s.op == "OTHER").unwrap();
+        assert_eq!((other.count, other.cgroup_id), (97, 0));
+        assert_eq!(w.overflowed, 97);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use agent_common::MAX_WATCHED_PORTS;
-use clap::Parser;
+use clap::{Parser, builder::TypedValueParser as _};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,6 +44,12 @@ pub struct Cli {
     /// in the `latency` windows either way.
     #[arg(long, value_enum, default_value = "slow")]
     pub emit: Emit,
+
+    /// `latency` series (role × cgroup × endpoint × command) kept per
+    /// window; requests of further series are counted in one `OTHER` series
+    /// per role and endpoint (`overflowed`), so memory stays bounded.
+    #[arg(long, default_value_t = crate::aggregate::DEFAULT_MAX_SERIES, value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|n| n as usize))]
+    pub max_series: usize,
 
     /// Requests at least this slow get a `request` event, e.g. `500ms`.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]

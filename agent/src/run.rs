@@ -125,8 +125,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         enricher,
         &cli.detectors.config(),
         metrics,
-        cli.emit == Emit::All,
-        u64::try_from(cli.slow_threshold.as_nanos()).unwrap_or(u64::MAX),
+        PipelineOptions {
+            emit_all: cli.emit == Emit::All,
+            slow_ns: u64::try_from(cli.slow_threshold.as_nanos()).unwrap_or(u64::MAX),
+            max_series: cli.max_series,
+        },
     );
     let mut window_start = std::time::Instant::now();
     let mut last_tick = std::time::Instant::now();
@@ -221,6 +224,17 @@ fn stdout_sink(format: Format, node: &str) -> anyhow::Result<JsonSink<LineQueue>
     })
 }
 
+/// What the pipeline writes and keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct PipelineOptions {
+    /// A `request` line for every request, else only for those at least
+    /// `slow_ns` slow and timeouts.
+    pub emit_all: bool,
+    pub slow_ns: u64,
+    /// `latency` series per window at most (`--max-series`).
+    pub max_series: usize,
+}
+
 /// The stages after decode: enrich, track RESP, aggregate, detect.
 pub struct Pipeline {
     enricher: Enricher,
@@ -238,19 +252,21 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// `emit_all`: a `request` line for every request, else only for those
-    /// at least `slow_ns` slow and timeouts.
     pub fn new(
         enricher: Enricher,
         detectors: &DetectorConfig,
         metrics: Option<Metrics>,
-        emit_all: bool,
-        slow_ns: u64,
+        options: PipelineOptions,
     ) -> Self {
+        let PipelineOptions {
+            emit_all,
+            slow_ns,
+            max_series,
+        } = options;
         Self {
             enricher,
             tracker: Tracker::default(),
-            aggregator: Aggregator::default(),
+            aggregator: Aggregator::new(max_series),
             metrics,
             exchanges: Vec::new(),
             observer: Observer::default(),

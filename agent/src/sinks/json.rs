@@ -240,7 +240,7 @@ struct LatencyBody<'a> {
     mean_us: Option<f64>,
     request_bytes: u64,
     reply_bytes: u64,
-    /// Requests of series beyond `MAX_SERIES`, folded into `OTHER`.
+    /// Requests of series beyond `--max-series`, folded into `OTHER`.
     #[serde(skip_serializing_if = "is_zero")]
     overflowed: u64,
     /// Slow or timed-out requests whose `request` line was held back (at
