@@ -25,8 +25,10 @@ pub struct Cli {
     pub ports: Vec<u16>,
 
     /// Size of the kernel-to-agent event ring buffer, in KiB (a power of two,
-    /// at least 4). Events that do not fit are dropped and counted.
-    #[arg(long, default_value_t = 1024, value_parser = parse_ring_buffer_kib)]
+    /// at least 4). Events that do not fit are dropped and counted. The
+    /// default holds a few hundred milliseconds of RESP capture on a busy
+    /// node: the agent may be descheduled that long on a loaded 2-core node.
+    #[arg(long, default_value_t = 8192, value_parser = parse_ring_buffer_kib)]
     pub ring_buffer_kib: u32,
 
     /// How often to write the open-connection gauges (`connections` events)
