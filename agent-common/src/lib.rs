@@ -126,6 +126,19 @@ pub enum ConnectOutcome {
 }
 
 impl ConnectOutcome {
+    /// The name the agent writes (`connect` events, `latency` windows,
+    /// alerts, metrics).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Established => "established",
+            Self::Refused => "refused",
+            Self::Unreachable => "unreachable",
+            Self::Timeout => "timeout",
+            Self::Aborted => "aborted",
+            Self::Failed => "failed",
+        }
+    }
+
     pub fn from_u8(value: u8) -> Option<Self> {
         Some(match value {
             1 => Self::Established,

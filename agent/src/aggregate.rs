@@ -12,7 +12,6 @@ use hdrhistogram::Histogram;
 
 use crate::{
     decode::Connect,
-    sinks::json::outcome_name,
     tracker::{Exchange, Outcome},
 };
 
@@ -177,10 +176,7 @@ impl Aggregator {
                 if matches!(outcome, ConnectOutcome::Timeout | ConnectOutcome::Aborted) {
                     series.timeouts += 1;
                 }
-                *series
-                    .errors
-                    .entry(outcome_name(outcome).to_string())
-                    .or_default() += 1;
+                *series.errors.entry(outcome.name().to_string()).or_default() += 1;
             }
         }
     }

@@ -201,7 +201,7 @@ fn pattern(state: &PairState, retry_gap_ns: u64, regularity: f64) -> Option<Patt
     };
     let mut outcomes = serde_json::Map::new();
     for attempt in &state.failures {
-        let name = outcome_name(attempt.outcome);
+        let name = attempt.outcome.name();
         let count = outcomes.get(name).and_then(|v| v.as_u64()).unwrap_or(0);
         outcomes.insert(name.to_string(), json!(count + 1));
     }
@@ -216,17 +216,6 @@ fn pattern(state: &PairState, retry_gap_ns: u64, regularity: f64) -> Option<Patt
         any_succeeded: state.finished.iter().any(|c| c.succeeded),
         outcomes,
     })
-}
-
-fn outcome_name(outcome: ConnectOutcome) -> &'static str {
-    match outcome {
-        ConnectOutcome::Established => "established",
-        ConnectOutcome::Refused => "refused",
-        ConnectOutcome::Unreachable => "unreachable",
-        ConnectOutcome::Timeout => "timeout",
-        ConnectOutcome::Aborted => "aborted",
-        ConnectOutcome::Failed => "failed",
-    }
 }
 
 pub struct RetryStorm {

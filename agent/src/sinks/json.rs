@@ -569,7 +569,7 @@ fn connect_body<'a>(c: &'a Connect, zones: &'a Zones) -> ConnectBody<'a> {
     let micros = c.duration_ns.div_ceil(1_000);
     let established = c.outcome == ConnectOutcome::Established;
     ConnectBody {
-        outcome: outcome_name(c.outcome),
+        outcome: c.outcome.name(),
         answer: answer_name(c.answer),
         handshake_us: established.then_some(micros),
         failed_after_us: (!established).then_some(micros),
@@ -666,17 +666,6 @@ pub fn closer_name(closer: Closer) -> &'static str {
         Closer::Peer => "peer",
         Closer::PeerReset => "peer_reset",
         Closer::LocalAbort => "local_abort",
-    }
-}
-
-pub fn outcome_name(outcome: ConnectOutcome) -> &'static str {
-    match outcome {
-        ConnectOutcome::Established => "established",
-        ConnectOutcome::Refused => "refused",
-        ConnectOutcome::Unreachable => "unreachable",
-        ConnectOutcome::Timeout => "timeout",
-        ConnectOutcome::Aborted => "aborted",
-        ConnectOutcome::Failed => "failed",
     }
 }
 

@@ -28,7 +28,7 @@ use crate::{
     decode::Connect,
     gauges::Gauge as OpenConnections,
     resp::ErrorPrefix,
-    sinks::json::{Stats, outcome_label, outcome_name, role_name},
+    sinks::json::{Stats, outcome_label, role_name},
     tracker::{Exchange, Outcome},
 };
 
@@ -437,7 +437,7 @@ impl Metrics {
                 })
             });
         series.activity.used.set(true);
-        let outcome = outcome_name(connect.outcome);
+        let outcome = connect.outcome.name();
         let mut outcomes = series.outcomes.borrow_mut();
         match outcomes.iter().find(|(name, _)| *name == outcome) {
             Some((_, counter)) => {
