@@ -229,6 +229,136 @@ except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
     Ok(())
 }
 
+/// The p-th percentile (0..=100) of `values`, nearest rank.
+fn percentile(values: &[u64], p: f64) -> u64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Two pods use a Redis in zone a: `near` from zone a, `far` from zone b
+/// (zones from the subnets, as on EKS). On equal paths the endpoint raises
+/// no `cross_zone_latency`; with 4 ms added to the far pod's path one
+/// alert names the far pod (not the near one), and the p99s it reports lie
+/// within what each client timed itself.
+#[test]
+fn a_slower_cross_zone_path_raises_cross_zone_latency_for_the_far_pod() -> anyhow::Result<()> {
+    let _serial = serial();
+    let port = free_port();
+    let lab = Lab::builder()
+        .pod("near", 'a')
+        .pod("far", 'b')
+        .host("redis", 'a')
+        .build()?;
+    let (near, far, redis) = (lab.host("near"), lab.host("far"), lab.host("redis"));
+    let _redis = redis.start_redis(port)?;
+    let mut agent = Agent::start(
+        &[port],
+        &[
+            "--interval",
+            "1s",
+            "--zone",
+            "zone-a",
+            "--zone-cidr",
+            "10.1.0.0/24=zone-a,10.2.0.0/24=zone-b",
+            "--cross-zone-window",
+            "2s",
+        ],
+    )?;
+    // The far pod talks only across zones: `mostly_cross_zone` may fire too.
+    agent.expect_alerts();
+    let is_latency_alert = |e: &Value| {
+        e["type"] == "alert"
+            && e["kind"] == "cross_zone_latency"
+            && e["state"] == "firing"
+            && e["endpoint"]["port"] == port
+            && !e["id"]
+                .as_str()
+                .unwrap_or("")
+                .ends_with("/mostly_cross_zone")
+    };
+    // Both pods at once, unpipelined GETs: `far_requests` from the far pod
+    // while the near pod keeps going.
+    let both = |far_requests: usize| -> anyhow::Result<(Vec<u64>, Vec<u64>)> {
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let near_side = scope.spawn(|| -> anyhow::Result<Vec<u64>> {
+                let mut latencies = Vec::new();
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let workload = lab::clients::Workload::new(redis.ip(), port)
+                        .requests(300)
+                        .commands(&["GET"]);
+                    let result = Place::Host(near).redis_py(&workload)?;
+                    latencies.extend(&result.latencies_us["GET"]);
+                }
+                Ok(latencies)
+            });
+            let workload = lab::clients::Workload::new(redis.ip(), port)
+                .requests(far_requests)
+                .commands(&["GET"]);
+            let far_result = Place::Host(far).redis_py(&workload);
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            let near_latencies = near_side.join().expect("near client thread")?;
+            Ok((near_latencies, far_result?.latencies_us["GET"].clone()))
+        })
+    };
+
+    // Equal paths for at least two windows: no latency alert.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        both(2_000)?;
+    }
+    agent.barrier()?;
+    let early = agent.take_seen(is_latency_alert);
+    assert_eq!(
+        early,
+        Vec::<Value>::new(),
+        "cross_zone_latency on equal paths"
+    );
+
+    let delay = Duration::from_millis(4);
+    let delayed_at = std::time::SystemTime::now();
+    let _slow = lab.inject(
+        Path::between(far.ip(), redis.ip(), port),
+        Fault::delay(delay),
+    )?;
+    // ~1,500 × 4 ms: three windows or more.
+    let (near_us, far_us) = both(1_500)?;
+    let alert = agent.wait_for(event_timeout(), is_latency_alert)?;
+    let far_uid = far.pod().context("far is a pod")?.uid().to_string();
+    let near_uid = near.pod().context("near is a pod")?.uid().to_string();
+    assert!(names_pod(&alert, &far_uid), "names the far pod: {alert}");
+    assert!(!names_pod(&alert, &near_uid), "not the near pod: {alert}");
+    assert_eq!(alert["endpoint"]["zone"], "zone-a", "{alert}");
+    let started = humantime::parse_rfc3339(alert["started"].as_str().unwrap())?;
+    assert!(started >= delayed_at, "started before the delay: {alert}");
+
+    // The window p99s against each client's own timings (its client side
+    // adds its own overhead, so the agent's figure is at most its max).
+    let cross_p99_us = alert["evidence"]["cross_zone_p99_ms"].as_f64().unwrap() * 1e3;
+    let same_p99_us = alert["evidence"]["same_zone_p99_ms"].as_f64().unwrap() * 1e3;
+    let (far_median, far_max) = (percentile(&far_us, 50.0), percentile(&far_us, 100.0));
+    eprintln!(
+        "far client: p50 {far_median} p99 {} max {far_max} µs; near client: p50 {} p99 {} µs; \
+         agent: cross p99 {cross_p99_us} same p99 {same_p99_us} µs",
+        percentile(&far_us, 99.0),
+        percentile(&near_us, 50.0),
+        percentile(&near_us, 99.0)
+    );
+    assert!(
+        cross_p99_us >= delay.as_secs_f64() * 1e6 && cross_p99_us <= far_max as f64 * 1.02,
+        "cross-zone p99 {cross_p99_us} µs: ≥ the {delay:?} delay, ≤ the far client's max {far_max} µs"
+    );
+    assert!(
+        same_p99_us <= percentile(&near_us, 100.0) as f64 * 1.02
+            && same_p99_us < delay.as_secs_f64() * 1e6,
+        "same-zone p99 {same_p99_us} µs against the near client's timings"
+    );
+    agent.stop()?;
+    Ok(())
+}
+
 /// Redis restarted under load: the clients' reconnects are refused while it
 /// is down (as many refused connects as the client saw refusals), then
 /// connect again; `connect` windows show both.

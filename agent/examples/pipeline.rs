@@ -166,6 +166,7 @@ fn main() -> anyhow::Result<()> {
             emit_all: false,
             slow_ns: u64::MAX,
             max_series: DEFAULT_MAX_SERIES,
+            zones: Default::default(),
         },
     );
     let mut sink = JsonSink::new(std::io::sink(), agent::clock::Clock::new(), "bench");

@@ -195,6 +195,42 @@ pub struct DetectorFlags {
     #[arg(long, default_value_t = crate::detect::error_replies::DEFAULT_MIN_COUNT)]
     pub error_replies_min_count: u64,
 
+    /// slow_commands: span over which requests slower than --slow-threshold, and (timeouts) unanswered requests, are counted.
+    #[arg(long, default_value_t = humantime::Duration::from(crate::detect::slow_commands::DEFAULT_WINDOW))]
+    pub slow_commands_window: humantime::Duration,
+
+    /// slow_commands: slow requests to one endpoint in the window that fire the alert (blocking commands such as BLPOP never count).
+    #[arg(long, default_value_t = crate::detect::slow_commands::DEFAULT_MIN_COUNT)]
+    pub slow_commands_min_count: u64,
+
+    /// timeouts: unanswered requests to one endpoint in --slow-commands-window that fire the alert.
+    #[arg(long, default_value_t = crate::detect::slow_commands::DEFAULT_TIMEOUTS_MIN_COUNT)]
+    pub timeouts_min_count: u64,
+
+    /// cross_zone_latency: span of each comparison of cross-zone with same-zone requests.
+    #[arg(long, default_value_t = humantime::Duration::from(crate::detect::cross_zone::DEFAULT_WINDOW))]
+    pub cross_zone_window: humantime::Duration,
+
+    /// cross_zone_latency: fires when an endpoint's cross-zone p99 is this many times its same-zone p99...
+    #[arg(long, default_value_t = crate::detect::cross_zone::DEFAULT_FACTOR)]
+    pub cross_zone_factor: f64,
+
+    /// cross_zone_latency: ...and at least this much above it.
+    #[arg(long, default_value_t = humantime::Duration::from(crate::detect::cross_zone::DEFAULT_MARGIN))]
+    pub cross_zone_margin: humantime::Duration,
+
+    /// cross_zone_latency: requests needed from each side in a window to compare.
+    #[arg(long, default_value_t = crate::detect::cross_zone::DEFAULT_MIN_REQUESTS)]
+    pub cross_zone_min_requests: u64,
+
+    /// cross_zone_latency: a workload from this many requests per second...
+    #[arg(long, default_value_t = crate::detect::cross_zone::DEFAULT_HOT_REQUESTS_PER_S)]
+    pub cross_zone_hot_requests_per_s: u64,
+
+    /// cross_zone_latency: ...sending at least this share of them to other zones is named.
+    #[arg(long, default_value_t = crate::detect::cross_zone::DEFAULT_CROSS_FRACTION)]
+    pub cross_zone_fraction: f64,
+
     /// pool_pressure: consecutive --interval readings over which a workload's open connections to an endpoint must keep rising.
     #[arg(long, default_value_t = crate::detect::pool_pressure::DEFAULT_RISING_READINGS)]
     pub pool_pressure_rising_readings: usize,
@@ -213,7 +249,8 @@ pub struct DetectorFlags {
 }
 
 impl DetectorFlags {
-    pub fn config(&self) -> crate::detect::DetectorConfig {
+    /// The detectors' configuration; `slow_threshold` is `--slow-threshold`.
+    pub fn config(&self, slow_threshold: Duration) -> crate::detect::DetectorConfig {
         use crate::detect::*;
         DetectorConfig {
             resolve_after: self.resolve_after.into(),
@@ -244,6 +281,20 @@ impl DetectorFlags {
             error_replies: ErrorRepliesConfig {
                 window: self.error_replies_window.into(),
                 min_count: self.error_replies_min_count,
+            },
+            slow_commands: SlowCommandsConfig {
+                threshold: slow_threshold,
+                window: self.slow_commands_window.into(),
+                min_count: self.slow_commands_min_count,
+                timeouts_min_count: self.timeouts_min_count,
+            },
+            cross_zone: CrossZoneConfig {
+                window: self.cross_zone_window.into(),
+                factor: self.cross_zone_factor,
+                margin: self.cross_zone_margin.into(),
+                min_requests: self.cross_zone_min_requests,
+                hot_requests_per_s: self.cross_zone_hot_requests_per_s,
+                cross_fraction: self.cross_zone_fraction,
             },
             pool_pressure: PoolPressureConfig {
                 rising_readings: self.pool_pressure_rising_readings,

@@ -14,6 +14,7 @@ use crate::{
     gauges::Gauge,
     tracker::{Exchange, Outcome},
     workload::Workload,
+    zones::Zones,
 };
 
 /// (client, server) of a connection.
@@ -42,16 +43,19 @@ impl Observer {
     }
 
     /// A client-side request and how it ended.
-    pub fn request(exchange: &Exchange, workload: Workload) -> Observation {
+    pub fn request(exchange: &Exchange, workload: Workload, zones: &Zones) -> Observation {
         Observation::Request {
             ts_ns: exchange.ts_ns,
             workload,
             endpoint: exchange.server,
+            command: exchange.command,
+            latency_ns: exchange.latency_ns,
             error: match exchange.outcome {
                 Outcome::Error(prefix) => Some(prefix.to_string().into()),
                 _ => None,
             },
             timeout: exchange.outcome == Outcome::Timeout,
+            locality: zones.locality_between(exchange.client.ip(), exchange.server.ip()),
         }
     }
 

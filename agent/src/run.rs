@@ -95,7 +95,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(node) => node,
         None => procfs::hostname().context("naming the node (or set --node-name)")?,
     };
-    let mut sink = stdout_sink(cli.format, &node)?.with_zones(zones);
+    let mut sink = stdout_sink(cli.format, &node)?.with_zones(zones.clone());
     sink.started(&Started {
         version: env!("CARGO_PKG_VERSION"),
         pid: std::process::id(),
@@ -123,12 +123,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let enricher = Enricher::with_cgroup_root(procfs::cgroup2_mount());
     let mut pipeline = Pipeline::new(
         enricher,
-        &cli.detectors.config(),
+        &cli.detectors.config(cli.slow_threshold),
         metrics,
         PipelineOptions {
             emit_all: cli.emit == Emit::All,
             slow_ns: u64::try_from(cli.slow_threshold.as_nanos()).unwrap_or(u64::MAX),
             max_series: cli.max_series,
+            zones,
         },
     );
     let mut window_start = std::time::Instant::now();
@@ -225,7 +226,7 @@ fn stdout_sink(format: Format, node: &str) -> anyhow::Result<JsonSink<LineQueue>
 }
 
 /// What the pipeline writes and keeps.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct PipelineOptions {
     /// A `request` line for every request, else only for those at least
     /// `slow_ns` slow and timeouts.
@@ -233,6 +234,9 @@ pub struct PipelineOptions {
     pub slow_ns: u64,
     /// `latency` series per window at most (`--max-series`).
     pub max_series: usize,
+    /// For the detectors: where each request's endpoint is relative to its
+    /// client.
+    pub zones: Zones,
 }
 
 /// The stages after decode: enrich, track RESP, aggregate, detect.
@@ -249,6 +253,7 @@ pub struct Pipeline {
     alerts: Vec<Alert>,
     emit_all: bool,
     slow_ns: u64,
+    zones: Zones,
 }
 
 impl Pipeline {
@@ -262,6 +267,7 @@ impl Pipeline {
             emit_all,
             slow_ns,
             max_series,
+            zones,
         } = options;
         Self {
             enricher,
@@ -274,6 +280,7 @@ impl Pipeline {
             alerts: Vec::new(),
             emit_all,
             slow_ns,
+            zones,
         }
     }
 
@@ -428,7 +435,7 @@ impl Pipeline {
                 if let Some(metrics) = &mut self.metrics {
                     metrics.record_exchange(&exchange, || workload.key.clone());
                 }
-                self.observe(&Observer::request(&exchange, workload));
+                self.observe(&Observer::request(&exchange, workload, &self.zones));
             } else if let Some(metrics) = &mut self.metrics {
                 let workload = self.enricher.workload_of_cgroup(exchange.cgroup_id);
                 metrics.record_exchange(&exchange, || workload.key);

@@ -77,12 +77,25 @@ impl Zones {
             .map(|c| c.zone.as_str())
     }
 
+    /// Where `ip` is relative to this node.
     pub fn locality(&self, ip: IpAddr) -> Locality {
+        self.locality_of_zones(self.node_zone(), ip)
+    }
+
+    /// Where `server` is relative to `client`: the client's zone is its
+    /// address's configured zone, else the node's (a pod on this node is in
+    /// the node's zone; a mapped pod address also covers pods that the
+    /// lab, or custom networking, places in another subnet).
+    pub fn locality_between(&self, client: IpAddr, server: IpAddr) -> Locality {
+        self.locality_of_zones(self.zone_of(client).or(self.node_zone()), server)
+    }
+
+    fn locality_of_zones(&self, from_zone: Option<&str>, ip: IpAddr) -> Locality {
         if ip.to_canonical().is_loopback() {
             return Locality::SameZone;
         }
-        match (self.node_zone(), self.zone_of(ip)) {
-            (Some(node), Some(endpoint)) if node == endpoint => Locality::SameZone,
+        match (from_zone, self.zone_of(ip)) {
+            (Some(from), Some(to)) if from == to => Locality::SameZone,
             (Some(_), Some(_)) => Locality::CrossZone,
             _ => Locality::UnknownZone,
         }
@@ -124,6 +137,26 @@ mod tests {
         let no_node_zone = Zones::new(None, z.cidrs.clone());
         assert_eq!(
             no_node_zone.locality("10.0.1.5".parse().unwrap()),
+            Locality::UnknownZone
+        );
+    }
+
+    #[test]
+    fn a_client_in_a_mapped_subnet_has_its_own_zone() {
+        let z = zones();
+        let redis_a = "10.0.1.5".parse().unwrap();
+        // A client address outside the map is in the node's zone.
+        let local = "192.168.7.2".parse().unwrap();
+        assert_eq!(z.locality_between(local, redis_a), Locality::SameZone);
+        let far = "10.0.33.9".parse().unwrap();
+        assert_eq!(z.locality_between(far, redis_a), Locality::CrossZone);
+        let far_mapped = "::ffff:10.0.33.9".parse().unwrap();
+        assert_eq!(
+            z.locality_between(far_mapped, "10.0.34.1".parse().unwrap()),
+            Locality::SameZone
+        );
+        assert_eq!(
+            z.locality_between(far, "192.168.1.1".parse().unwrap()),
             Locality::UnknownZone
         );
     }

@@ -103,6 +103,10 @@ impl<K: Eq + Hash, V> BoundedMap<K, V> {
         self.map.iter()
     }
 
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&K, &mut V)> {
+        self.map.iter_mut()
+    }
+
     pub fn retain(&mut self, keep: impl FnMut(&K, &mut V) -> bool) {
         self.map.retain(keep);
     }

@@ -11,11 +11,13 @@
 
 pub mod connect_storm;
 mod counters;
+pub mod cross_zone;
 pub mod error_replies;
 mod lifecycle;
 pub mod pool_pressure;
 pub mod retransmits;
 pub mod retry_storm;
+pub mod slow_commands;
 pub mod syn_drops;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -24,13 +26,15 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use agent_common::{ConnectOutcome, SynAnswer};
 
-use crate::workload::Workload;
+use crate::{resp::Command, workload::Workload, zones::Locality};
 
 pub use connect_storm::{ConnectStorm, ConnectStormConfig};
+pub use cross_zone::{CrossZoneConfig, CrossZoneLatency};
 pub use error_replies::{ErrorReplies, ErrorRepliesConfig};
 pub use pool_pressure::{PoolPressure, PoolPressureConfig};
 pub use retransmits::{Retransmits, RetransmitsConfig};
 pub use retry_storm::{RetryStorm, RetryStormConfig};
+pub use slow_commands::{SlowCommands, SlowCommandsConfig};
 pub use syn_drops::{SynDrops, SynDropsConfig};
 
 /// What the detectors see, built by the pipeline from decoded events,
@@ -61,9 +65,14 @@ pub enum Observation {
         ts_ns: u64,
         workload: Workload,
         endpoint: SocketAddr,
+        command: Command,
+        /// Request sent → reply complete; for a timeout, its age.
+        latency_ns: u64,
         /// The error prefix (`MOVED`, `LOADING`, …) of an error reply.
         error: Option<Arc<str>>,
         timeout: bool,
+        /// Where the endpoint is relative to the client.
+        locality: Locality,
     },
     /// Open connections of a (workload, endpoint) now; sent every interval
     /// for every pair with connections (and once with 0 when they are gone).
@@ -94,7 +103,8 @@ pub enum AlertState {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Alert {
     /// `connect_storm`, `retry_storm`, `syn_drops`, `retransmits`,
-    /// `error_replies`, `pool_pressure`.
+    /// `error_replies`, `slow_commands`, `timeouts`, `cross_zone_latency`,
+    /// `pool_pressure`.
     pub kind: &'static str,
     /// Same for the `firing` and the `resolved` event of one alert:
     /// `<kind>/<endpoint>[/<workload key>][/<variant>]`.
@@ -146,6 +156,8 @@ pub struct DetectorConfig {
     pub syn_drops: SynDropsConfig,
     pub retransmits: RetransmitsConfig,
     pub error_replies: ErrorRepliesConfig,
+    pub slow_commands: SlowCommandsConfig,
+    pub cross_zone: CrossZoneConfig,
     pub pool_pressure: PoolPressureConfig,
 }
 
@@ -158,6 +170,8 @@ impl Default for DetectorConfig {
             syn_drops: SynDropsConfig::default(),
             retransmits: RetransmitsConfig::default(),
             error_replies: ErrorRepliesConfig::default(),
+            slow_commands: SlowCommandsConfig::default(),
+            cross_zone: CrossZoneConfig::default(),
             pool_pressure: PoolPressureConfig::default(),
         }
     }
@@ -188,6 +202,14 @@ impl Detectors {
                 )),
                 Box::new(ErrorReplies::new(
                     config.error_replies.clone(),
+                    resolve_after_ns,
+                )),
+                Box::new(SlowCommands::new(
+                    config.slow_commands.clone(),
+                    resolve_after_ns,
+                )),
+                Box::new(CrossZoneLatency::new(
+                    config.cross_zone.clone(),
                     resolve_after_ns,
                 )),
                 Box::new(PoolPressure::new(

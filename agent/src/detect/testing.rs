@@ -5,7 +5,7 @@ use std::{net::SocketAddr, sync::Arc};
 use agent_common::{ConnectOutcome, SynAnswer};
 
 use super::{Alert, AlertState, Detector, NS_PER_S, Observation};
-use crate::workload::Workload;
+use crate::{resp::Command, workload::Workload, zones::Locality};
 
 pub const S: u64 = NS_PER_S;
 pub const MS: u64 = 1_000_000;
@@ -74,9 +74,39 @@ pub fn request(
         ts_ns,
         workload: workload.clone(),
         endpoint,
+        command: command("GET"),
+        latency_ns: 200_000,
         error: error.map(Arc::from),
         timeout: false,
+        locality: Locality::UnknownZone,
     }
+}
+
+/// A request that took `latency_ns` (timed out, with `timeout`).
+pub fn timed_request(
+    ts_ns: u64,
+    workload: &Workload,
+    endpoint: SocketAddr,
+    command_name: &str,
+    latency_ns: u64,
+    timeout: bool,
+    locality: Locality,
+) -> Observation {
+    Observation::Request {
+        ts_ns,
+        workload: workload.clone(),
+        endpoint,
+        command: command(command_name),
+        latency_ns,
+        error: None,
+        timeout,
+        locality,
+    }
+}
+
+/// A command from the table: `GET`, `BLPOP`.
+pub fn command(name: &str) -> Command {
+    crate::resp::command_of(name.as_bytes(), b"", name.len()).expect("a known command")
 }
 
 pub fn open_connections(

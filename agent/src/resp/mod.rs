@@ -103,6 +103,31 @@ impl Command {
         )
     }
 
+    /// Commands that wait for data by design (`BLPOP`, `XREAD … BLOCK`,
+    /// `WAIT`): slow is normal for them, so the slow and timeout detectors
+    /// leave them out.
+    pub fn may_block(&self) -> bool {
+        matches!(
+            self.name,
+            "BLPOP"
+                | "BRPOP"
+                | "BRPOPLPUSH"
+                | "BLMOVE"
+                | "BLMPOP"
+                | "BZPOPMIN"
+                | "BZPOPMAX"
+                | "BZMPOP"
+                | "XREAD"
+                | "XREADGROUP"
+                | "WAIT"
+                | "WAITAOF"
+                | "SUBSCRIBE"
+                | "PSUBSCRIBE"
+                | "SSUBSCRIBE"
+                | "MONITOR"
+        )
+    }
+
     fn is(&self, name: &str, sub: Option<&str>) -> bool {
         self.name == name && self.sub == sub
     }
