@@ -23,7 +23,10 @@ fn bpf_ids_held_by(pid: u32) -> anyhow::Result<(BTreeSet<u64>, BTreeSet<u64>)> {
             continue; // closed meanwhile
         };
         for line in info.lines() {
-            let id = |prefix: &str| line.strip_prefix(prefix).and_then(|v| v.trim().parse().ok());
+            let id = |prefix: &str| {
+                line.strip_prefix(prefix)
+                    .and_then(|v| v.trim().parse().ok())
+            };
             if let Some(id) = id("prog_id:") {
                 programs.insert(id);
             }
@@ -43,7 +46,10 @@ fn bpftool_ids(kind: &str) -> anyhow::Result<BTreeSet<u64>> {
         .context("running bpftool (cargo xtask setup installs it)")?;
     anyhow::ensure!(output.status.success(), "bpftool {kind} list: {output:?}");
     let list: Vec<Value> = serde_json::from_slice(&output.stdout)?;
-    Ok(list.iter().filter_map(|entry| entry["id"].as_u64()).collect())
+    Ok(list
+        .iter()
+        .filter_map(|entry| entry["id"].as_u64())
+        .collect())
 }
 
 #[test]
@@ -100,7 +106,9 @@ fn sigterm_flushes_the_last_window_and_leaves_no_bpf_object() -> anyhow::Result<
     assert!(
         gone,
         "left in the kernel: programs {:?}, maps {:?}",
-        bpftool_ids("prog")?.intersection(&programs).collect::<Vec<_>>(),
+        bpftool_ids("prog")?
+            .intersection(&programs)
+            .collect::<Vec<_>>(),
         bpftool_ids("map")?.intersection(&maps).collect::<Vec<_>>()
     );
     Ok(())
