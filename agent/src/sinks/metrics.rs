@@ -10,7 +10,7 @@
 
 use std::{
     cell::{Cell, RefCell},
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     rc::Rc,
     sync::Arc,
@@ -159,6 +159,28 @@ struct ConnectionLabels {
     endpoint: Arc<str>,
 }
 
+/// `resptrace_workload_info`: a `pod:<uid>` workload's names, joined to
+/// the other metrics on `workload` (names are not labels of every series:
+/// they would not multiply series, but a name that arrives late would
+/// split one).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkloadInfoLabels {
+    workload: Arc<str>,
+    namespace: Arc<str>,
+    pod: Arc<str>,
+    owner: Option<Arc<str>>,
+}
+
+/// `resptrace_endpoint_info`: what a Redis endpoint's address is.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointInfoLabels {
+    endpoint: Arc<str>,
+    namespace: Arc<str>,
+    pod: Option<Arc<str>>,
+    owner: Option<Arc<str>>,
+    service: Option<Arc<str>>,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AlertLabels {
     kind: Arc<str>,
@@ -226,6 +248,9 @@ pub struct Metrics {
     connects: Family<ConnectOutcomeLabels, Counter>,
     open_connections: Family<ConnectionLabels, Gauge>,
     alerts: Family<AlertLabels, Gauge>,
+    workload_info: Family<WorkloadInfoLabels, Gauge>,
+    endpoint_info: Family<EndpointInfoLabels, Gauge>,
+    info_labels: (HashSet<WorkloadInfoLabels>, HashSet<EndpointInfoLabels>),
     agent: Vec<Counter>,
     overflowed: Counter,
     request_keys: FxHashMap<RequestKey, Rc<RequestSeries>>,
@@ -289,6 +314,20 @@ impl Metrics {
             "1 while an alert of this kind fires for the endpoint, 0 once resolved",
             alerts.clone(),
         );
+        let workload_info = Family::<WorkloadInfoLabels, Gauge>::default();
+        registry.register(
+            "workload_info",
+            "1 for each pod workload in the other metrics that the Kubernetes API \
+             names: its namespace, pod and owner (join on `workload`)",
+            workload_info.clone(),
+        );
+        let endpoint_info = Family::<EndpointInfoLabels, Gauge>::default();
+        registry.register(
+            "endpoint_info",
+            "1 for each Redis endpoint in the other metrics that the Kubernetes \
+             API names: the pod (and owner) or Service at its address (join on `endpoint`)",
+            endpoint_info.clone(),
+        );
         let agent = AGENT_COUNTERS
             .iter()
             .map(|(name, help, _)| {
@@ -312,6 +351,9 @@ impl Metrics {
             connects,
             open_connections,
             alerts,
+            workload_info,
+            endpoint_info,
+            info_labels: Default::default(),
             agent,
             overflowed,
             request_keys: FxHashMap::default(),
@@ -502,6 +544,80 @@ impl Metrics {
             endpoint: endpoint.map_or_else(|| "".into(), |e| e.to_string().into()),
         };
         self.alerts.get_or_create(&labels).set(i64::from(firing));
+    }
+
+    /// Sets `resptrace_workload_info` and `resptrace_endpoint_info` for the
+    /// workloads and endpoints of the current series, as `names` knows them
+    /// now; info of series gone or no longer named is removed. At most one
+    /// info series per request, connect and gauge series: bounded by them.
+    pub fn set_names(&mut self, names: &crate::kube::Names) {
+        use std::collections::BTreeSet;
+        let mut workloads: BTreeSet<&Arc<str>> = BTreeSet::new();
+        let mut endpoints: BTreeSet<&Arc<str>> = BTreeSet::new();
+        for labels in self.request_series.keys() {
+            workloads.insert(&labels.workload);
+            endpoints.insert(&labels.endpoint);
+        }
+        for series in self.connect_series.values() {
+            workloads.insert(&series.labels.workload);
+            endpoints.insert(&series.labels.endpoint);
+        }
+        for labels in &self.open_connection_labels {
+            workloads.insert(&labels.workload);
+            endpoints.insert(&labels.endpoint);
+        }
+        let workload_info: HashSet<WorkloadInfoLabels> = workloads
+            .into_iter()
+            .filter_map(|workload| {
+                let meta = names.pod(workload.strip_prefix("pod:")?)?;
+                Some(WorkloadInfoLabels {
+                    workload: Arc::clone(workload),
+                    namespace: meta.namespace.clone(),
+                    pod: meta.name.clone(),
+                    owner: meta.workload.clone(),
+                })
+            })
+            .collect();
+        let endpoint_info: HashSet<EndpointInfoLabels> = endpoints
+            .into_iter()
+            .filter_map(|endpoint| {
+                let addr: SocketAddr = endpoint.parse().ok()?;
+                Some(match names.peer(addr.ip())? {
+                    crate::kube::Peer::Pod(meta) => EndpointInfoLabels {
+                        endpoint: Arc::clone(endpoint),
+                        namespace: meta.namespace.clone(),
+                        pod: Some(meta.name.clone()),
+                        owner: meta.workload.clone(),
+                        service: None,
+                    },
+                    crate::kube::Peer::Service { namespace, name } => EndpointInfoLabels {
+                        endpoint: Arc::clone(endpoint),
+                        namespace,
+                        pod: None,
+                        owner: None,
+                        service: Some(name),
+                    },
+                })
+            })
+            .collect();
+        let (old_workloads, old_endpoints) = std::mem::take(&mut self.info_labels);
+        for labels in old_workloads {
+            if !workload_info.contains(&labels) {
+                self.workload_info.remove(&labels);
+            }
+        }
+        for labels in old_endpoints {
+            if !endpoint_info.contains(&labels) {
+                self.endpoint_info.remove(&labels);
+            }
+        }
+        for labels in &workload_info {
+            self.workload_info.get_or_create(labels).set(1);
+        }
+        for labels in &endpoint_info {
+            self.endpoint_info.get_or_create(labels).set(1);
+        }
+        self.info_labels = (workload_info, endpoint_info);
     }
 
     /// At the end of a window: removes the series idle for
