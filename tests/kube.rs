@@ -351,3 +351,123 @@ fn the_agent_traces_while_the_api_is_down_and_names_pods_once_it_is_up() -> anyh
     agent.stop()?;
     Ok(())
 }
+
+/// A plain HTTP/1.0 GET of `/metrics`.
+fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(event_timeout()))?;
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+/// With `--watch-services`, a Redis endpoint that is a Service's ClusterIP
+/// is named as the Service (the lab has no kube-proxy: the Service's
+/// address is the Redis host's own); `/metrics` names the pod and the
+/// Service in its info series, joined on `workload` and `endpoint`.
+#[test]
+fn a_service_endpoint_is_named_and_metrics_carry_names_as_info() -> anyhow::Result<()> {
+    let _serial = serial();
+    let port = free_port();
+    let lab = Lab::builder().pod("app", 'a').host("redis", 'b').build()?;
+    let (app, redis) = (lab.host("app"), lab.host("redis"));
+    let uid = app.pod().context("app is a pod")?.uid().to_string();
+    let _redis = redis.start_redis(port)?;
+
+    let api = FakeApi::start()?;
+    api.apply("nodes", node(NODE, ZONE));
+    api.apply(
+        "pods",
+        pod_json(&uid, "api-7d9f8b6c5d-x2x9q", app.ip(), "api"),
+    );
+    api.apply(
+        "services",
+        json!({
+            "metadata": { "name": "redis", "namespace": "cache", "uid": "5e7a1ce0-0000-4000-8000-000000000001" },
+            "spec": { "type": "ClusterIP", "clusterIP": redis.ip().to_string(),
+                      "clusterIPs": [redis.ip().to_string()],
+                      "ports": [{ "port": port, "targetPort": port, "protocol": "TCP" }] },
+        }),
+    );
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let http_arg = http.to_string();
+    let mut agent = Agent::start(
+        &[port],
+        &agent_args(
+            &api,
+            &[
+                "--watch-services",
+                "--interval",
+                "1s",
+                "--http-addr",
+                &http_arg,
+            ],
+        ),
+    )?;
+    let stats = kube_stats(&mut agent, |k| k["state"] == "connected")?;
+    assert_eq!(stats["services"], 1, "{stats}");
+
+    let status = app
+        .command("redis-cli")
+        .args([
+            "-h",
+            &redis.ip().to_string(),
+            "-p",
+            &port.to_string(),
+            "ping",
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "redis-cli failed");
+    let connect = agent.wait_for(event_timeout(), |e| {
+        e["type"] == "connect" && e["src"]["pod_uid"] == uid.as_str()
+    })?;
+    assert_eq!(connect["dst"]["service"], "redis", "{connect}");
+    assert_eq!(connect["dst"]["namespace"], "cache", "{connect}");
+    assert!(connect["dst"].get("pod").is_none(), "{connect}");
+    assert_eq!(connect["src"]["namespace"], "shop", "{connect}");
+
+    // The info series are written with the next window's metrics.
+    let endpoint = format!("{}:{port}", redis.ip());
+    let workload_info = format!(
+        r#"resptrace_workload_info{{workload="pod:{uid}",namespace="shop",pod="api-7d9f8b6c5d-x2x9q",owner="deployment/api"}} 1"#
+    );
+    let endpoint_info = format!(
+        r#"resptrace_endpoint_info{{endpoint="{endpoint}",namespace="cache",pod="",owner="",service="redis"}} 1"#
+    );
+    let mut metrics = String::new();
+    let named = lab::wait_until(scaled(Duration::from_secs(10)), || {
+        metrics = scrape(http).unwrap_or_default();
+        metrics.contains(&workload_info) && metrics.contains(&endpoint_info)
+    });
+    assert!(named, "no info series in:\n{metrics}");
+    agent.stop()?;
+    Ok(())
+}
+
+/// A kubeconfig that cannot be read is a mistake to fix, not an outage to
+/// wait out: the agent stops with one line naming it.
+#[test]
+fn an_unreadable_kubeconfig_stops_the_agent_naming_it() -> anyhow::Result<()> {
+    let _serial = serial();
+    let output = std::process::Command::new(lab::agent_binary())
+        .args([
+            "--ports",
+            &free_port().to_string(),
+            "--kubeconfig",
+            "/nonexistent/kubeconfig",
+        ])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(
+            "resptrace: error: --kubernetes: reading kubeconfig /nonexistent/kubeconfig"
+        ),
+        "{stderr}"
+    );
+    Ok(())
+}

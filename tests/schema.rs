@@ -221,7 +221,12 @@ fn wrong_lines_fail() {
         ),
         (
             "unknown kubernetes state",
-            Some(changed(&sample("stats"), "/kubernetes", "state", json!("up"))),
+            Some(changed(
+                &sample("stats"),
+                "/kubernetes",
+                "state",
+                json!("up"),
+            )),
             "/kubernetes/state",
         ),
         (

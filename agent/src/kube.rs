@@ -218,6 +218,25 @@ impl Names {
         }
     }
 
+    /// Test names: `pod` (from its API JSON) on this node, `service` a
+    /// Service's.
+    #[cfg(test)]
+    pub(crate) fn for_tests(pods: &[serde_json::Value], services: &[serde_json::Value]) -> Self {
+        let names = Self::default();
+        {
+            let mut snapshot = names.write();
+            for pod in pods {
+                let pod: Pod = serde_json::from_value(pod.clone()).unwrap();
+                snapshot.node_pods.apply(&pod, &["app".to_string()]);
+            }
+            let store = snapshot.services.get_or_insert_default();
+            for service in services {
+                store.apply(&serde_json::from_value(service.clone()).unwrap());
+            }
+        }
+        names
+    }
+
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Snapshot> {
         self.0.write().unwrap_or_else(|e| e.into_inner())
     }

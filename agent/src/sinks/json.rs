@@ -870,6 +870,110 @@ mod tests {
         );
     }
 
+    const UID: &str = "0a1b2c3d-4e5f-6789-abcd-ef0123456789";
+
+    fn names() -> Names {
+        Names::for_tests(
+            &[
+                serde_json::json!({
+                    "metadata": { "name": "api-7d9f8b6c5d-x2x9q", "namespace": "shop", "uid": UID,
+                        "labels": { "app": "api", "pod-template-hash": "7d9f8b6c5d" },
+                        "ownerReferences": [{ "apiVersion": "apps/v1", "kind": "ReplicaSet",
+                            "name": "api-7d9f8b6c5d", "uid": "o", "controller": true }] },
+                    "status": { "phase": "Running", "podIP": "10.0.1.5" },
+                }),
+                serde_json::json!({
+                    "metadata": { "name": "redis-0", "namespace": "cache", "uid": "u-redis",
+                        "ownerReferences": [{ "apiVersion": "apps/v1", "kind": "StatefulSet",
+                            "name": "redis", "uid": "o2", "controller": true }] },
+                    "status": { "phase": "Running", "podIP": "10.0.2.9" },
+                }),
+            ],
+            &[serde_json::json!({
+                "metadata": { "name": "redis", "namespace": "cache" },
+                "spec": { "clusterIP": "172.20.0.10" },
+            })],
+        )
+    }
+
+    #[test]
+    fn pods_and_redis_endpoints_are_named_when_the_api_knows_them() {
+        let mut sink = JsonSink::new(Vec::new(), Clock::new(), "node-1").with_names(names());
+        let mut event = connect(ConnectOutcome::Established, SynAnswer::SynAck, 0);
+        event.task.cgroup = Some(format!("/kubepods/burstable/pod{UID}/abcdef0123456789"));
+        event.dst = "10.0.2.9:6379".parse().unwrap();
+        sink.event(&Event::Connect(event.clone())).unwrap();
+        // A Service's ClusterIP: the Service, not a guessed pod.
+        event.dst = "172.20.0.10:6379".parse().unwrap();
+        sink.event(&Event::Connect(event.clone())).unwrap();
+        // Unknown to the API: the UID only.
+        event.task.cgroup = Some(
+            "/kubepods/burstable/pod11111111-2222-3333-4444-555555555555/abcdef0123456789".into(),
+        );
+        event.dst = "10.9.9.9:6379".parse().unwrap();
+        sink.event(&Event::Connect(event)).unwrap();
+        let lines: Vec<serde_json::Value> = String::from_utf8(sink.out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let src = &lines[0]["src"];
+        assert_eq!(src["pod_uid"], UID);
+        assert_eq!(src["namespace"], "shop");
+        assert_eq!(src["pod"], "api-7d9f8b6c5d-x2x9q");
+        assert_eq!(src["workload"], "deployment/api");
+        assert_eq!(src["labels"], serde_json::json!({ "app": "api" }));
+        let dst = &lines[0]["dst"];
+        assert_eq!(
+            (&dst["namespace"], &dst["pod"], &dst["workload"]),
+            (
+                &serde_json::json!("cache"),
+                &serde_json::json!("redis-0"),
+                &serde_json::json!("statefulset/redis")
+            )
+        );
+        assert!(dst.get("labels").is_none(), "no chosen label: {dst}");
+        assert_eq!(lines[1]["dst"]["service"], "redis");
+        assert_eq!(lines[1]["dst"]["namespace"], "cache");
+        assert!(lines[1]["dst"].get("pod").is_none());
+        for field in ["namespace", "pod", "workload"] {
+            assert!(lines[2]["src"].get(field).is_none(), "{}", lines[2]);
+            assert!(lines[2]["dst"].get(field).is_none(), "{}", lines[2]);
+        }
+    }
+
+    #[test]
+    fn alert_workloads_and_stats_carry_the_api_state() {
+        use crate::detect::testing::{pod, redis};
+        let mut workload = pod(1);
+        workload.pod_uid = Some(UID.into());
+        let mut sink = JsonSink::new(Vec::new(), Clock::new(), "node-1").with_names(names());
+        let alert = Alert {
+            kind: "syn_drops",
+            id: "syn_drops/x".into(),
+            state: AlertState::Firing,
+            severity: Severity::Warning,
+            message: "m".into(),
+            endpoint: Some(redis(9)),
+            workloads: vec![workload],
+            started_ns: 1,
+            ended_ns: None,
+            evidence: serde_json::Map::new(),
+        };
+        sink.alert(&alert).unwrap();
+        sink.stats(&Stats::default()).unwrap();
+        let text = String::from_utf8(sink.out).unwrap();
+        let mut lines = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
+        let alert = lines.next().unwrap();
+        assert_eq!(alert["workloads"][0]["pod"], "api-7d9f8b6c5d-x2x9q");
+        assert_eq!(alert["workloads"][0]["workload"], "deployment/api");
+        let stats = lines.next().unwrap();
+        assert_eq!(stats["kubernetes"]["state"], "off");
+        assert_eq!(stats["kubernetes"]["pods"], 2);
+    }
+
     #[test]
     fn established_connect_line() {
         let v = render(&Event::Connect(connect(

@@ -806,6 +806,60 @@ mod tests {
     const GET: &str = r#"role="client",workload="pod:0a1b2c3d-4e5f-6789-abcd-ef0123456789",endpoint="10.0.0.1:6379",command="GET""#;
 
     #[test]
+    fn named_workloads_and_endpoints_get_info_series_while_they_have_series() {
+        let uid = POD.strip_prefix("pod:").unwrap();
+        let names = crate::kube::Names::for_tests(
+            &[serde_json::json!({
+                "metadata": { "name": "api-1", "namespace": "shop", "uid": uid,
+                    "ownerReferences": [{ "apiVersion": "apps/v1", "kind": "DaemonSet",
+                        "name": "api", "uid": "o", "controller": true }] },
+            })],
+            &[serde_json::json!({
+                "metadata": { "name": "redis", "namespace": "cache" },
+                "spec": { "clusterIP": "10.0.0.1" },
+            })],
+        );
+        let mut metrics = Metrics::new();
+        metrics.record_exchange(&exchange(b"GET", Outcome::Ok, 100), || POD.into());
+        // Another cgroup's series, not a pod: no info.
+        let mut other = exchange(b"GET", Outcome::Ok, 100);
+        other.cgroup_id = 8;
+        metrics.record_exchange(&other, || "comm:x".into());
+        metrics.set_names(&names);
+        let text = exposition(&metrics);
+        assert_eq!(
+            sample(
+                &text,
+                &format!(
+                    r#"resptrace_workload_info{{workload="{POD}",namespace="shop",pod="api-1",owner="daemonset/api"}}"#
+                )
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"resptrace_endpoint_info{endpoint="10.0.0.1:6379",namespace="cache",pod="",owner="",service="redis"}"#
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("resptrace_workload_info{").count(),
+            1,
+            "{text}"
+        );
+        // Series gone (idle past the limit): their info goes too.
+        metrics.end_window(Instant::now());
+        metrics.end_window(Instant::now() + SERIES_IDLE_LIMIT);
+        metrics.set_names(&names);
+        let text = exposition(&metrics);
+        assert!(!text.contains("resptrace_workload_info{"), "{text}");
+        assert!(!text.contains("resptrace_endpoint_info{"), "{text}");
+    }
+
+    #[test]
     fn requests_are_counted_by_outcome_and_timed_when_answered() {
         let mut metrics = Metrics::new();
         let mut resolved = 0;
