@@ -72,7 +72,8 @@ fn pod_lists(api: &FakeApi) -> usize {
 /// A pod's `redis-cli` requests and connects carry the namespace, pod name,
 /// owner (the ReplicaSet's Deployment) and chosen labels the API serves for
 /// its UID; the Redis endpoint is named as the Redis pod at its address
-/// (`--redis-pod-selector`), the node's zone comes from its label; a
+/// (`--redis-pod-selector`), the node's zone comes from its label (a Redis
+/// in a `--zone-cidr` of that zone is `same_zone`); a
 /// MODIFIED pod changes the names of the next requests, a DELETED one
 /// removes them.
 #[test]
@@ -118,6 +119,7 @@ fn requests_of_a_pod_carry_its_names_from_the_api() -> anyhow::Result<()> {
         .json(),
     );
 
+    let redis_zone = format!("{}/32={ZONE}", redis.ip());
     let mut agent = Agent::start(
         &[port],
         &agent_args(
@@ -131,6 +133,9 @@ fn requests_of_a_pod_carry_its_names_from_the_api() -> anyhow::Result<()> {
                 "app,team",
                 "--redis-pod-selector",
                 "app=redis",
+                // No --zone: the node's zone is its label's.
+                "--zone-cidr",
+                &redis_zone,
             ],
         ),
     )?;
@@ -173,6 +178,7 @@ fn requests_of_a_pod_carry_its_names_from_the_api() -> anyhow::Result<()> {
     assert_eq!(request["dst"]["namespace"], "cache", "{request}");
     assert_eq!(request["dst"]["pod"], "redis-0", "{request}");
     assert_eq!(request["dst"]["workload"], "statefulset/redis", "{request}");
+    assert_eq!(request["dst"]["locality"], "same_zone", "{request}");
 
     let connect = agent.wait_for(event_timeout(), |e| {
         e["type"] == "connect" && e["src"]["pod_uid"] == uid.as_str()

@@ -28,7 +28,8 @@ use k8s_openapi::api::core::v1::{Node, Pod, Service};
 pub const MAX_PODS: usize = 20_000;
 /// Services with a ClusterIP kept at most.
 pub const MAX_SERVICES: usize = 20_000;
-/// Values of `--pod-labels` copied per pod at most, and their length.
+/// Longest `--pod-labels` value copied (the API allows 63 bytes; this only
+/// guards the snapshot's size against a server that does not).
 const MAX_LABEL_VALUE_BYTES: usize = 256;
 /// The node's zone label, and the one it replaced (still set on old clusters).
 const ZONE_LABELS: [&str; 2] = [
