@@ -318,8 +318,17 @@ impl Agent {
     /// Stops the agent (SIGINT) and returns the events not yet taken. Fails
     /// on an `alert` unless [`Agent::expect_alerts`] was called: the suite's
     /// ordinary traffic must never raise one.
-    pub fn stop(mut self) -> anyhow::Result<Vec<Value>> {
-        signal(self.child.id(), libc::SIGINT);
+    pub fn stop(self) -> anyhow::Result<Vec<Value>> {
+        self.stop_with(libc::SIGINT)
+    }
+
+    /// As [`Agent::stop`], with SIGTERM: how the kubelet stops a pod.
+    pub fn terminate(self) -> anyhow::Result<Vec<Value>> {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    fn stop_with(mut self, signal_number: libc::c_int) -> anyhow::Result<Vec<Value>> {
+        signal(self.child.id(), signal_number);
         let deadline = Instant::now() + scaled(Duration::from_secs(10));
         let mut rest = std::mem::take(&mut self.seen);
         loop {
@@ -330,7 +339,9 @@ impl Agent {
                 Ok(Ok(event)) => rest.push(event),
                 Ok(Err(invalid)) => bail!("agent wrote an invalid line: {invalid}"),
                 Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => bail!("agent did not exit after SIGINT"),
+                Err(RecvTimeoutError::Timeout) => {
+                    bail!("agent did not exit within 10 s of signal {signal_number}")
+                }
             }
         }
         let status = self.child.wait()?;

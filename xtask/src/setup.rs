@@ -46,6 +46,8 @@ const PACKAGES: &[&str] = &[
     "procps",
     // tests/metrics.rs scrapes the agent with a server of its own.
     "prometheus",
+    // tests/lifecycle.rs checks that nothing is left in the kernel.
+    "bpftool",
 ];
 
 /// Packages only `cargo xtask bench` needs (its `bpftrace` mode), installed

@@ -236,32 +236,26 @@ impl Detector for SlowCommands {
                 let condition = (count >= needed).then_some(state.incidents[k].first_ns);
                 let incident = &state.incidents[k];
                 let requests = state.requests[k];
-                match lifecycle.update(condition, now_ns, resolve_after_ns) {
-                    Some(Transition::Fired { started_ns }) => {
-                        alerts.push(alert(
-                            kind,
-                            endpoint,
-                            incident,
-                            requests,
-                            threshold_ns,
-                            started_ns,
-                            None,
-                        ));
-                    }
-                    Some(Transition::Resolved { started_ns, .. }) => {
-                        let ended_ns = incident.last_ns.max(started_ns);
-                        alerts.push(alert(
-                            kind,
-                            endpoint,
-                            incident,
-                            requests,
-                            threshold_ns,
-                            started_ns,
-                            Some(ended_ns),
-                        ));
+                if let Some(transition) = lifecycle.update(condition, now_ns, resolve_after_ns) {
+                    let (started_ns, ended_ns) = match transition {
+                        Transition::Fired { started_ns } => (started_ns, None),
+                        // The incident ended with its last slow request.
+                        Transition::Resolved { started_ns, .. } => {
+                            (started_ns, Some(incident.last_ns.max(started_ns)))
+                        }
+                    };
+                    alerts.push(alert(
+                        kind,
+                        endpoint,
+                        incident,
+                        requests,
+                        threshold_ns,
+                        started_ns,
+                        ended_ns,
+                    ));
+                    if ended_ns.is_some() {
                         state.incidents[k] = Incident::default();
                     }
-                    None => {}
                 }
                 if !state.lifecycles[k].is_firing() && count == 0 {
                     // Scattered ones that never made an incident start over.
