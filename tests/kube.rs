@@ -296,36 +296,54 @@ fn watches_resume_from_the_last_resource_version_and_relist_on_410() -> anyhow::
     Ok(())
 }
 
-/// With the API down at start the agent traces (its `started` line comes,
-/// connects are reported), says so once on stderr and in `stats`, retries,
-/// and names pods once the API answers.
+/// With the API down at start the agent traces (a pod's requests carry its
+/// UID), says so once on stderr and in `stats`, retries, and names the pod
+/// once the API answers; the same after a later outage (503 answers).
 #[test]
 fn the_agent_traces_while_the_api_is_down_and_names_pods_once_it_is_up() -> anyhow::Result<()> {
     let _serial = serial();
+    let port = free_port();
+    let lab = Lab::builder().pod("app", 'a').host("redis", 'b').build()?;
+    let (app, redis) = (lab.host("app"), lab.host("redis"));
+    let uid = app.pod().context("app is a pod")?.uid().to_string();
+    let _redis = redis.start_redis(port)?;
     let api = FakeApi::reserve()?;
     api.apply("nodes", node(NODE, ZONE));
-    api.apply(
-        "pods",
-        pod_json(
-            "0a1b2c3d-0000-4000-8000-00000000000a",
-            "api-1",
-            Ipv4Addr::new(10, 0, 1, 5),
-            "api",
-        ),
-    );
-    let mut agent = Agent::start(&[free_port()], &agent_args(&api, &[]))?;
+    api.apply("pods", pod_json(&uid, "api-1", app.ip(), "api"));
+    let mut agent = Agent::start(&[port], &agent_args(&api, &["--emit", "all"]))?;
     let down = kube_stats(&mut agent, |k| k["state"] == "unavailable")?;
     assert_eq!(down["pods"], 0);
     assert!(
         down["last_error"].as_str().is_some_and(|e| !e.is_empty()),
         "{down}"
     );
-    // Tracing goes on meanwhile.
-    agent.barrier()?;
+    let ping = |agent: &mut Agent| -> anyhow::Result<Value> {
+        let status = app
+            .command("redis-cli")
+            .args([
+                "-h",
+                &redis.ip().to_string(),
+                "-p",
+                &port.to_string(),
+                "ping",
+            ])
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "redis-cli failed");
+        agent.wait_for(event_timeout(), |e| {
+            e["type"] == "request" && e["role"] == "client" && e["pod_uid"] == uid.as_str()
+        })
+    };
+    // Tracing goes on meanwhile, with the pod's UID.
+    let unnamed = ping(&mut agent)?;
+    assert!(unnamed.get("namespace").is_none(), "{unnamed}");
 
     api.listen()?;
     let up = kube_stats(&mut agent, |k| k["state"] == "connected" && k["pods"] == 1)?;
     assert_eq!(up["node_zone"], ZONE);
+    let named = ping(&mut agent)?;
+    assert_eq!(named["namespace"], "shop", "{named}");
+    assert_eq!(named["pod"], "api-1", "{named}");
 
     // Down again (the API answers 503), then back: still one warning per outage.
     api.fail_with(Some(503));
