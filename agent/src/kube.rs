@@ -632,7 +632,7 @@ pub fn start(options: KubeOptions) -> Result<Names, KubeError> {
 }
 
 async fn client(options: &KubeOptions, names: &Names) -> Result<Client, KubeError> {
-    let config = match &options.kubeconfig {
+    let mut config = match &options.kubeconfig {
         Some(path) => {
             let kubeconfig = ::kube::config::Kubeconfig::read_from(path).map_err(|source| {
                 KubeError::Kubeconfig {
@@ -649,7 +649,6 @@ async fn client(options: &KubeOptions, names: &Names) -> Result<Client, KubeErro
         }
         None => ::kube::Config::infer().await.map_err(KubeError::Infer)?,
     };
-    let mut config = config;
     // The client would retry 429/503 answers itself, up to 15 times over
     // minutes, out of the watches' sight: the watches' own backoff retries
     // them, and `stats` says the API is unavailable meanwhile.
