@@ -90,6 +90,11 @@ fn help_documents_every_flag() {
         "--config",
         "RESPTRACE_PORTS",
         "--http-addr",
+        "--kubernetes",
+        "--kubeconfig",
+        "--pod-labels",
+        "--redis-pod-selector",
+        "--watch-services",
         "--version",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help:\n{help}");

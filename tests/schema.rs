@@ -73,7 +73,28 @@ fn samples() -> Vec<Value> {
             json!({"events": 1, "decode_errors": 0, "ring_buffer_full": 0, "connect_map_full": 0,
             "connection_map_full": 0, "read_failed": 0, "resp_gaps": 0, "resp_flow_map_full": 0, "resp_truncated": 0,
             "resp_unparsed_bytes": 0, "resp_desyncs": 0, "resp_unmatched_replies": 0, "lines_dropped": 7,
-            "detector_untracked": 0}),
+            "detector_untracked": 0,
+            "kubernetes": {"state": "unavailable", "pods": 31, "redis_pods": 3, "services": 120,
+                           "node_zone": "us-east-1a", "last_error": "pods on this node: tcp connect error"}}),
+        ),
+        // Named by the Kubernetes API: the client pod, and a Redis pod or Service.
+        with(
+            "request",
+            json!({"role": "client", "command": "GET", "outcome": "ok", "latency_us": 212.0,
+            "request_bytes": 20, "reply_bytes": 9, "depth": 1, "cgroup_id": 4242, "cgroup": "/x",
+            "pod_uid": "1b4e28ba-2fa1-11d2-883f-0016d3cca427", "namespace": "shop", "pod": "api-7d9f8b6c5d-x2x9q",
+            "workload": "deployment/api", "labels": {"app": "api", "team": "core"},
+            "src": {"ip": "10.0.1.5", "port": 46742},
+            "dst": {"ip": "10.0.33.7", "port": 6379, "namespace": "cache", "pod": "redis-0",
+                    "workload": "statefulset/redis", "labels": {"app": "redis"}}}),
+        ),
+        with(
+            "connect",
+            json!({"outcome": "established", "answer": "syn_ack", "handshake_us": 166, "syn_retransmits": 0,
+            "path_drop_suspected": false,
+            "src": {"ip": "10.0.1.5", "port": 46742, "pid": 8496, "tid": 8497, "comm": "java", "cgroup_id": 4242,
+                    "pod_uid": "1b4e28ba-2fa1-11d2-883f-0016d3cca427", "namespace": "shop", "pod": "api-1", "workload": "deployment/api"},
+            "dst": {"ip": "172.20.14.9", "port": 6379, "namespace": "cache", "service": "redis"}}),
         ),
         with(
             "alert",
@@ -194,6 +215,21 @@ fn wrong_lines_fail() {
             "/ts",
         ),
         (
+            "workload without its kind",
+            Some(changed(&connect, "/src", "workload", json!("api"))),
+            "/src/workload",
+        ),
+        (
+            "unknown kubernetes state",
+            Some(changed(
+                &sample("stats"),
+                "/kubernetes",
+                "state",
+                json!("up"),
+            )),
+            "/kubernetes/state",
+        ),
+        (
             "not an IP",
             Some(changed(&connect, "/dst", "ip", json!("redis.local"))),
             "/dst/ip",
@@ -266,8 +302,8 @@ fn wrong_lines_fail() {
     }
 }
 
-/// Every object in the schema rejects unknown fields, but the two maps
-/// whose keys are data: `latency.errors` and `alert.evidence`.
+/// Every object in the schema rejects unknown fields, but the maps whose
+/// keys are data: `latency.errors`, `alert.evidence` and pods' `labels`.
 #[test]
 fn every_object_is_closed() {
     fn walk(node: &Value, path: &str, open: &mut Vec<String>) {
@@ -300,6 +336,7 @@ fn every_object_is_closed() {
             "",
             "/$defs/alert/properties/evidence",
             "/$defs/alert/properties/evidence/additionalProperties/anyOf/1",
+            "/$defs/k8s_labels",
             "/$defs/latency/properties/errors"
         ]
     );

@@ -76,6 +76,9 @@ pub struct Cli {
     pub zone_cidr: Vec<crate::zones::ZoneCidr>,
 
     #[command(flatten)]
+    pub kubernetes: KubernetesFlags,
+
+    #[command(flatten)]
     pub detectors: DetectorFlags,
 
     /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` on this
@@ -107,6 +110,75 @@ pub struct Cli {
     /// `ports = [6379, 6380]`). Flags and environment variables override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+}
+
+/// Names from the Kubernetes API (docs/events.md, "Kubernetes names").
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Kubernetes")]
+pub struct KubernetesFlags {
+    /// Name pods, their owners and Redis endpoints from the Kubernetes API:
+    /// `auto` (the default) is on in a pod (`KUBERNETES_SERVICE_HOST` set,
+    /// with the service account's credentials) or with --kubeconfig.
+    /// Without the API, events carry pod UIDs only.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kubernetes: Kubernetes,
+
+    /// Kubeconfig to reach the API with, to run outside a pod (its current
+    /// context). Default: in-cluster, else `$KUBECONFIG` or `~/.kube/config`.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Pod labels copied into events (`labels`), comma-separated, e.g.
+    /// `app,team`. Not metric labels. Default: none.
+    #[arg(long, value_delimiter = ',', value_parser = parse_label_key)]
+    pub pod_labels: Vec<String>,
+
+    /// Also watch the pods matching this label selector on every node (e.g.
+    /// `app=redis`), so a Redis pod elsewhere is named by its IP. Off by default.
+    #[arg(long, value_name = "SELECTOR")]
+    pub redis_pod_selector: Option<String>,
+
+    /// Also watch Services, so a ClusterIP endpoint is named (`service`);
+    /// the backend behind it is not guessed. Off by default.
+    #[arg(long)]
+    pub watch_services: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kubernetes {
+    Auto,
+    On,
+    Off,
+}
+
+impl KubernetesFlags {
+    /// Whether to watch the API; `in_cluster`: `KUBERNETES_SERVICE_HOST` is set.
+    pub fn enabled(&self, in_cluster: bool) -> bool {
+        match self.kubernetes {
+            Kubernetes::On => true,
+            Kubernetes::Off => false,
+            Kubernetes::Auto => in_cluster || self.kubeconfig.is_some(),
+        }
+    }
+}
+
+/// A label key as Kubernetes allows it: `[prefix/]name`, name at most 63
+/// characters of alphanumerics, `-`, `_`, `.`.
+fn parse_label_key(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    let name = value.rsplit_once('/').map_or(value, |(_, name)| name);
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if valid {
+        Ok(value.to_string())
+    } else {
+        Err(format!(
+            "`{value}` is not a label key (e.g. app, app.kubernetes.io/name)"
+        ))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -409,6 +481,22 @@ mod tests {
         for bad in ["9464", "localhost:9464", "0.0.0.0"] {
             assert!(parse(&["--http-addr", bad]).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn kubernetes_is_on_in_a_pod_or_with_a_kubeconfig_unless_off() {
+        let flags = |args: &[&str]| parse(args).unwrap().kubernetes;
+        assert!(!flags(&[]).enabled(false));
+        assert!(flags(&[]).enabled(true));
+        assert!(flags(&["--kubeconfig", "/k"]).enabled(false));
+        assert!(!flags(&["--kubernetes", "off", "--kubeconfig", "/k"]).enabled(true));
+        assert!(flags(&["--kubernetes", "on"]).enabled(false));
+        assert_eq!(
+            flags(&["--pod-labels", "app,app.kubernetes.io/name"]).pod_labels,
+            ["app", "app.kubernetes.io/name"]
+        );
+        assert!(parse(&["--pod-labels", "a b"]).is_err());
+        assert!(parse(&["--kubernetes", "maybe"]).is_err());
     }
 
     #[test]

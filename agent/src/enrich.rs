@@ -161,6 +161,15 @@ impl Enricher {
         if task.pid != 0 {
             task.cgroup = self.cgroup(task.pid);
         }
+        // A short-lived client (`redis-cli`) is often gone before its event
+        // is read: its v2 cgroup id still names its cgroup (not on v1-only
+        // nodes, where the id is the v2 root's).
+        if task.cgroup.is_none() {
+            task.cgroup = self
+                .cgroup_paths
+                .path(task.cgroup_id)
+                .filter(|path| path != "/");
+        }
     }
 
     fn cgroup(&mut self, pid: u32) -> Option<String> {

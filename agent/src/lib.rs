@@ -12,6 +12,7 @@ pub mod detect;
 pub mod enrich;
 pub mod gauges;
 pub mod http;
+pub mod kube;
 pub mod observe;
 pub mod preflight;
 pub mod probes;

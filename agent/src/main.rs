@@ -53,7 +53,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// The kube crates log every failed request and retry; the agent says
+/// once when the API is unavailable, so theirs are off unless asked for.
+const QUIET_KUBE: &str = "kube_client=off,kube_runtime=off";
+
 fn init_logging(filter: &str) -> Result<(), String> {
+    let filter = if filter.contains("kube") {
+        filter.to_string()
+    } else {
+        format!("{filter},{QUIET_KUBE}")
+    };
     let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)

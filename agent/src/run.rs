@@ -25,6 +25,7 @@ use crate::{
     enrich::Enricher,
     gauges::{Gauge, open_connection_gauges},
     http::{self, Health},
+    kube,
     observe::Observer,
     preflight,
     probes::{KernelStats, LoadOptions, Probes, connection, resp::PacketHook},
@@ -90,12 +91,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
-    let zones = Zones::new(cli.zone.clone(), cli.zone_cidr.clone());
     let node = match cli.node_name.clone() {
         Some(node) => node,
         None => procfs::hostname().context("naming the node (or set --node-name)")?,
     };
-    let mut sink = stdout_sink(cli.format, &node)?.with_zones(zones.clone());
+    let names = kubernetes(&cli, &node)?;
+    let mut zones = Zones::new(cli.zone.clone(), cli.zone_cidr.clone());
+    if cli.zone.is_none() {
+        zones = zones.with_node_zone_from(names.clone());
+    }
+    let mut sink = stdout_sink(cli.format, &node)?
+        .with_zones(zones.clone())
+        .with_names(names.clone());
     sink.started(&Started {
         version: env!("CARGO_PKG_VERSION"),
         pid: std::process::id(),
@@ -131,7 +138,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             max_series: cli.max_series,
             zones,
         },
-    );
+    )
+    .with_names(names);
     let mut window_start = std::time::Instant::now();
     let mut last_tick = std::time::Instant::now();
     let mut stats = Stats::default();
@@ -208,6 +216,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     result
 }
 
+/// Starts the Kubernetes metadata watches when enabled (`--kubernetes`);
+/// names stay empty otherwise.
+fn kubernetes(cli: &Cli, node: &str) -> anyhow::Result<kube::Names> {
+    let flags = &cli.kubernetes;
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty());
+    if !flags.enabled(in_cluster) {
+        return Ok(kube::off());
+    }
+    tracing::info!("naming pods of node {node} from the Kubernetes API");
+    let names = kube::start(kube::KubeOptions {
+        kubeconfig: flags.kubeconfig.clone(),
+        node: node.to_string(),
+        pod_labels: flags.pod_labels.clone(),
+        redis_pod_selector: flags.redis_pod_selector.clone(),
+        watch_services: flags.watch_services,
+    })
+    .context("--kubernetes")?;
+    Ok(names)
+}
+
 /// The event sink on stdout, through a writer thread (see `sinks::stdout`).
 fn stdout_sink(format: Format, node: &str) -> anyhow::Result<JsonSink<LineQueue>> {
     let stdout = std::io::stdout();
@@ -254,6 +282,8 @@ pub struct Pipeline {
     emit_all: bool,
     slow_ns: u64,
     zones: Zones,
+    /// For `/metrics`' info series (events are named by the sink).
+    names: kube::Names,
 }
 
 impl Pipeline {
@@ -281,7 +311,14 @@ impl Pipeline {
             emit_all,
             slow_ns,
             zones,
+            names: kube::Names::default(),
         }
+    }
+
+    /// Names from the Kubernetes API for `/metrics` (`resptrace_*_info`).
+    pub fn with_names(mut self, names: kube::Names) -> Self {
+        self.names = names;
+        self
     }
 
     /// Writes the `latency` window that ends now and starts the next.
@@ -459,6 +496,7 @@ impl Pipeline {
         });
         metrics.set_agent_stats(stats);
         metrics.end_window(std::time::Instant::now());
+        metrics.set_names(&self.names);
     }
 }
 

@@ -3,7 +3,7 @@
 //! `unknown_zone`. On EKS subnets are per AZ, so the VPC's subnet CIDRs
 //! cover pods, nodes and ElastiCache nodes alike.
 
-use std::{net::IpAddr, str::FromStr};
+use std::{net::IpAddr, str::FromStr, sync::Arc};
 
 use ipnet::IpNet;
 
@@ -50,22 +50,35 @@ impl FromStr for ZoneCidr {
 
 #[derive(Clone, Debug, Default)]
 pub struct Zones {
-    node_zone: Option<String>,
+    /// `--zone`.
+    node_zone: Option<Arc<str>>,
     /// Longest prefix first, so the most specific entry wins.
     cidrs: Vec<ZoneCidr>,
+    /// The Node's zone label, used when `--zone` is not given.
+    kube: Option<crate::kube::Names>,
 }
 
 impl Zones {
     pub fn new(node_zone: Option<String>, mut cidrs: Vec<ZoneCidr>) -> Self {
         cidrs.sort_by_key(|c| std::cmp::Reverse(c.net.prefix_len()));
         Self {
-            node_zone: node_zone.filter(|z| !z.is_empty()),
+            node_zone: node_zone.filter(|z| !z.is_empty()).map(Arc::from),
             cidrs,
+            kube: None,
         }
     }
 
-    pub fn node_zone(&self) -> Option<&str> {
-        self.node_zone.as_deref()
+    /// Without `--zone`, the node's zone is its `topology.kubernetes.io/zone`
+    /// label, once the API has served it.
+    pub fn with_node_zone_from(mut self, names: crate::kube::Names) -> Self {
+        self.kube = Some(names);
+        self
+    }
+
+    pub fn node_zone(&self) -> Option<Arc<str>> {
+        self.node_zone
+            .clone()
+            .or_else(|| self.kube.as_ref()?.node_zone())
     }
 
     /// The configured zone of `ip` (IPv4-mapped IPv6 is looked up as IPv4).
@@ -79,7 +92,7 @@ impl Zones {
 
     /// Where `ip` is relative to this node.
     pub fn locality(&self, ip: IpAddr) -> Locality {
-        self.locality_of_zones(self.node_zone(), ip)
+        self.locality_of_zones(self.node_zone().as_deref(), ip)
     }
 
     /// Where `server` is relative to `client`: the client's zone is its
@@ -87,7 +100,8 @@ impl Zones {
     /// the node's zone; a mapped pod address also covers pods that the
     /// lab, or custom networking, places in another subnet).
     pub fn locality_between(&self, client: IpAddr, server: IpAddr) -> Locality {
-        self.locality_of_zones(self.zone_of(client).or(self.node_zone()), server)
+        let node_zone = self.node_zone();
+        self.locality_of_zones(self.zone_of(client).or(node_zone.as_deref()), server)
     }
 
     fn locality_of_zones(&self, from_zone: Option<&str>, ip: IpAddr) -> Locality {

@@ -24,6 +24,7 @@ pub mod cluster;
 pub mod delay;
 pub mod faults;
 pub mod kernel;
+pub mod kubeapi;
 pub mod netns;
 pub mod schema;
 pub mod sweep;

@@ -13,6 +13,7 @@ use crate::{
     decode::{Close, Connect, Event, SynAckRetransmit, Task},
     detect::{Alert, AlertState, Severity},
     gauges::Gauge,
+    kube::{Names, Peer, PodMeta},
     probes::KernelStats,
     tracker::{Exchange, Outcome},
     workload::{Workload, kubelet_pod},
@@ -26,11 +27,19 @@ pub struct JsonSink<W: Write> {
     out: W,
     clock: Clock,
     /// Shared so bodies can borrow it while `self` writes.
-    zones: std::sync::Arc<Zones>,
+    places: std::sync::Arc<Places>,
     /// `node` of every line.
     node: Box<str>,
     /// `Some(colour)`: `--format pretty`, with ANSI colours if `colour`.
     pretty: Option<bool>,
+}
+
+/// What names places: zones for Redis endpoints, the Kubernetes API's
+/// names for pod UIDs and addresses (empty without it).
+#[derive(Clone, Default)]
+struct Places {
+    zones: Zones,
+    names: Names,
 }
 
 /// The fields every event has, then its own.
@@ -82,6 +91,10 @@ struct Endpoint<'a> {
     /// Redis side: `same_zone`, `cross_zone` or `unknown_zone`.
     #[serde(skip_serializing_if = "Option::is_none")]
     locality: Option<Locality>,
+    /// Redis side, without a traced process: the pod or Service at the
+    /// address, as the Kubernetes API names it.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    peer: Option<PeerNames>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     process: Option<Process<'a>>,
 }
@@ -98,19 +111,23 @@ struct Process<'a> {
     pod: PodFields,
 }
 
-/// The pod and container a kubelet cgroup path names (absent otherwise).
+/// The pod and container a kubelet cgroup path names (absent otherwise),
+/// and the pod's names when the Kubernetes API knows its UID.
 #[derive(Serialize, Default)]
 struct PodFields {
     #[serde(skip_serializing_if = "Option::is_none")]
     pod_uid: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     container_id: Option<String>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    names: Option<PodNames>,
 }
 
 impl PodFields {
-    fn of(cgroup: Option<&str>) -> Self {
+    fn of(cgroup: Option<&str>, names: &Names) -> Self {
         match cgroup.and_then(kubelet_pod) {
             Some(pod) => Self {
+                names: names.pod(&pod.uid).map(PodNames),
                 pod_uid: Some(pod.uid),
                 container_id: pod.container_id,
             },
@@ -119,30 +136,78 @@ impl PodFields {
     }
 }
 
+/// `namespace`, `pod`, `workload` (the owner, `deployment/api`) and the
+/// `--pod-labels` it has (`labels`).
+struct PodNames(std::sync::Arc<PodMeta>);
+
+impl Serialize for PodNames {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let meta = &self.0;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("namespace", &*meta.namespace)?;
+        map.serialize_entry("pod", &*meta.name)?;
+        if let Some(workload) = &meta.workload {
+            map.serialize_entry("workload", &**workload)?;
+        }
+        if !meta.labels.is_empty() {
+            let labels: std::collections::BTreeMap<&str, &str> =
+                meta.labels.iter().map(|(k, v)| (&**k, &**v)).collect();
+            map.serialize_entry("labels", &labels)?;
+        }
+        map.end()
+    }
+}
+
+/// A Redis endpoint's pod names, or `namespace` and `service` for a
+/// Service's ClusterIP.
+struct PeerNames(Peer);
+
+impl Serialize for PeerNames {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        match &self.0 {
+            Peer::Pod(meta) => PodNames(meta.clone()).serialize(serializer),
+            Peer::Service { namespace, name } => {
+                let mut map = serializer.serialize_map(Some(2))?;
+                map.serialize_entry("namespace", &**namespace)?;
+                map.serialize_entry("service", &**name)?;
+                map.end()
+            }
+        }
+    }
+}
+
 impl<'a> Endpoint<'a> {
-    fn new(addr: std::net::SocketAddr, task: Option<&'a Task>) -> Self {
+    fn new(addr: std::net::SocketAddr, task: Option<&'a Task>, names: &Names) -> Self {
         Self {
             ip: addr.ip(),
             port: addr.port(),
             zone: None,
             locality: None,
+            peer: None,
             process: task.map(|t| Process {
                 pid: t.pid,
                 tid: t.tid,
                 comm: &t.comm,
                 cgroup_id: t.cgroup_id,
                 cgroup: t.cgroup.as_deref(),
-                pod: PodFields::of(t.cgroup.as_deref()),
+                pod: PodFields::of(t.cgroup.as_deref(), names),
             }),
         }
     }
 
-    /// The Redis side of a connection, placed in its zone.
-    fn redis(addr: std::net::SocketAddr, task: Option<&'a Task>, zones: &'a Zones) -> Self {
+    /// The Redis side of a connection, placed in its zone and named by its
+    /// address (unless its process, and so its pod, is known).
+    fn redis(addr: std::net::SocketAddr, task: Option<&'a Task>, places: &'a Places) -> Self {
         Self {
-            zone: zones.zone_of(addr.ip()),
-            locality: Some(zones.locality(addr.ip())),
-            ..Self::new(addr, task)
+            zone: places.zones.zone_of(addr.ip()),
+            locality: Some(places.zones.locality(addr.ip())),
+            peer: match task {
+                Some(_) => None,
+                None => places.names.peer(addr.ip()).map(PeerNames),
+            },
+            ..Self::new(addr, task, &places.names)
         }
     }
 }
@@ -277,18 +342,25 @@ struct WorkloadBody<'a> {
     pod_uid: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     container_id: Option<&'a str>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    names: Option<PodNames>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cgroup: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     comm: Option<&'a str>,
 }
 
-impl<'a> From<&'a Workload> for WorkloadBody<'a> {
-    fn from(w: &'a Workload) -> Self {
+impl<'a> WorkloadBody<'a> {
+    fn new(w: &'a Workload, names: &Names) -> Self {
         Self {
             key: &w.key,
             pod_uid: w.pod_uid.as_deref(),
             container_id: w.container_id.as_deref(),
+            names: w
+                .pod_uid
+                .as_deref()
+                .and_then(|uid| names.pod(uid))
+                .map(PodNames),
             cgroup: w.cgroup.as_deref(),
             comm: w.comm.as_deref(),
         }
@@ -397,13 +469,19 @@ impl<W: Write> JsonSink<W> {
             clock,
             node: node.into(),
             pretty: None,
-            zones: Default::default(),
+            places: Default::default(),
         }
     }
 
     /// Redis endpoints get their zone and locality from `zones`.
     pub fn with_zones(mut self, zones: Zones) -> Self {
-        self.zones = std::sync::Arc::new(zones);
+        std::sync::Arc::make_mut(&mut self.places).zones = zones;
+        self
+    }
+
+    /// Pods and Redis endpoints get their names from the Kubernetes API.
+    pub fn with_names(mut self, names: Names) -> Self {
+        std::sync::Arc::make_mut(&mut self.places).names = names;
         self
     }
 
@@ -422,19 +500,19 @@ impl<W: Write> JsonSink<W> {
     }
 
     pub fn event(&mut self, event: &Event) -> std::io::Result<()> {
-        let zones = self.zones.clone();
+        let places = self.places.clone();
         match event {
             Event::Connect(connect) => {
                 let ts = self.clock.wall_time(connect.ts_ns);
-                self.line(ts, "connect", connect_body(connect, &zones))
+                self.line(ts, "connect", connect_body(connect, &places))
             }
             Event::Close(close) => {
                 let ts = self.clock.wall_time(close.ts_ns);
-                self.line(ts, "close", close_body(close, &zones))
+                self.line(ts, "close", close_body(close, &places))
             }
             Event::SynAckRetransmit(retransmit) => {
                 let ts = self.clock.wall_time(retransmit.ts_ns);
-                self.line(ts, "synack_retransmit", synack_body(retransmit, &zones))
+                self.line(ts, "synack_retransmit", synack_body(retransmit, &places))
             }
             // Raw RESP capture: the tracker turns it into exchanges.
             Event::AppRead { .. } | Event::SocketGone { .. } => Ok(()),
@@ -444,23 +522,23 @@ impl<W: Write> JsonSink<W> {
     /// One `request` line.
     pub fn exchange(&mut self, exchange: &Exchange) -> std::io::Result<()> {
         let ts = self.clock.wall_time(exchange.ts_ns);
-        let zones = self.zones.clone();
-        self.line(ts, "request", request_body(exchange, &zones))
+        let places = self.places.clone();
+        self.line(ts, "request", request_body(exchange, &places))
     }
 
     /// One `latency` line per (role, cgroup, endpoint, command) active in
     /// the window.
     pub fn latency(&mut self, window: &Window) -> std::io::Result<()> {
         let now = SystemTime::now();
-        let zones = self.zones.clone();
+        let places = self.places.clone();
         for series in &window.series {
             let body = LatencyBody {
                 window_s: window.seconds,
                 role: role_name(series.role),
                 cgroup_id: series.cgroup_id,
                 cgroup: series.cgroup.as_deref(),
-                pod: PodFields::of(series.cgroup.as_deref()),
-                endpoint: Endpoint::redis(series.endpoint, None, &zones),
+                pod: PodFields::of(series.cgroup.as_deref(), &places.names),
+                endpoint: Endpoint::redis(series.endpoint, None, &places),
                 op: &series.op,
                 count: series.count,
                 ok: series.ok,
@@ -492,7 +570,7 @@ impl<W: Write> JsonSink<W> {
     /// One `connections` line per gauge.
     pub fn gauges(&mut self, gauges: &[Gauge]) -> std::io::Result<()> {
         let now = SystemTime::now();
-        let zones = self.zones.clone();
+        let places = self.places.clone();
         for gauge in gauges {
             let body = ConnectionsBody {
                 role: gauge.key.role,
@@ -500,10 +578,10 @@ impl<W: Write> JsonSink<W> {
                 src: (gauge.key.role == "client").then(|| GaugeSource {
                     cgroup_id: gauge.key.cgroup_id,
                     cgroup: gauge.cgroup.as_deref(),
-                    pod: PodFields::of(gauge.cgroup.as_deref()),
+                    pod: PodFields::of(gauge.cgroup.as_deref(), &places.names),
                     comm: gauge.comm.as_deref(),
                 }),
-                dst: Endpoint::redis(gauge.key.server, None, &zones),
+                dst: Endpoint::redis(gauge.key.server, None, &places),
             };
             self.line(now, "connections", body)?;
         }
@@ -512,15 +590,19 @@ impl<W: Write> JsonSink<W> {
 
     /// One `alert` line: a detector's alert started or ended.
     pub fn alert(&mut self, alert: &Alert) -> std::io::Result<()> {
-        let zones = self.zones.clone();
+        let places = self.places.clone();
         let body = AlertBody {
             kind: alert.kind,
             id: &alert.id,
             state: alert.state,
             severity: alert.severity,
             message: &alert.message,
-            endpoint: alert.endpoint.map(|e| Endpoint::redis(e, None, &zones)),
-            workloads: alert.workloads.iter().map(WorkloadBody::from).collect(),
+            endpoint: alert.endpoint.map(|e| Endpoint::redis(e, None, &places)),
+            workloads: alert
+                .workloads
+                .iter()
+                .map(|w| WorkloadBody::new(w, &places.names))
+                .collect(),
             started: self.rfc3339(alert.started_ns),
             ended: alert.ended_ns.map(|ns| self.rfc3339(ns)),
             duration_s: alert
@@ -540,7 +622,17 @@ impl<W: Write> JsonSink<W> {
     }
 
     pub fn stats(&mut self, stats: &Stats) -> std::io::Result<()> {
-        self.line(SystemTime::now(), "stats", stats)
+        #[derive(Serialize)]
+        struct StatsBody<'a> {
+            #[serde(flatten)]
+            counters: &'a Stats,
+            kubernetes: crate::kube::KubeStats,
+        }
+        let body = StatsBody {
+            counters: stats,
+            kubernetes: self.places.names.stats(),
+        };
+        self.line(SystemTime::now(), "stats", body)
     }
 
     pub fn flush(&mut self) -> std::io::Result<()> {
@@ -564,7 +656,7 @@ impl<W: Write> JsonSink<W> {
     }
 }
 
-fn connect_body<'a>(c: &'a Connect, zones: &'a Zones) -> ConnectBody<'a> {
+fn connect_body<'a>(c: &'a Connect, places: &'a Places) -> ConnectBody<'a> {
     // Rounded up: a handshake that happened never reports 0 µs.
     let micros = c.duration_ns.div_ceil(1_000);
     let established = c.outcome == ConnectOutcome::Established;
@@ -576,12 +668,12 @@ fn connect_body<'a>(c: &'a Connect, zones: &'a Zones) -> ConnectBody<'a> {
         syn_retransmits: c.syn_retransmits,
         path_drop_suspected: !established && c.answer == SynAnswer::None && c.syn_retransmits > 0,
         error: c.error.map(errno_name),
-        src: Endpoint::new(c.src, Some(&c.task)),
-        dst: Endpoint::redis(c.dst, None, zones),
+        src: Endpoint::new(c.src, Some(&c.task), &places.names),
+        dst: Endpoint::redis(c.dst, None, places),
     }
 }
 
-fn close_body<'a>(c: &'a Close, zones: &'a Zones) -> CloseBody<'a> {
+fn close_body<'a>(c: &'a Close, places: &'a Places) -> CloseBody<'a> {
     let (client_task, server_task) = match c.role {
         ConnectionRole::Client => (c.task.as_ref(), None),
         ConnectionRole::Server => (None, c.task.as_ref()),
@@ -594,8 +686,8 @@ fn close_body<'a>(c: &'a Close, zones: &'a Zones) -> CloseBody<'a> {
         retransmits: c.counters.retransmits,
         resets_received: c.counters.resets_received,
         resets_sent: c.counters.resets_sent,
-        src: Endpoint::new(c.client, client_task),
-        dst: Endpoint::redis(c.server, server_task, zones),
+        src: Endpoint::new(c.client, client_task, &places.names),
+        dst: Endpoint::redis(c.server, server_task, places),
     }
 }
 
@@ -621,7 +713,7 @@ pub fn outcome_label(outcome: Outcome) -> &'static str {
     }
 }
 
-fn request_body<'a>(e: &'a Exchange, zones: &'a Zones) -> RequestBody<'a> {
+fn request_body<'a>(e: &'a Exchange, places: &'a Places) -> RequestBody<'a> {
     let client = e.role == ConnectionRole::Client;
     let answered = matches!(e.outcome, Outcome::Ok | Outcome::Nil | Outcome::Error(_));
     RequestBody {
@@ -646,16 +738,16 @@ fn request_body<'a>(e: &'a Exchange, zones: &'a Zones) -> RequestBody<'a> {
         closed_by: e.closer.map(closer_name),
         cgroup_id: e.cgroup_id,
         cgroup: e.cgroup.as_deref(),
-        pod: PodFields::of(e.cgroup.as_deref()),
-        src: Endpoint::new(e.client, None),
-        dst: Endpoint::redis(e.server, None, zones),
+        pod: PodFields::of(e.cgroup.as_deref(), &places.names),
+        src: Endpoint::new(e.client, None, &places.names),
+        dst: Endpoint::redis(e.server, None, places),
     }
 }
 
-fn synack_body<'a>(r: &'a SynAckRetransmit, zones: &'a Zones) -> SynAckRetransmitBody<'a> {
+fn synack_body<'a>(r: &'a SynAckRetransmit, places: &'a Places) -> SynAckRetransmitBody<'a> {
     SynAckRetransmitBody {
-        src: Endpoint::new(r.client, None),
-        dst: Endpoint::redis(r.server, None, zones),
+        src: Endpoint::new(r.client, None, &places.names),
+        dst: Endpoint::redis(r.server, None, places),
     }
 }
 
@@ -776,6 +868,110 @@ mod tests {
                 "evidence": { "unanswered_connects": 3 },
             })
         );
+    }
+
+    const UID: &str = "0a1b2c3d-4e5f-6789-abcd-ef0123456789";
+
+    fn names() -> Names {
+        Names::for_tests(
+            &[
+                serde_json::json!({
+                    "metadata": { "name": "api-7d9f8b6c5d-x2x9q", "namespace": "shop", "uid": UID,
+                        "labels": { "app": "api", "pod-template-hash": "7d9f8b6c5d" },
+                        "ownerReferences": [{ "apiVersion": "apps/v1", "kind": "ReplicaSet",
+                            "name": "api-7d9f8b6c5d", "uid": "o", "controller": true }] },
+                    "status": { "phase": "Running", "podIP": "10.0.1.5" },
+                }),
+                serde_json::json!({
+                    "metadata": { "name": "redis-0", "namespace": "cache", "uid": "u-redis",
+                        "ownerReferences": [{ "apiVersion": "apps/v1", "kind": "StatefulSet",
+                            "name": "redis", "uid": "o2", "controller": true }] },
+                    "status": { "phase": "Running", "podIP": "10.0.2.9" },
+                }),
+            ],
+            &[serde_json::json!({
+                "metadata": { "name": "redis", "namespace": "cache" },
+                "spec": { "clusterIP": "172.20.0.10" },
+            })],
+        )
+    }
+
+    #[test]
+    fn pods_and_redis_endpoints_are_named_when_the_api_knows_them() {
+        let mut sink = JsonSink::new(Vec::new(), Clock::new(), "node-1").with_names(names());
+        let mut event = connect(ConnectOutcome::Established, SynAnswer::SynAck, 0);
+        event.task.cgroup = Some(format!("/kubepods/burstable/pod{UID}/abcdef0123456789"));
+        event.dst = "10.0.2.9:6379".parse().unwrap();
+        sink.event(&Event::Connect(event.clone())).unwrap();
+        // A Service's ClusterIP: the Service, not a guessed pod.
+        event.dst = "172.20.0.10:6379".parse().unwrap();
+        sink.event(&Event::Connect(event.clone())).unwrap();
+        // Unknown to the API: the UID only.
+        event.task.cgroup = Some(
+            "/kubepods/burstable/pod11111111-2222-3333-4444-555555555555/abcdef0123456789".into(),
+        );
+        event.dst = "10.9.9.9:6379".parse().unwrap();
+        sink.event(&Event::Connect(event)).unwrap();
+        let lines: Vec<serde_json::Value> = String::from_utf8(sink.out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let src = &lines[0]["src"];
+        assert_eq!(src["pod_uid"], UID);
+        assert_eq!(src["namespace"], "shop");
+        assert_eq!(src["pod"], "api-7d9f8b6c5d-x2x9q");
+        assert_eq!(src["workload"], "deployment/api");
+        assert_eq!(src["labels"], serde_json::json!({ "app": "api" }));
+        let dst = &lines[0]["dst"];
+        assert_eq!(
+            (&dst["namespace"], &dst["pod"], &dst["workload"]),
+            (
+                &serde_json::json!("cache"),
+                &serde_json::json!("redis-0"),
+                &serde_json::json!("statefulset/redis")
+            )
+        );
+        assert!(dst.get("labels").is_none(), "no chosen label: {dst}");
+        assert_eq!(lines[1]["dst"]["service"], "redis");
+        assert_eq!(lines[1]["dst"]["namespace"], "cache");
+        assert!(lines[1]["dst"].get("pod").is_none());
+        for field in ["namespace", "pod", "workload"] {
+            assert!(lines[2]["src"].get(field).is_none(), "{}", lines[2]);
+            assert!(lines[2]["dst"].get(field).is_none(), "{}", lines[2]);
+        }
+    }
+
+    #[test]
+    fn alert_workloads_and_stats_carry_the_api_state() {
+        use crate::detect::testing::{pod, redis};
+        let mut workload = pod(1);
+        workload.pod_uid = Some(UID.into());
+        let mut sink = JsonSink::new(Vec::new(), Clock::new(), "node-1").with_names(names());
+        let alert = Alert {
+            kind: "syn_drops",
+            id: "syn_drops/x".into(),
+            state: AlertState::Firing,
+            severity: Severity::Warning,
+            message: "m".into(),
+            endpoint: Some(redis(9)),
+            workloads: vec![workload],
+            started_ns: 1,
+            ended_ns: None,
+            evidence: serde_json::Map::new(),
+        };
+        sink.alert(&alert).unwrap();
+        sink.stats(&Stats::default()).unwrap();
+        let text = String::from_utf8(sink.out).unwrap();
+        let mut lines = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
+        let alert = lines.next().unwrap();
+        assert_eq!(alert["workloads"][0]["pod"], "api-7d9f8b6c5d-x2x9q");
+        assert_eq!(alert["workloads"][0]["workload"], "deployment/api");
+        let stats = lines.next().unwrap();
+        assert_eq!(stats["kubernetes"]["state"], "off");
+        assert_eq!(stats["kubernetes"]["pods"], 2);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use std::{
     cell::{Cell, RefCell},
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     rc::Rc,
     sync::Arc,
@@ -159,6 +159,28 @@ struct ConnectionLabels {
     endpoint: Arc<str>,
 }
 
+/// `resptrace_workload_info`: a `pod:<uid>` workload's names, joined to
+/// the other metrics on `workload` (names are not labels of every series:
+/// they would not multiply series, but a name that arrives late would
+/// split one).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkloadInfoLabels {
+    workload: Arc<str>,
+    namespace: Arc<str>,
+    pod: Arc<str>,
+    owner: Option<Arc<str>>,
+}
+
+/// `resptrace_endpoint_info`: what a Redis endpoint's address is.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointInfoLabels {
+    endpoint: Arc<str>,
+    namespace: Arc<str>,
+    pod: Option<Arc<str>>,
+    owner: Option<Arc<str>>,
+    service: Option<Arc<str>>,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AlertLabels {
     kind: Arc<str>,
@@ -226,6 +248,9 @@ pub struct Metrics {
     connects: Family<ConnectOutcomeLabels, Counter>,
     open_connections: Family<ConnectionLabels, Gauge>,
     alerts: Family<AlertLabels, Gauge>,
+    workload_info: Family<WorkloadInfoLabels, Gauge>,
+    endpoint_info: Family<EndpointInfoLabels, Gauge>,
+    info_labels: (HashSet<WorkloadInfoLabels>, HashSet<EndpointInfoLabels>),
     agent: Vec<Counter>,
     overflowed: Counter,
     request_keys: FxHashMap<RequestKey, Rc<RequestSeries>>,
@@ -289,6 +314,20 @@ impl Metrics {
             "1 while an alert of this kind fires for the endpoint, 0 once resolved",
             alerts.clone(),
         );
+        let workload_info = Family::<WorkloadInfoLabels, Gauge>::default();
+        registry.register(
+            "workload_info",
+            "1 for each pod workload in the other metrics that the Kubernetes API \
+             names: its namespace, pod and owner (join on `workload`)",
+            workload_info.clone(),
+        );
+        let endpoint_info = Family::<EndpointInfoLabels, Gauge>::default();
+        registry.register(
+            "endpoint_info",
+            "1 for each Redis endpoint in the other metrics that the Kubernetes \
+             API names: the pod (and owner) or Service at its address (join on `endpoint`)",
+            endpoint_info.clone(),
+        );
         let agent = AGENT_COUNTERS
             .iter()
             .map(|(name, help, _)| {
@@ -312,6 +351,9 @@ impl Metrics {
             connects,
             open_connections,
             alerts,
+            workload_info,
+            endpoint_info,
+            info_labels: Default::default(),
             agent,
             overflowed,
             request_keys: FxHashMap::default(),
@@ -504,6 +546,80 @@ impl Metrics {
         self.alerts.get_or_create(&labels).set(i64::from(firing));
     }
 
+    /// Sets `resptrace_workload_info` and `resptrace_endpoint_info` for the
+    /// workloads and endpoints of the current series, as `names` knows them
+    /// now; info of series gone or no longer named is removed. At most one
+    /// info series per request, connect and gauge series: bounded by them.
+    pub fn set_names(&mut self, names: &crate::kube::Names) {
+        use std::collections::BTreeSet;
+        let mut workloads: BTreeSet<&Arc<str>> = BTreeSet::new();
+        let mut endpoints: BTreeSet<&Arc<str>> = BTreeSet::new();
+        for labels in self.request_series.keys() {
+            workloads.insert(&labels.workload);
+            endpoints.insert(&labels.endpoint);
+        }
+        for series in self.connect_series.values() {
+            workloads.insert(&series.labels.workload);
+            endpoints.insert(&series.labels.endpoint);
+        }
+        for labels in &self.open_connection_labels {
+            workloads.insert(&labels.workload);
+            endpoints.insert(&labels.endpoint);
+        }
+        let workload_info: HashSet<WorkloadInfoLabels> = workloads
+            .into_iter()
+            .filter_map(|workload| {
+                let meta = names.pod(workload.strip_prefix("pod:")?)?;
+                Some(WorkloadInfoLabels {
+                    workload: Arc::clone(workload),
+                    namespace: meta.namespace.clone(),
+                    pod: meta.name.clone(),
+                    owner: meta.workload.clone(),
+                })
+            })
+            .collect();
+        let endpoint_info: HashSet<EndpointInfoLabels> = endpoints
+            .into_iter()
+            .filter_map(|endpoint| {
+                let addr: SocketAddr = endpoint.parse().ok()?;
+                Some(match names.peer(addr.ip())? {
+                    crate::kube::Peer::Pod(meta) => EndpointInfoLabels {
+                        endpoint: Arc::clone(endpoint),
+                        namespace: meta.namespace.clone(),
+                        pod: Some(meta.name.clone()),
+                        owner: meta.workload.clone(),
+                        service: None,
+                    },
+                    crate::kube::Peer::Service { namespace, name } => EndpointInfoLabels {
+                        endpoint: Arc::clone(endpoint),
+                        namespace,
+                        pod: None,
+                        owner: None,
+                        service: Some(name),
+                    },
+                })
+            })
+            .collect();
+        let (old_workloads, old_endpoints) = std::mem::take(&mut self.info_labels);
+        for labels in old_workloads {
+            if !workload_info.contains(&labels) {
+                self.workload_info.remove(&labels);
+            }
+        }
+        for labels in old_endpoints {
+            if !endpoint_info.contains(&labels) {
+                self.endpoint_info.remove(&labels);
+            }
+        }
+        for labels in &workload_info {
+            self.workload_info.get_or_create(labels).set(1);
+        }
+        for labels in &endpoint_info {
+            self.endpoint_info.get_or_create(labels).set(1);
+        }
+        self.info_labels = (workload_info, endpoint_info);
+    }
+
     /// At the end of a window: removes the series idle for
     /// [`SERIES_IDLE_LIMIT`].
     pub fn end_window(&mut self, now: Instant) {
@@ -688,6 +804,60 @@ mod tests {
     }
 
     const GET: &str = r#"role="client",workload="pod:0a1b2c3d-4e5f-6789-abcd-ef0123456789",endpoint="10.0.0.1:6379",command="GET""#;
+
+    #[test]
+    fn named_workloads_and_endpoints_get_info_series_while_they_have_series() {
+        let uid = POD.strip_prefix("pod:").unwrap();
+        let names = crate::kube::Names::for_tests(
+            &[serde_json::json!({
+                "metadata": { "name": "api-1", "namespace": "shop", "uid": uid,
+                    "ownerReferences": [{ "apiVersion": "apps/v1", "kind": "DaemonSet",
+                        "name": "api", "uid": "o", "controller": true }] },
+            })],
+            &[serde_json::json!({
+                "metadata": { "name": "redis", "namespace": "cache" },
+                "spec": { "clusterIP": "10.0.0.1" },
+            })],
+        );
+        let mut metrics = Metrics::new();
+        metrics.record_exchange(&exchange(b"GET", Outcome::Ok, 100), || POD.into());
+        // Another cgroup's series, not a pod: no info.
+        let mut other = exchange(b"GET", Outcome::Ok, 100);
+        other.cgroup_id = 8;
+        metrics.record_exchange(&other, || "comm:x".into());
+        metrics.set_names(&names);
+        let text = exposition(&metrics);
+        assert_eq!(
+            sample(
+                &text,
+                &format!(
+                    r#"resptrace_workload_info{{workload="{POD}",namespace="shop",pod="api-1",owner="daemonset/api"}}"#
+                )
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"resptrace_endpoint_info{endpoint="10.0.0.1:6379",namespace="cache",pod="",owner="",service="redis"}"#
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("resptrace_workload_info{").count(),
+            1,
+            "{text}"
+        );
+        // Series gone (idle past the limit): their info goes too.
+        metrics.end_window(Instant::now());
+        metrics.end_window(Instant::now() + SERIES_IDLE_LIMIT);
+        metrics.set_names(&names);
+        let text = exposition(&metrics);
+        assert!(!text.contains("resptrace_workload_info{"), "{text}");
+        assert!(!text.contains("resptrace_endpoint_info{"), "{text}");
+    }
 
     #[test]
     fn requests_are_counted_by_outcome_and_timed_when_answered() {
