@@ -12,7 +12,10 @@ use std::{
 
 use anyhow::Context as _;
 use lab::{
-    Agent, Fault, Lab, Path, Place, RedisServer, clients::clients_dir, event_timeout, free_port,
+    Agent, Fault, Lab, Path, Place, RedisServer,
+    clients::clients_dir,
+    event_timeout, free_port,
+    kubeapi::{self, FakeApi, PodSpec},
     scaled, serial, wait_until,
 };
 use serde_json::Value;
@@ -237,13 +240,17 @@ fn percentile(values: &[u64], p: f64) -> u64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Two pods use a Redis in zone a: `near` from zone a, `far` from zone b
-/// (zones from the subnets, as on EKS). On equal paths the endpoint raises
-/// no `cross_zone_latency`; with 4 ms added to the far pod's path one
-/// alert names the far pod (not the near one), and the p99s it reports lie
+/// Two pods use a Redis in zone a: `near` from zone a, `far` from zone b.
+/// Names and the node's zone come from a (fake: none can run here)
+/// Kubernetes API, the pods' subnets' zones from `--zone-cidr`, as on EKS.
+/// Their lines carry namespace, pod and owner, and `same_zone` for the near
+/// pod's endpoint by the node's label. On equal paths the endpoint raises
+/// no `cross_zone_latency`; with 4 ms added to the far pod's path one alert
+/// names the far pod by name (not the near one), and the p99s it reports lie
 /// within what each client timed itself.
 #[test]
 fn a_slower_cross_zone_path_raises_cross_zone_latency_for_the_far_pod() -> anyhow::Result<()> {
+    const NODE: &str = "ip-10-1-0-10.ec2.internal";
     let _serial = serial();
     let port = free_port();
     let lab = Lab::builder()
@@ -253,13 +260,39 @@ fn a_slower_cross_zone_path_raises_cross_zone_latency_for_the_far_pod() -> anyho
         .build()?;
     let (near, far, redis) = (lab.host("near"), lab.host("far"), lab.host("redis"));
     let _redis = redis.start_redis(port)?;
+    let far_uid = far.pod().context("far is a pod")?.uid().to_string();
+    let near_uid = near.pod().context("near is a pod")?.uid().to_string();
+
+    let api = FakeApi::start()?;
+    api.apply("nodes", kubeapi::node(NODE, "zone-a"));
+    for (uid, host, app) in [(&near_uid, near, "checkout"), (&far_uid, far, "billing")] {
+        let replica_set = format!("{app}-5f7c9d8b4");
+        api.apply(
+            "pods",
+            PodSpec {
+                uid,
+                namespace: "shop",
+                name: &format!("{replica_set}-q8x2z"),
+                node: NODE,
+                ip: host.ip(),
+                labels: serde_json::json!({ "app": app, "pod-template-hash": "5f7c9d8b4" }),
+                owner: Some(("ReplicaSet", &replica_set)),
+            }
+            .json(),
+        );
+    }
     let mut agent = Agent::start(
         &[port],
         &[
+            "--kubeconfig",
+            api.kubeconfig().to_str().context("kubeconfig path")?,
+            "--node-name",
+            NODE,
+            "--stats-interval",
+            "200ms",
             "--interval",
             "1s",
-            "--zone",
-            "zone-a",
+            // No --zone: the node's zone is its label's.
             "--zone-cidr",
             "10.1.0.0/24=zone-a,10.2.0.0/24=zone-b",
             "--cross-zone-window",
@@ -268,6 +301,12 @@ fn a_slower_cross_zone_path_raises_cross_zone_latency_for_the_far_pod() -> anyho
     )?;
     // The far pod talks only across zones: `mostly_cross_zone` may fire too.
     agent.expect_alerts();
+    agent.wait_for(event_timeout(), |e| {
+        e["type"] == "stats"
+            && e["kubernetes"]["state"] == "connected"
+            && e["kubernetes"]["pods"] == 2
+            && e["kubernetes"]["node_zone"] == "zone-a"
+    })?;
     let is_latency_alert = |e: &Value| {
         e["type"] == "alert"
             && e["kind"] == "cross_zone_latency"
@@ -326,10 +365,12 @@ fn a_slower_cross_zone_path_raises_cross_zone_latency_for_the_far_pod() -> anyho
     // ~1,500 × 4 ms: three windows or more.
     let (near_us, far_us) = both(1_500)?;
     let alert = agent.wait_for(event_timeout(), is_latency_alert)?;
-    let far_uid = far.pod().context("far is a pod")?.uid().to_string();
-    let near_uid = near.pod().context("near is a pod")?.uid().to_string();
     assert!(names_pod(&alert, &far_uid), "names the far pod: {alert}");
     assert!(!names_pod(&alert, &near_uid), "not the near pod: {alert}");
+    let named = &alert["workloads"][0];
+    assert_eq!(named["namespace"], "shop", "{alert}");
+    assert_eq!(named["pod"], "billing-5f7c9d8b4-q8x2z", "{alert}");
+    assert_eq!(named["workload"], "deployment/billing", "{alert}");
     assert_eq!(alert["endpoint"]["zone"], "zone-a", "{alert}");
     let started = humantime::parse_rfc3339(alert["started"].as_str().unwrap())?;
     assert!(started >= delayed_at, "started before the delay: {alert}");
@@ -355,7 +396,24 @@ fn a_slower_cross_zone_path_raises_cross_zone_latency_for_the_far_pod() -> anyho
             && same_p99_us < delay.as_secs_f64() * 1e6,
         "same-zone p99 {same_p99_us} µs against the near client's timings"
     );
-    agent.stop()?;
+    // Every window of each pod carries its names; the near pod's endpoint
+    // is in the node's zone (from its label), the far pod's is not.
+    let events = agent.stop()?;
+    for (uid, pod) in [
+        (&near_uid, "checkout-5f7c9d8b4-q8x2z"),
+        (&far_uid, "billing-5f7c9d8b4-q8x2z"),
+    ] {
+        let windows: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["type"] == "latency" && e["op"] == "GET" && e["pod_uid"] == uid.as_str())
+            .collect();
+        assert!(!windows.is_empty(), "no GET window of {pod}");
+        for window in windows {
+            assert_eq!(window["namespace"], "shop", "{window}");
+            assert_eq!(window["pod"], pod, "{window}");
+            assert_eq!(window["endpoint"]["zone"], "zone-a", "{window}");
+        }
+    }
     Ok(())
 }
 
