@@ -161,6 +161,11 @@ impl Enricher {
         if task.pid != 0 {
             task.cgroup = self.cgroup(task.pid);
         }
+        // In a container's cgroup namespace `/proc/<pid>/cgroup` names no
+        // host path; the kernel's cgroup id does, through the host's tree.
+        if task.cgroup.is_none() {
+            task.cgroup = self.cgroup_paths.path(task.cgroup_id).filter(|p| p != "/");
+        }
     }
 
     fn cgroup(&mut self, pid: u32) -> Option<String> {

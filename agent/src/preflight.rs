@@ -9,15 +9,28 @@ use crate::tracefs::TRACEFS_ROOTS;
 pub const MIN_KERNEL: (u32, u32) = (5, 8);
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
+const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
+/// What the kernel asks of the agent, each also granted by CAP_SYS_ADMIN:
+/// CAP_BPF for maps, BTF and programs; CAP_PERFMON for tracepoint programs
+/// and their perf events; CAP_NET_ADMIN for the `cgroup_skb` programs
+/// (`bpf_prog_load`: `is_perfmon_prog_type`, `is_net_admin_prog_type`).
+/// `deploy/` grants exactly these; `tests/caps.rs` proves each necessary.
+pub const NEEDED_CAPABILITIES: [(&str, u32); 3] = [
+    ("CAP_BPF", CAP_BPF),
+    ("CAP_PERFMON", CAP_PERFMON),
+    ("CAP_NET_ADMIN", CAP_NET_ADMIN),
+];
+const NEEDED: &str = "CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or CAP_SYS_ADMIN)";
+
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
     #[error(
-        "missing privileges: resptrace needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN); \
-         run it as root or grant those capabilities"
+        "missing privileges: resptrace needs {NEEDED}; run it as root or grant \
+         those capabilities"
     )]
     Privileges,
     #[error("kernel {release} is too old: resptrace needs Linux {}.{} or newer", MIN_KERNEL.0, MIN_KERNEL.1)]
@@ -43,15 +56,32 @@ pub enum PreflightError {
     },
 }
 
-/// What the checks found out about the kernel.
+/// What the checks found out about the kernel and this process.
 #[derive(Debug, Clone)]
 pub struct KernelInfo {
     pub release: String,
     pub tracefs: PathBuf,
+    /// Needed capabilities this process lacks: loading will likely fail,
+    /// but the kernel decides (see [`KernelInfo::explain`]).
+    pub missing_capabilities: Vec<&'static str>,
+}
+
+impl KernelInfo {
+    /// A loading failure, with the capabilities this process lacks named
+    /// in front of the kernel's own refusal.
+    pub fn explain(&self, err: anyhow::Error) -> anyhow::Error {
+        if self.missing_capabilities.is_empty() {
+            return err;
+        }
+        err.context(format!(
+            "missing {} (resptrace needs {NEEDED})",
+            self.missing_capabilities.join(", ")
+        ))
+    }
 }
 
 pub fn check() -> Result<KernelInfo, PreflightError> {
-    check_privileges()?;
+    let missing_capabilities = check_privileges()?;
     let release = fs::read_to_string("/proc/sys/kernel/osrelease")
         .map_err(|source| PreflightError::Read {
             what: "/proc/sys/kernel/osrelease",
@@ -68,22 +98,39 @@ pub fn check() -> Result<KernelInfo, PreflightError> {
     }
     let tracefs = ensure_tracefs()?;
     raise_memlock_limit(version);
-    Ok(KernelInfo { release, tracefs })
+    Ok(KernelInfo {
+        release,
+        tracefs,
+        missing_capabilities,
+    })
 }
 
-fn check_privileges() -> Result<(), PreflightError> {
+/// Fails at once without any of the capabilities (an ordinary user); with
+/// some, returns the missing ones and lets the kernel say no.
+fn check_privileges() -> Result<Vec<&'static str>, PreflightError> {
     let status =
         fs::read_to_string("/proc/self/status").map_err(|source| PreflightError::Read {
             what: "/proc/self/status",
             source,
         })?;
     let effective = parse_effective_caps(&status).unwrap_or(0);
-    let has = |cap: u32| effective & (1u64 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
-        Ok(())
-    } else {
-        Err(PreflightError::Privileges)
+    let missing = missing_capabilities(effective);
+    if missing.len() == NEEDED_CAPABILITIES.len() {
+        return Err(PreflightError::Privileges);
     }
+    Ok(missing)
+}
+
+fn missing_capabilities(effective: u64) -> Vec<&'static str> {
+    let has = |cap: u32| effective & (1u64 << cap) != 0;
+    if has(CAP_SYS_ADMIN) {
+        return Vec::new();
+    }
+    NEEDED_CAPABILITIES
+        .iter()
+        .filter(|(_, cap)| !has(*cap))
+        .map(|(name, _)| *name)
+        .collect()
 }
 
 fn parse_effective_caps(status: &str) -> Option<u64> {
@@ -174,5 +221,9 @@ mod tests {
         assert_ne!(caps & (1 << CAP_BPF), 0);
         assert_ne!(caps & (1 << CAP_PERFMON), 0);
         assert_eq!(caps & (1 << CAP_SYS_ADMIN), 0);
+        assert_eq!(missing_capabilities(caps), ["CAP_NET_ADMIN"]);
+        assert!(missing_capabilities(caps | 1 << CAP_NET_ADMIN).is_empty());
+        assert!(missing_capabilities(1 << CAP_SYS_ADMIN).is_empty());
+        assert_eq!(missing_capabilities(0).len(), 3);
     }
 }

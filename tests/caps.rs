@@ -1,0 +1,246 @@
+//! The DaemonSet's capabilities (`lab::deploy::AGENT_CAPABILITIES`, which
+//! `tests/deploy.rs` checks against the rendered manifest), proven on this
+//! kernel with the agent run as the DaemonSet runs it: uid 0 with every other
+//! capability gone (`setpriv`, as containerd sets up a container: bounding,
+//! permitted and effective sets equal to the added ones, none inheritable or
+//! ambient, no_new_privs), in a pod cgroup of its own, in a cgroup namespace
+//! and a mount namespace whose `/sys/fs/cgroup` is that namespace's own, and
+//! the host's cgroup2 tree mounted elsewhere and named by `--cgroup-root`.
+//!
+//! - With the set, it attaches every program a full root run attaches, and
+//!   names another pod's connects and requests by the host's cgroup paths.
+//! - Without any one of them, the kernel refuses and the agent's one error
+//!   line names the missing capability.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use lab::{
+    Agent, CgroupSpec, Lab, PodCgroup, agent_binary, agent_start_timeout,
+    deploy::AGENT_CAPABILITIES, event_timeout, free_port, serial, wait_until,
+};
+use serde_json::Value;
+
+/// Capability numbers (linux/capability.h) of the names the manifest uses.
+fn capability_number(name: &str) -> u32 {
+    match name {
+        "NET_ADMIN" => 12,
+        "SYS_ADMIN" => 21,
+        "SYS_RESOURCE" => 24,
+        "PERFMON" => 38,
+        "BPF" => 39,
+        other => panic!("capability {other} has no number here"),
+    }
+}
+
+/// What the container runtime does before the agent starts, as a command
+/// that ends by exec-ing the arguments appended to it (the agent and its
+/// flags): enter `pod`'s cgroup, unshare the cgroup and mount namespaces,
+/// bind the host's cgroup2 tree at `host_cgroup` (the DaemonSet's hostPath
+/// mount), mount the namespace's own cgroup2 over /sys/fs/cgroup (what a
+/// container sees there), keep only `capabilities`.
+fn as_in_a_container(pod: &PodCgroup, host_cgroup: &PathBuf, capabilities: &[&str]) -> Command {
+    let bounding: String = std::iter::once("-all".to_owned())
+        .chain(capabilities.iter().map(|c| format!("+{}", c.to_lowercase())))
+        .collect::<Vec<_>>()
+        .join(",");
+    let script = format!(
+        "set -e
+mount --bind /sys/fs/cgroup \"$HOST_CGROUP\"
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+exec setpriv --inh-caps=-all --ambient-caps=-all --bounding-set={bounding} --no-new-privs \"$@\""
+    );
+    let mut command = Command::new("unshare");
+    command
+        .args(["--cgroup", "--mount", "--propagation", "private", "sh", "-c"])
+        .arg(script)
+        .arg("sh")
+        .arg(agent_binary())
+        .arg(format!("--cgroup-root={}", host_cgroup.display()))
+        .env("HOST_CGROUP", host_cgroup)
+        .env("NODE_NAME", "ip-10-0-1-5.ec2.internal");
+    pod.enter_on_spawn(&mut command);
+    command
+}
+
+/// A directory for the host cgroup2 bind mount (in the agent's private
+/// mount namespace only), removed on drop.
+struct MountPoint(PathBuf);
+
+impl MountPoint {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "resptrace-caps-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for MountPoint {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+fn sorted_tracepoints(started: &Value) -> Vec<String> {
+    let mut list: Vec<String> = started["tracepoints"]
+        .as_array()
+        .expect("tracepoints in started")
+        .iter()
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect();
+    list.sort();
+    list
+}
+
+#[test]
+fn the_daemonsets_capabilities_attach_everything_in_a_container() -> anyhow::Result<()> {
+    if lab::cgroup::cgroup2_mount().is_err() {
+        eprintln!("skipped: no cgroup2 mount (a cgroup-v1-only node has no cgroup namespaces to mirror)");
+        return Ok(());
+    }
+    let _serial = serial();
+    let port = free_port();
+    let lab = Lab::builder()
+        .pod("client", 'a')
+        .host("redis", 'b')
+        .build()?;
+    let (client, redis) = (lab.host("client"), lab.host("redis"));
+    let _redis = redis.start_redis(port)?;
+
+    // What a full root run attaches here.
+    let full = Agent::start(&[port], &[])?;
+    let as_root = sorted_tracepoints(full.started());
+    full.stop()?;
+
+    let agent_pod = PodCgroup::create(CgroupSpec::default())?;
+    let host_cgroup = MountPoint::new();
+    let mut agent = Agent::start_command(
+        as_in_a_container(&agent_pod, &host_cgroup.0, AGENT_CAPABILITIES),
+        &[port],
+        &["--emit", "all"],
+    )?;
+
+    // Ground truth from the kernel: the agent runs with exactly the set.
+    let pid = agent.pid();
+    let expected: u64 = AGENT_CAPABILITIES
+        .iter()
+        .map(|c| 1u64 << capability_number(c))
+        .sum();
+    for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        let value = u64::from_str_radix(&status_field(pid, set), 16)?;
+        assert_eq!(value, expected, "{set} {value:x}, expected {expected:x}");
+    }
+    for set in ["CapInh:", "CapAmb:"] {
+        assert_eq!(u64::from_str_radix(&status_field(pid, set), 16)?, 0, "{set}");
+    }
+    assert!(status_field(pid, "Uid:").starts_with("0\t"), "uid 0");
+    assert_eq!(status_field(pid, "NoNewPrivs:"), "1");
+    // Its own cgroup namespace: /proc/self/cgroup is the namespace root.
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    assert!(own.lines().any(|l| l == format!("0::{}", agent_pod.path())), "{own}");
+
+    let attached = sorted_tracepoints(agent.started());
+    assert_eq!(attached, as_root, "the same programs as root");
+    assert!(attached.iter().any(|t| t.starts_with("cgroup_skb/")), "{attached:?}");
+    eprintln!("attached with {AGENT_CAPABILITIES:?}: {attached:?}");
+
+    // Another pod's connect and request, named by the host's cgroup tree
+    // although /proc/<pid>/cgroup shows it as `/../…` from the agent's namespace.
+    let pod = client.pod().expect("a pod");
+    client.within(|| -> anyhow::Result<()> {
+        let mut stream = TcpStream::connect((redis.ip(), port))?;
+        stream.write_all(b"PING\r\n")?;
+        let mut reply = [0u8; 7];
+        stream.read_exact(&mut reply)?;
+        assert_eq!(&reply, b"+PONG\r\n");
+        Ok(())
+    })??;
+    let client_ip = client.ip().to_string();
+    let connect = agent.wait_for(event_timeout(), |e| {
+        e["type"] == "connect" && e["dst"]["port"] == port && e["src"]["ip"] == client_ip
+    })?;
+    assert_eq!(connect["outcome"], "established", "{connect}");
+    assert_eq!(connect["src"]["cgroup"], pod.path(), "{connect}");
+    assert_eq!(connect["src"]["pod_uid"], pod.uid(), "{connect}");
+    assert_eq!(connect["node"], "ip-10-0-1-5.ec2.internal", "{connect}");
+    let request = agent.wait_for(event_timeout(), |e| {
+        e["type"] == "request" && e["role"] == "client" && e["src"]["ip"] == client_ip
+    })?;
+    assert_eq!(request["command"], "PING", "{request}");
+    assert_eq!(request["outcome"], "ok", "{request}");
+    assert_eq!(request["cgroup"], pod.path(), "{request}");
+    agent.stop()?;
+    Ok(())
+}
+
+/// Each capability of the set is needed: without it the kernel refuses
+/// (the error carries its EPERM) and the one error line names what is missing.
+#[test]
+fn without_any_one_capability_the_agent_names_it() -> anyhow::Result<()> {
+    if lab::cgroup::cgroup2_mount().is_err() {
+        eprintln!("skipped: no cgroup2 mount on this host");
+        return Ok(());
+    }
+    let _serial = serial();
+    let port = free_port();
+    for missing in AGENT_CAPABILITIES {
+        let rest: Vec<&str> = AGENT_CAPABILITIES
+            .iter()
+            .copied()
+            .filter(|c| c != missing)
+            .collect();
+        let agent_pod = PodCgroup::create(CgroupSpec::default())?;
+        let host_cgroup = MountPoint::new();
+        let mut child = as_in_a_container(&agent_pod, &host_cgroup.0, &rest)
+            .args(["--ports", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        // It must exit on its own; one that attached would run until killed.
+        let exited = wait_until(agent_start_timeout(), || {
+            child.try_wait().ok().flatten().is_some()
+        });
+        if !exited {
+            let _ = child.kill();
+        }
+        let output = child.wait_with_output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        eprintln!("without CAP_{missing}: {}", stderr.trim_end());
+        assert!(exited, "started without CAP_{missing}: {stderr}");
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(output.stdout.is_empty(), "no started line");
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("resptrace: error: "))
+            .unwrap_or_else(|| panic!("an error line: {stderr}"));
+        assert!(
+            line.contains(&format!("missing CAP_{missing} ")),
+            "names CAP_{missing}: {line}"
+        );
+        assert!(
+            line.contains("Operation not permitted") || line.contains("os error 1)"),
+            "the kernel's refusal: {line}"
+        );
+    }
+    Ok(())
+}
