@@ -13,11 +13,8 @@
 //!   line names the missing capability.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
 };
 
 use lab::{
@@ -41,28 +38,44 @@ fn capability_number(name: &str) -> u32 {
 /// What the container runtime does before the agent starts, as a command
 /// that ends by exec-ing the arguments appended to it (the agent and its
 /// flags): enter `pod`'s cgroup, unshare the cgroup and mount namespaces,
-/// bind the host's cgroup2 tree at `host_cgroup` (the DaemonSet's hostPath
-/// mount), mount the namespace's own cgroup2 over /sys/fs/cgroup (what a
-/// container sees there), keep only `capabilities`.
-fn as_in_a_container(pod: &PodCgroup, host_cgroup: &PathBuf, capabilities: &[&str]) -> Command {
+/// bind the host's cgroup2 tree (`/sys/fs/cgroup`, or `…/unified` on a
+/// hybrid host) at `host_cgroup` (the DaemonSet's hostPath mount), mount
+/// the namespace's own cgroup2 over /sys/fs/cgroup (what a container sees
+/// there), keep only `capabilities`.
+fn as_in_a_container(pod: &PodCgroup, host_cgroup: &Path, capabilities: &[&str]) -> Command {
     let bounding: String = std::iter::once("-all".to_owned())
-        .chain(capabilities.iter().map(|c| format!("+{}", c.to_lowercase())))
+        .chain(
+            capabilities
+                .iter()
+                .map(|c| format!("+{}", c.to_lowercase())),
+        )
         .collect::<Vec<_>>()
         .join(",");
     let script = format!(
         "set -e
-mount --bind /sys/fs/cgroup \"$HOST_CGROUP\"
+mount --bind \"$CGROUP2\" \"$HOST_CGROUP\"
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 exec setpriv --inh-caps=-all --ambient-caps=-all --bounding-set={bounding} --no-new-privs \"$@\""
     );
     let mut command = Command::new("unshare");
     command
-        .args(["--cgroup", "--mount", "--propagation", "private", "sh", "-c"])
+        .args([
+            "--cgroup",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+        ])
         .arg(script)
         .arg("sh")
         .arg(agent_binary())
         .arg(format!("--cgroup-root={}", host_cgroup.display()))
         .env("HOST_CGROUP", host_cgroup)
+        .env(
+            "CGROUP2",
+            lab::cgroup::cgroup2_mount().expect("a cgroup2 mount"),
+        )
         .env("NODE_NAME", "ip-10-0-1-5.ec2.internal");
     pod.enter_on_spawn(&mut command);
     command
@@ -100,6 +113,32 @@ fn status_field(pid: u32, field: &str) -> String {
         .to_owned()
 }
 
+/// The agent's resident memory and its BPF maps' (the `memlock` of its map
+/// fds: what Linux 5.11+ charges to its memory cgroup), in MiB.
+fn memory_mib(pid: u32) -> (f64, f64) {
+    let rss_kib: f64 = status_field(pid, "VmRSS:")
+        .trim_end_matches(" kB")
+        .parse()
+        .unwrap();
+    let mut maps_bytes = 0u64;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(info) = std::fs::read_to_string(fd.path()) else {
+            continue;
+        };
+        if info.lines().any(|l| l.starts_with("map_type:")) {
+            maps_bytes += info
+                .lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    (rss_kib / 1024.0, maps_bytes as f64 / (1024.0 * 1024.0))
+}
+
 fn sorted_tracepoints(started: &Value) -> Vec<String> {
     let mut list: Vec<String> = started["tracepoints"]
         .as_array()
@@ -114,7 +153,9 @@ fn sorted_tracepoints(started: &Value) -> Vec<String> {
 #[test]
 fn the_daemonsets_capabilities_attach_everything_in_a_container() -> anyhow::Result<()> {
     if lab::cgroup::cgroup2_mount().is_err() {
-        eprintln!("skipped: no cgroup2 mount (a cgroup-v1-only node has no cgroup namespaces to mirror)");
+        eprintln!(
+            "skipped: no cgroup2 mount (a cgroup-v1-only node has no cgroup namespaces to mirror)"
+        );
         return Ok(());
     }
     let _serial = serial();
@@ -150,44 +191,73 @@ fn the_daemonsets_capabilities_attach_everything_in_a_container() -> anyhow::Res
         assert_eq!(value, expected, "{set} {value:x}, expected {expected:x}");
     }
     for set in ["CapInh:", "CapAmb:"] {
-        assert_eq!(u64::from_str_radix(&status_field(pid, set), 16)?, 0, "{set}");
+        assert_eq!(
+            u64::from_str_radix(&status_field(pid, set), 16)?,
+            0,
+            "{set}"
+        );
     }
     assert!(status_field(pid, "Uid:").starts_with("0\t"), "uid 0");
     assert_eq!(status_field(pid, "NoNewPrivs:"), "1");
     // Its own cgroup namespace: /proc/self/cgroup is the namespace root.
     let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
-    assert!(own.lines().any(|l| l == format!("0::{}", agent_pod.path())), "{own}");
+    assert!(
+        own.lines().any(|l| l == format!("0::{}", agent_pod.path())),
+        "{own}"
+    );
 
     let attached = sorted_tracepoints(agent.started());
     assert_eq!(attached, as_root, "the same programs as root");
-    assert!(attached.iter().any(|t| t.starts_with("cgroup_skb/")), "{attached:?}");
+    assert!(
+        attached.iter().any(|t| t.starts_with("cgroup_skb/")),
+        "{attached:?}"
+    );
     eprintln!("attached with {AGENT_CAPABILITIES:?}: {attached:?}");
 
-    // Another pod's connect and request, named by the host's cgroup tree
-    // although /proc/<pid>/cgroup shows it as `/../…` from the agent's namespace.
+    // Another pod's connect and request (a process in the pod's cgroup),
+    // named by the host's cgroup tree although its /proc/<pid>/cgroup reads
+    // `/../…` from the agent's namespace.
     let pod = client.pod().expect("a pod");
-    client.within(|| -> anyhow::Result<()> {
-        let mut stream = TcpStream::connect((redis.ip(), port))?;
-        stream.write_all(b"PING\r\n")?;
-        let mut reply = [0u8; 7];
-        stream.read_exact(&mut reply)?;
-        assert_eq!(&reply, b"+PONG\r\n");
-        Ok(())
-    })??;
+    let cli = client.spawn(
+        client
+            .command("redis-cli")
+            .args([
+                "-h",
+                &redis.ip().to_string(),
+                "-p",
+                &port.to_string(),
+                "PING",
+            ])
+            .stdout(Stdio::piped()),
+    )?;
+    let cli_pid = cli.pid();
+    let output = cli.wait_with_output()?;
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "PONG");
     let client_ip = client.ip().to_string();
     let connect = agent.wait_for(event_timeout(), |e| {
         e["type"] == "connect" && e["dst"]["port"] == port && e["src"]["ip"] == client_ip
     })?;
     assert_eq!(connect["outcome"], "established", "{connect}");
+    assert_eq!(connect["src"]["pid"], cli_pid, "{connect}");
     assert_eq!(connect["src"]["cgroup"], pod.path(), "{connect}");
     assert_eq!(connect["src"]["pod_uid"], pod.uid(), "{connect}");
     assert_eq!(connect["node"], "ip-10-0-1-5.ec2.internal", "{connect}");
     let request = agent.wait_for(event_timeout(), |e| {
-        e["type"] == "request" && e["role"] == "client" && e["src"]["ip"] == client_ip
+        e["type"] == "request"
+            && e["role"] == "client"
+            && e["src"]["ip"] == client_ip
+            && e["command"] == "PING"
     })?;
-    assert_eq!(request["command"], "PING", "{request}");
     assert_eq!(request["outcome"], "ok", "{request}");
     assert_eq!(request["cgroup"], pod.path(), "{request}");
+
+    // The figures behind the DaemonSet's memory request and limit.
+    let (rss, maps) = memory_mib(pid);
+    eprintln!("agent as in the DaemonSet: RSS {rss:.1} MiB, BPF maps {maps:.1} MiB");
+    assert!(
+        maps > 8.0,
+        "the 8 MiB ring buffer is among the maps: {maps:.1} MiB"
+    );
     agent.stop()?;
     Ok(())
 }

@@ -69,15 +69,19 @@ fn every_object_is_valid_for_every_supported_kubernetes() {
 fn the_validator_rejects_broken_manifests() {
     let (_, objects) = rendered("");
     let daemonset = find(&objects, "DaemonSet").clone();
-    let broken: [(&str, fn(&mut Value)); 3] = [
+    type Breakage = fn(&mut Value);
+    let broken: [(&str, Breakage); 3] = [
         ("misspelt field", |d| {
             let context = &mut d["spec"]["template"]["spec"]["containers"][0]["securityContext"];
-            let value = context.as_object_mut().unwrap().remove("readOnlyRootFilesystem");
+            let value = context
+                .as_object_mut()
+                .unwrap()
+                .remove("readOnlyRootFilesystem");
             context["readOnlyRootFileSystem"] = value.unwrap();
         }),
         ("capabilities as a string", |d| {
-            d["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]
-                ["add"] = json!("BPF,PERFMON");
+            d["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"] =
+                json!("BPF,PERFMON");
         }),
         ("no containers", |d| {
             d["spec"]["template"]["spec"]
@@ -86,7 +90,7 @@ fn the_validator_rejects_broken_manifests() {
                 .remove("containers");
         }),
     ];
-    assert!(deploy::validate(&deploy::to_yaml(&[daemonset.clone()]), "1.30.0").is_ok());
+    assert!(deploy::validate(&deploy::to_yaml(std::slice::from_ref(&daemonset)), "1.30.0").is_ok());
     for (what, breakage) in broken {
         let mut object = daemonset.clone();
         breakage(&mut object);
@@ -136,7 +140,10 @@ fn the_daemonset_runs_unprivileged_with_the_proven_capabilities() {
         .iter()
         .map(|a| a.as_str().unwrap())
         .collect();
-    assert!(args.contains(&"--cgroup-root=/host/sys/fs/cgroup"), "{args:?}");
+    assert!(
+        args.contains(&"--cgroup-root=/host/sys/fs/cgroup"),
+        "{args:?}"
+    );
     assert_eq!(
         pod["volumes"]
             .as_array()
@@ -182,8 +189,8 @@ fn node_name_probes_and_service_match_the_agent() {
     }
 
     // The PodMonitor example (a CRD: not validated) scrapes the same pods.
-    let example = std::fs::read_to_string(deploy::deploy_dir().join("examples/podmonitor.yaml"))
-        .unwrap();
+    let example =
+        std::fs::read_to_string(deploy::deploy_dir().join("examples/podmonitor.yaml")).unwrap();
     let monitor = &deploy::parse_yaml(&example).unwrap()[0];
     assert_eq!(monitor["spec"]["podMetricsEndpoints"][0]["port"], port_name);
     for (key, value) in monitor["spec"]["selector"]["matchLabels"]
@@ -224,7 +231,11 @@ fn the_agent_accepts_the_configmap_and_the_daemonset_args() {
     let uncommented: String = toml
         .lines()
         .map(|line| match line.strip_prefix("# ") {
-            Some(setting) if setting.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')) => {
+            Some(setting)
+                if setting
+                    .split_once(" = ")
+                    .is_some_and(|(k, _)| !k.contains(' ')) =>
+            {
                 setting
             }
             _ => line,
@@ -237,7 +248,10 @@ fn the_agent_accepts_the_configmap_and_the_daemonset_args() {
     let agent = agent_container(&objects);
     let dir = std::env::temp_dir().join(format!("resptrace-deploy-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for (name, text) in [("as-shipped.toml", &toml), ("uncommented.toml", &uncommented)] {
+    for (name, text) in [
+        ("as-shipped.toml", &toml),
+        ("uncommented.toml", &uncommented),
+    ] {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
         let args: Vec<String> = agent["args"]

