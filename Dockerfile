@@ -1,5 +1,7 @@
 # resptrace's container image: `docker build -t resptrace:0.1.0 .` (or
-# buildah/kaniko), then name it in deploy/kustomization.yaml.
+# buildah/kaniko), then name it in deploy/kustomization.yaml. Without a
+# container engine, `cargo xtask image` writes the same content as an OCI
+# archive (docs/development.md).
 #
 # Stage 1 builds as a development machine does (docs/development.md):
 # `cargo xtask setup` installs Debian's rustc-web with its prebuilt BPF core,
