@@ -15,10 +15,10 @@ const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// What the kernel asks of the agent, each also granted by CAP_SYS_ADMIN:
-/// CAP_BPF for maps, BTF and programs; CAP_PERFMON for tracepoint programs
-/// and their perf events; CAP_NET_ADMIN for the `cgroup_skb` programs
-/// (`bpf_prog_load`: `is_perfmon_prog_type`, `is_net_admin_prog_type`).
-/// `deploy/` grants exactly these; `tests/caps.rs` proves each necessary.
+/// CAP_BPF for maps, BTF and programs; CAP_PERFMON for loading tracepoint
+/// programs; CAP_NET_ADMIN for attaching the `cgroup_skb` programs to the
+/// cgroup2 root (they load without it). `deploy/` grants exactly these;
+/// `tests/caps.rs` proves each necessary: without it the kernel says EPERM.
 pub const NEEDED_CAPABILITIES: [(&str, u32); 3] = [
     ("CAP_BPF", CAP_BPF),
     ("CAP_PERFMON", CAP_PERFMON),

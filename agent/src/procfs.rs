@@ -70,7 +70,8 @@ pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
     };
     anyhow::ensure!(
         rc == 0,
-        "no cgroup2 hierarchy is mounted and mounting one at {} failed: {}",
+        "no cgroup2 hierarchy is mounted and mounting one at {} failed \
+         (in a container this needs CAP_SYS_ADMIN): {}",
         target.display(),
         std::io::Error::last_os_error()
     );
