@@ -41,7 +41,8 @@ fn capability_number(name: &str) -> u32 {
 /// bind the host's cgroup2 tree (`/sys/fs/cgroup`, or `…/unified` on a
 /// hybrid host) at `host_cgroup` (the DaemonSet's hostPath mount), mount
 /// the namespace's own cgroup2 over /sys/fs/cgroup (what a container sees
-/// there), keep only `capabilities`.
+/// there; on a tmpfs first: the kernel refuses a cgroup2 mount right on top
+/// of the host's, EBUSY), keep only `capabilities`.
 fn as_in_a_container(pod: &PodCgroup, host_cgroup: &Path, capabilities: &[&str]) -> Command {
     let bounding: String = std::iter::once("-all".to_owned())
         .chain(
@@ -54,6 +55,7 @@ fn as_in_a_container(pod: &PodCgroup, host_cgroup: &Path, capabilities: &[&str])
     let script = format!(
         "set -e
 mount --bind \"$CGROUP2\" \"$HOST_CGROUP\"
+mount -t tmpfs tmpfs /sys/fs/cgroup
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 exec setpriv --inh-caps=-all --ambient-caps=-all --bounding-set={bounding} --no-new-privs \"$@\""
     );
@@ -139,6 +141,81 @@ fn memory_mib(pid: u32) -> (f64, f64) {
     (rss_kib / 1024.0, maps_bytes as f64 / (1024.0 * 1024.0))
 }
 
+/// `kernel.perf_event_paranoid`, set for a test and restored on drop.
+struct PerfParanoid {
+    was: String,
+}
+
+const PARANOID: &str = "/proc/sys/kernel/perf_event_paranoid";
+
+impl PerfParanoid {
+    fn level() -> i32 {
+        std::fs::read_to_string(PARANOID)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn set(level: i32) -> Self {
+        let was = std::fs::read_to_string(PARANOID).unwrap();
+        std::fs::write(PARANOID, level.to_string()).unwrap();
+        Self { was }
+    }
+}
+
+impl Drop for PerfParanoid {
+    fn drop(&mut self) {
+        let _ = std::fs::write(PARANOID, self.was.trim());
+    }
+}
+
+/// Runs `command` with the agent's flags until it exits on its own, or
+/// kills it once it has outlived the start timeout: whether it exited, and
+/// its output.
+fn run_to_exit(mut command: Command, port: u16) -> (bool, std::process::Output) {
+    let mut child = command
+        .args(["--ports", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = wait_until(agent_start_timeout(), || {
+        child.try_wait().ok().flatten().is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    (exited, child.wait_with_output().unwrap())
+}
+
+/// On kernels whose `perf_event_paranoid` is above 2 and means it (Debian's
+/// and Ubuntu's level 3: only CAP_SYS_ADMIN may open perf events), the set
+/// cannot attach tracepoints: the agent must say so and why; then the level
+/// is set to 2 (the node setting docs/deploy-eks.md asks for) for the rest.
+fn lower_perf_paranoid(port: u16) -> Option<PerfParanoid> {
+    let level = PerfParanoid::level();
+    if level <= 2 {
+        return None;
+    }
+    let pod = PodCgroup::create(CgroupSpec::default()).unwrap();
+    let host_cgroup = MountPoint::new();
+    let (exited, output) = run_to_exit(
+        as_in_a_container(&pod, &host_cgroup.0, AGENT_CAPABILITIES),
+        port,
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("perf_event_paranoid {level}: {}", stderr.trim_end());
+    if exited && stderr.contains(&format!("kernel.perf_event_paranoid is {level}: ")) {
+        // This kernel restricts level 3: the node setting lifts it.
+        return Some(PerfParanoid::set(2));
+    }
+    // A mainline kernel treats levels above 2 as 2: the set must then work.
+    assert!(!exited, "exited at perf_event_paranoid {level}: {stderr}");
+    None
+}
+
 fn sorted_tracepoints(started: &Value) -> Vec<String> {
     let mut list: Vec<String> = started["tracepoints"]
         .as_array()
@@ -166,6 +243,8 @@ fn the_daemonsets_capabilities_attach_everything_in_a_container() -> anyhow::Res
         .build()?;
     let (client, redis) = (lab.host("client"), lab.host("redis"));
     let _redis = redis.start_redis(port)?;
+
+    let _paranoid = lower_perf_paranoid(port);
 
     // What a full root run attaches here.
     let full = Agent::start(&[port], &[])?;
@@ -272,6 +351,7 @@ fn without_any_one_capability_the_agent_names_it() -> anyhow::Result<()> {
     }
     let _serial = serial();
     let port = free_port();
+    let _paranoid = lower_perf_paranoid(port);
     for missing in AGENT_CAPABILITIES {
         let rest: Vec<&str> = AGENT_CAPABILITIES
             .iter()
@@ -280,20 +360,9 @@ fn without_any_one_capability_the_agent_names_it() -> anyhow::Result<()> {
             .collect();
         let agent_pod = PodCgroup::create(CgroupSpec::default())?;
         let host_cgroup = MountPoint::new();
-        let mut child = as_in_a_container(&agent_pod, &host_cgroup.0, &rest)
-            .args(["--ports", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
         // It must exit on its own; one that attached would run until killed.
-        let exited = wait_until(agent_start_timeout(), || {
-            child.try_wait().ok().flatten().is_some()
-        });
-        if !exited {
-            let _ = child.kill();
-        }
-        let output = child.wait_with_output()?;
+        let (exited, output) =
+            run_to_exit(as_in_a_container(&agent_pod, &host_cgroup.0, &rest), port);
         let stderr = String::from_utf8_lossy(&output.stderr);
         eprintln!("without CAP_{missing}: {}", stderr.trim_end());
         assert!(exited, "started without CAP_{missing}: {stderr}");

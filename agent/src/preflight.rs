@@ -64,24 +64,48 @@ pub struct KernelInfo {
     /// Needed capabilities this process lacks: loading will likely fail,
     /// but the kernel decides (see [`KernelInfo::explain`]).
     pub missing_capabilities: Vec<&'static str>,
+    /// `kernel.perf_event_paranoid` when above 2 and this process lacks
+    /// CAP_SYS_ADMIN: Debian's and Ubuntu's kernels
+    /// (`CONFIG_SECURITY_PERF_EVENTS_RESTRICT`, level 3 by default) then
+    /// refuse `perf_event_open` — tracepoint attachment — to anyone without
+    /// CAP_SYS_ADMIN, CAP_PERFMON or not; mainline treats 3 as 2.
+    pub perf_paranoid_restricts: Option<i32>,
 }
 
 impl KernelInfo {
     /// A loading failure, with the capabilities this process lacks named
-    /// in front of the kernel's own refusal.
-    pub fn explain(&self, err: anyhow::Error) -> anyhow::Error {
-        if self.missing_capabilities.is_empty() {
-            return err;
+    /// in front of the kernel's own refusal, and a refused perf event
+    /// explained when the paranoid level is why.
+    pub fn explain(&self, mut err: anyhow::Error) -> anyhow::Error {
+        let refused_with = |errno: i32| {
+            err.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.raw_os_error() == Some(errno))
+            })
+        };
+        if let Some(level) = self.perf_paranoid_restricts
+            && refused_with(libc::EACCES)
+        {
+            err = err.context(format!(
+                "kernel.perf_event_paranoid is {level}: this kernel lets only CAP_SYS_ADMIN \
+                 open perf events (CAP_PERFMON is not enough at level 3, a Debian/Ubuntu \
+                 patch); set it to 2 on the node (`sysctl kernel.perf_event_paranoid=2`) \
+                 or grant CAP_SYS_ADMIN"
+            ));
         }
-        err.context(format!(
-            "missing {} (resptrace needs {NEEDED})",
-            self.missing_capabilities.join(", ")
-        ))
+        if !self.missing_capabilities.is_empty() {
+            err = err.context(format!(
+                "missing {} (resptrace needs {NEEDED})",
+                self.missing_capabilities.join(", ")
+            ));
+        }
+        err
     }
 }
 
 pub fn check() -> Result<KernelInfo, PreflightError> {
-    let missing_capabilities = check_privileges()?;
+    let (effective, missing_capabilities) = check_privileges()?;
     let release = fs::read_to_string("/proc/sys/kernel/osrelease")
         .map_err(|source| PreflightError::Read {
             what: "/proc/sys/kernel/osrelease",
@@ -98,16 +122,22 @@ pub fn check() -> Result<KernelInfo, PreflightError> {
     }
     let tracefs = ensure_tracefs()?;
     raise_memlock_limit(version);
+    let perf_paranoid_restricts = fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+        .ok()
+        .and_then(|text| text.trim().parse::<i32>().ok())
+        .filter(|&level| level > 2 && effective & (1u64 << CAP_SYS_ADMIN) == 0);
     Ok(KernelInfo {
         release,
         tracefs,
         missing_capabilities,
+        perf_paranoid_restricts,
     })
 }
 
 /// Fails at once without any of the capabilities (an ordinary user); with
-/// some, returns the missing ones and lets the kernel say no.
-fn check_privileges() -> Result<Vec<&'static str>, PreflightError> {
+/// some, returns the effective set and the missing ones, and lets the
+/// kernel say no.
+fn check_privileges() -> Result<(u64, Vec<&'static str>), PreflightError> {
     let status =
         fs::read_to_string("/proc/self/status").map_err(|source| PreflightError::Read {
             what: "/proc/self/status",
@@ -118,7 +148,7 @@ fn check_privileges() -> Result<Vec<&'static str>, PreflightError> {
     if missing.len() == NEEDED_CAPABILITIES.len() {
         return Err(PreflightError::Privileges);
     }
-    Ok(missing)
+    Ok((effective, missing))
 }
 
 fn missing_capabilities(effective: u64) -> Vec<&'static str> {
@@ -225,5 +255,26 @@ mod tests {
         assert!(missing_capabilities(caps | 1 << CAP_NET_ADMIN).is_empty());
         assert!(missing_capabilities(1 << CAP_SYS_ADMIN).is_empty());
         assert_eq!(missing_capabilities(0).len(), 3);
+    }
+
+    #[test]
+    fn a_refused_perf_event_is_explained_by_the_paranoid_level() {
+        let info = KernelInfo {
+            release: "6.1.0".into(),
+            tracefs: TRACEFS_ROOTS[0].into(),
+            missing_capabilities: Vec::new(),
+            perf_paranoid_restricts: Some(3),
+        };
+        let refused = |errno| {
+            anyhow::Error::new(std::io::Error::from_raw_os_error(errno))
+                .context("attaching to tracepoint sock/inet_sock_set_state")
+        };
+        let message = format!("{:#}", info.explain(refused(libc::EACCES)));
+        assert!(
+            message.starts_with("kernel.perf_event_paranoid is 3: "),
+            "{message}"
+        );
+        let message = format!("{:#}", info.explain(refused(libc::EPERM)));
+        assert!(message.starts_with("attaching"), "{message}");
     }
 }
