@@ -6,7 +6,7 @@
 
 use std::process::Command;
 
-use lab::deploy::{self, AGENT_CAPABILITIES};
+use lab::deploy::{self, AGENT_CAPABILITIES, AMAZON_LINUX_2_CAPABILITIES};
 use serde_json::{Value, json};
 
 /// The oldest Kubernetes in EKS extended support, and the newest the
@@ -153,6 +153,53 @@ fn the_daemonset_runs_unprivileged_with_the_proven_capabilities() {
             .unwrap()["hostPath"]["path"],
         "/sys/fs/cgroup"
     );
+}
+
+/// The overlays change what they say and nothing else that matters.
+#[test]
+fn the_overlays_grant_what_their_nodes_need() {
+    let (_, objects) = rendered("overlays/amazon-linux-2");
+    let agent = agent_container(&objects);
+    let security = &agent["securityContext"];
+    assert_eq!(security["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(
+        security["capabilities"]["add"],
+        json!(AMAZON_LINUX_2_CAPABILITIES),
+        "tests/caps.rs proves this set on 5.10"
+    );
+    assert_eq!(security["privileged"], false);
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    assert_eq!(security["seccompProfile"]["type"], "RuntimeDefault");
+    let args = agent["args"].to_string();
+    assert!(!args.contains("--cgroup-root"), "{args}");
+    let run = agent["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == "/run/resptrace")
+        .expect("a writable /run/resptrace for the agent's cgroup2 mount");
+    let pod = &find(&objects, "DaemonSet")["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == run["name"])
+        .unwrap();
+    assert!(volume["emptyDir"].is_object(), "{volume}");
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["hostPath"]["path"] != "/sys/fs/cgroup"),
+        "no host cgroup2 tree on a cgroup-v1 node"
+    );
+
+    let (_, objects) = rendered("overlays/bottlerocket");
+    let security = &agent_container(&objects)["securityContext"];
+    assert_eq!(security["seLinuxOptions"], json!({"type": "super_t"}));
+    assert_eq!(security["capabilities"]["add"], json!(AGENT_CAPABILITIES));
+    assert_eq!(security["privileged"], false);
 }
 
 #[test]

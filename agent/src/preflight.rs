@@ -14,17 +14,18 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-/// What the kernel asks of the agent, each also granted by CAP_SYS_ADMIN:
-/// CAP_BPF for maps, BTF and programs; CAP_PERFMON for loading tracepoint
-/// programs; CAP_NET_ADMIN for attaching the `cgroup_skb` programs to the
-/// cgroup2 root (they load without it). `deploy/` grants exactly these;
-/// `tests/caps.rs` proves each necessary: without it the kernel says EPERM.
+/// What the kernel asks of the agent: CAP_BPF for maps, BTF and programs
+/// and CAP_PERFMON for loading tracepoint programs (both also granted by
+/// CAP_SYS_ADMIN); CAP_NET_ADMIN for attaching the `cgroup_skb` programs to
+/// the cgroup2 root (they load without it; on 5.10 CAP_SYS_ADMIN does not
+/// stand in for it). `deploy/` grants exactly these; `tests/caps.rs` proves
+/// each necessary: without it the kernel says EPERM.
 pub const NEEDED_CAPABILITIES: [(&str, u32); 3] = [
     ("CAP_BPF", CAP_BPF),
     ("CAP_PERFMON", CAP_PERFMON),
     ("CAP_NET_ADMIN", CAP_NET_ADMIN),
 ];
-const NEEDED: &str = "CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or CAP_SYS_ADMIN)";
+const NEEDED: &str = "CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN), and CAP_NET_ADMIN";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
@@ -70,6 +71,9 @@ pub struct KernelInfo {
     /// refuse `perf_event_open` — tracepoint attachment — to anyone without
     /// CAP_SYS_ADMIN, CAP_PERFMON or not; mainline treats 3 as 2.
     pub perf_paranoid_restricts: Option<i32>,
+    /// `RLIMIT_MEMLOCK` in bytes when it could not be raised on a kernel
+    /// before 5.11, which charges BPF maps to it.
+    pub memlock_limit: Option<u64>,
 }
 
 impl KernelInfo {
@@ -77,21 +81,23 @@ impl KernelInfo {
     /// in front of the kernel's own refusal, and a refused perf event
     /// explained when the paranoid level is why.
     pub fn explain(&self, mut err: anyhow::Error) -> anyhow::Error {
-        let refused_with = |errno: i32| {
-            err.chain().any(|cause| {
-                cause
-                    .downcast_ref::<std::io::Error>()
-                    .is_some_and(|e| e.raw_os_error() == Some(errno))
-            })
-        };
         if let Some(level) = self.perf_paranoid_restricts
-            && refused_with(libc::EACCES)
+            && refused_with(&err, libc::EACCES)
         {
             err = err.context(format!(
                 "kernel.perf_event_paranoid is {level}: this kernel lets only CAP_SYS_ADMIN \
                  open perf events (CAP_PERFMON is not enough at level 3, a Debian/Ubuntu \
                  patch); set it to 2 on the node (`sysctl kernel.perf_event_paranoid=2`) \
                  or grant CAP_SYS_ADMIN"
+            ));
+        }
+        if let Some(limit) = self.memlock_limit
+            && refused_with(&err, libc::EPERM)
+        {
+            err = err.context(format!(
+                "RLIMIT_MEMLOCK is {} KiB and could not be raised: Linux before 5.11 \
+                 charges BPF maps to it (grant CAP_SYS_RESOURCE, or raise the limit)",
+                limit / 1024
             ));
         }
         if !self.missing_capabilities.is_empty() {
@@ -121,7 +127,7 @@ pub fn check() -> Result<KernelInfo, PreflightError> {
         return Err(PreflightError::MissingBtf);
     }
     let tracefs = ensure_tracefs()?;
-    raise_memlock_limit(version);
+    let memlock_limit = raise_memlock_limit(version);
     let perf_paranoid_restricts = fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
         .ok()
         .and_then(|text| text.trim().parse::<i32>().ok())
@@ -131,6 +137,16 @@ pub fn check() -> Result<KernelInfo, PreflightError> {
         tracefs,
         missing_capabilities,
         perf_paranoid_restricts,
+        memlock_limit,
+    })
+}
+
+/// Whether the kernel's refusal somewhere in `err` was `errno`.
+fn refused_with(err: &anyhow::Error, errno: i32) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.raw_os_error() == Some(errno))
     })
 }
 
@@ -153,12 +169,9 @@ fn check_privileges() -> Result<(u64, Vec<&'static str>), PreflightError> {
 
 fn missing_capabilities(effective: u64) -> Vec<&'static str> {
     let has = |cap: u32| effective & (1u64 << cap) != 0;
-    if has(CAP_SYS_ADMIN) {
-        return Vec::new();
-    }
     NEEDED_CAPABILITIES
         .iter()
-        .filter(|(_, cap)| !has(*cap))
+        .filter(|&&(_, cap)| !has(cap) && (cap == CAP_NET_ADMIN || !has(CAP_SYS_ADMIN)))
         .map(|(name, _)| *name)
         .collect()
 }
@@ -210,20 +223,30 @@ fn ensure_tracefs() -> Result<PathBuf, PreflightError> {
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones to the
 /// memory cgroup, where raising the limit is unnecessary (and may be refused
 /// without CAP_SYS_RESOURCE).
-fn raise_memlock_limit(version: (u32, u32)) {
+/// Returns the limit left in place, in bytes, when it could not be raised on
+/// a kernel that charges BPF maps to it.
+fn raise_memlock_limit(version: (u32, u32)) -> Option<u64> {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: plain syscall with a valid pointer.
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
-    if rc != 0 && version < (5, 11) {
-        tracing::warn!(
-            "cannot raise RLIMIT_MEMLOCK ({}): loading may fail on this kernel; \
-             grant CAP_SYS_RESOURCE or raise the limit",
-            std::io::Error::last_os_error()
-        );
+    if rc == 0 || version >= (5, 11) {
+        return None;
     }
+    tracing::warn!(
+        "cannot raise RLIMIT_MEMLOCK ({}): loading may fail on this kernel; \
+         grant CAP_SYS_RESOURCE or raise the limit",
+        std::io::Error::last_os_error()
+    );
+    let mut current = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    (unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut current) } == 0)
+        .then_some(current.rlim_cur)
 }
 
 #[cfg(test)]
@@ -253,7 +276,8 @@ mod tests {
         assert_eq!(caps & (1 << CAP_SYS_ADMIN), 0);
         assert_eq!(missing_capabilities(caps), ["CAP_NET_ADMIN"]);
         assert!(missing_capabilities(caps | 1 << CAP_NET_ADMIN).is_empty());
-        assert!(missing_capabilities(1 << CAP_SYS_ADMIN).is_empty());
+        assert_eq!(missing_capabilities(1 << CAP_SYS_ADMIN), ["CAP_NET_ADMIN"]);
+        assert!(missing_capabilities(1 << CAP_SYS_ADMIN | 1 << CAP_NET_ADMIN).is_empty());
         assert_eq!(missing_capabilities(0).len(), 3);
     }
 
@@ -264,6 +288,7 @@ mod tests {
             tracefs: TRACEFS_ROOTS[0].into(),
             missing_capabilities: Vec::new(),
             perf_paranoid_restricts: Some(3),
+            memlock_limit: None,
         };
         let refused = |errno| {
             anyhow::Error::new(std::io::Error::from_raw_os_error(errno))

@@ -16,6 +16,14 @@ use serde_json::Value;
 /// `tests/deploy.rs` that the rendered DaemonSet grants exactly these.
 pub const AGENT_CAPABILITIES: &[&str] = &["BPF", "PERFMON", "NET_ADMIN"];
 
+/// The capabilities `deploy/overlays/amazon-linux-2` grants instead, for
+/// kernel 5.10 and cgroup v1: CAP_NET_ADMIN (attaching to a cgroup: 5.10
+/// takes nothing else for it), CAP_SYS_ADMIN (the agent mounts a cgroup2
+/// hierarchy of its own; it also covers CAP_BPF and CAP_PERFMON) and
+/// CAP_SYS_RESOURCE (5.10 charges BPF maps to RLIMIT_MEMLOCK).
+/// `tests/caps.rs` proves them on kernels before 5.11.
+pub const AMAZON_LINUX_2_CAPABILITIES: &[&str] = &["NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"];
+
 /// `deploy/` in this checkout.
 pub fn deploy_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
