@@ -156,6 +156,8 @@ fn client_giving_up_on_a_dropped_syn_is_aborted() -> anyhow::Result<()> {
     let _serial = serial();
     let redis = RedisServer::start()?;
     let mut agent = Agent::start(&[redis.port], &[])?;
+    // The dropped SYN rightly raises `syn_drops` (checked below).
+    agent.expect_alerts();
     let _drop = FirewallRule::drop_syns_to(redis.port)?;
 
     let retrans_before = nstat("TcpExtTCPSynRetrans")?;
@@ -182,6 +184,10 @@ fn client_giving_up_on_a_dropped_syn_is_aborted() -> anyhow::Result<()> {
     assert_eq!(event["path_drop_suspected"], true, "{event}");
     assert_eq!(event["src"]["pid"], std::process::id());
     assert_failed_after_matches(&event, client_waited);
+    let alert = agent.wait_for(event_timeout(), |e| {
+        e["type"] == "alert" && e["kind"] == "syn_drops" && e["state"] == "firing"
+    })?;
+    assert_eq!(alert["endpoint"]["port"], redis.port, "{alert}");
     assert_no_second_event(&mut agent, redis.port)?;
     agent.stop()?;
     Ok(())
@@ -193,6 +199,8 @@ fn kernel_giving_up_on_a_dropped_syn_is_timeout() -> anyhow::Result<()> {
     let _serial = serial();
     let redis = RedisServer::start()?;
     let mut agent = Agent::start(&[redis.port], &[])?;
+    // The dropped SYN rightly raises `syn_drops` (checked below).
+    agent.expect_alerts();
     let _drop = FirewallRule::drop_syns_to(redis.port)?;
 
     let retrans_before = nstat("TcpExtTCPSynRetrans")?;
@@ -220,6 +228,10 @@ fn kernel_giving_up_on_a_dropped_syn_is_timeout() -> anyhow::Result<()> {
     assert_eq!(event["syn_retransmits"], kernel_retransmits, "{event}");
     assert_eq!(event["path_drop_suspected"], true, "{event}");
     assert_failed_after_matches(&event, client_waited);
+    let alert = agent.wait_for(event_timeout(), |e| {
+        e["type"] == "alert" && e["kind"] == "syn_drops" && e["state"] == "firing"
+    })?;
+    assert_eq!(alert["endpoint"]["port"], redis.port, "{alert}");
     assert_no_second_event(&mut agent, redis.port)?;
     agent.stop()?;
     Ok(())

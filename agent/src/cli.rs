@@ -16,7 +16,7 @@ use clap::{Parser, builder::TypedValueParser as _};
                   its own logs go to stderr. Every flag can also be set with the \
                   environment variable shown, or as a key of the --config file \
                   (same name, without `--`); flags win over the environment, \
-                  which wins over the file. Needs root, or CAP_BPF + CAP_PERFMON \
+                  which wins over the file. Needs root, or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN \
                   (CAP_SYS_ADMIN before Linux 5.8), and a kernel ≥ 5.8 with BTF."
 )]
 pub struct Cli {
@@ -105,6 +105,15 @@ pub struct Cli {
     /// by the DaemonSet from the downward API), else the hostname.
     #[arg(long)]
     pub node_name: Option<String>,
+
+    /// The host's cgroup2 mount: the packet programs attach to its root and
+    /// cgroup ids are named from its tree. Default: the first cgroup2 mount
+    /// of this process. In a container with its own cgroup namespace
+    /// (Kubernetes on cgroup-v2 nodes) that mount is the container's own
+    /// cgroup, so the DaemonSet mounts the host's `/sys/fs/cgroup` read-only
+    /// and names it here.
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_root: Option<PathBuf>,
 
     /// TOML file with settings, keyed like the long flags (`interval = "10s"`,
     /// `ports = [6379, 6380]`). Flags and environment variables override it.

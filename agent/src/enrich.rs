@@ -161,9 +161,10 @@ impl Enricher {
         if task.pid != 0 {
             task.cgroup = self.cgroup(task.pid);
         }
-        // A short-lived client (`redis-cli`) is often gone before its event
-        // is read: its v2 cgroup id still names its cgroup (not on v1-only
-        // nodes, where the id is the v2 root's).
+        // The kernel's cgroup id names the cgroup when /proc cannot: a
+        // short-lived client (`redis-cli`) gone before its event is read,
+        // or a container's cgroup namespace, where `/proc/<pid>/cgroup`
+        // names no host path. Not on v1-only nodes (the id is the v2 root's).
         if task.cgroup.is_none() {
             task.cgroup = self
                 .cgroup_paths

@@ -9,15 +9,29 @@ use crate::tracefs::TRACEFS_ROOTS;
 pub const MIN_KERNEL: (u32, u32) = (5, 8);
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
+const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
+/// What the kernel asks of the agent: CAP_BPF for maps, BTF and programs
+/// and CAP_PERFMON for loading tracepoint programs (both also granted by
+/// CAP_SYS_ADMIN); CAP_NET_ADMIN for attaching the `cgroup_skb` programs to
+/// the cgroup2 root (they load without it; on 5.10 CAP_SYS_ADMIN does not
+/// stand in for it). `deploy/` grants exactly these; `tests/caps.rs` proves
+/// each necessary: without it the kernel says EPERM.
+pub const NEEDED_CAPABILITIES: [(&str, u32); 3] = [
+    ("CAP_BPF", CAP_BPF),
+    ("CAP_PERFMON", CAP_PERFMON),
+    ("CAP_NET_ADMIN", CAP_NET_ADMIN),
+];
+const NEEDED: &str = "CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN), and CAP_NET_ADMIN";
+
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
     #[error(
-        "missing privileges: resptrace needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN); \
-         run it as root or grant those capabilities"
+        "missing privileges: resptrace needs {NEEDED}; run it as root or grant \
+         those capabilities"
     )]
     Privileges,
     #[error("kernel {release} is too old: resptrace needs Linux {}.{} or newer", MIN_KERNEL.0, MIN_KERNEL.1)]
@@ -43,15 +57,61 @@ pub enum PreflightError {
     },
 }
 
-/// What the checks found out about the kernel.
+/// What the checks found out about the kernel and this process.
 #[derive(Debug, Clone)]
 pub struct KernelInfo {
     pub release: String,
     pub tracefs: PathBuf,
+    /// Needed capabilities this process lacks: loading will likely fail,
+    /// but the kernel decides (see [`KernelInfo::explain`]).
+    pub missing_capabilities: Vec<&'static str>,
+    /// `kernel.perf_event_paranoid` when above 2 and this process lacks
+    /// CAP_SYS_ADMIN: Debian's and Ubuntu's kernels
+    /// (`CONFIG_SECURITY_PERF_EVENTS_RESTRICT`, level 3 by default) then
+    /// refuse `perf_event_open` — tracepoint attachment — to anyone without
+    /// CAP_SYS_ADMIN, CAP_PERFMON or not; mainline treats 3 as 2.
+    pub perf_paranoid_restricts: Option<i32>,
+    /// `RLIMIT_MEMLOCK` in bytes when it could not be raised on a kernel
+    /// before 5.11, which charges BPF maps to it.
+    pub memlock_limit: Option<u64>,
+}
+
+impl KernelInfo {
+    /// A loading failure, with the capabilities this process lacks named
+    /// in front of the kernel's own refusal, and a refused perf event
+    /// explained when the paranoid level is why.
+    pub fn explain(&self, mut err: anyhow::Error) -> anyhow::Error {
+        if let Some(level) = self.perf_paranoid_restricts
+            && refused_with(&err, libc::EACCES)
+        {
+            err = err.context(format!(
+                "kernel.perf_event_paranoid is {level}: this kernel lets only CAP_SYS_ADMIN \
+                 open perf events (CAP_PERFMON is not enough at level 3, a Debian/Ubuntu \
+                 patch); set it to 2 on the node (`sysctl kernel.perf_event_paranoid=2`) \
+                 or grant CAP_SYS_ADMIN"
+            ));
+        }
+        if let Some(limit) = self.memlock_limit
+            && refused_with(&err, libc::EPERM)
+        {
+            err = err.context(format!(
+                "RLIMIT_MEMLOCK is {} KiB and could not be raised: Linux before 5.11 \
+                 charges BPF maps to it (grant CAP_SYS_RESOURCE, or raise the limit)",
+                limit / 1024
+            ));
+        }
+        if !self.missing_capabilities.is_empty() {
+            err = err.context(format!(
+                "missing {} (resptrace needs {NEEDED})",
+                self.missing_capabilities.join(", ")
+            ));
+        }
+        err
+    }
 }
 
 pub fn check() -> Result<KernelInfo, PreflightError> {
-    check_privileges()?;
+    let (effective, missing_capabilities) = check_privileges()?;
     let release = fs::read_to_string("/proc/sys/kernel/osrelease")
         .map_err(|source| PreflightError::Read {
             what: "/proc/sys/kernel/osrelease",
@@ -67,23 +127,53 @@ pub fn check() -> Result<KernelInfo, PreflightError> {
         return Err(PreflightError::MissingBtf);
     }
     let tracefs = ensure_tracefs()?;
-    raise_memlock_limit(version);
-    Ok(KernelInfo { release, tracefs })
+    let memlock_limit = raise_memlock_limit(version);
+    let perf_paranoid_restricts = fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+        .ok()
+        .and_then(|text| text.trim().parse::<i32>().ok())
+        .filter(|&level| level > 2 && effective & (1u64 << CAP_SYS_ADMIN) == 0);
+    Ok(KernelInfo {
+        release,
+        tracefs,
+        missing_capabilities,
+        perf_paranoid_restricts,
+        memlock_limit,
+    })
 }
 
-fn check_privileges() -> Result<(), PreflightError> {
+/// Whether the kernel's refusal somewhere in `err` was `errno`.
+fn refused_with(err: &anyhow::Error, errno: i32) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.raw_os_error() == Some(errno))
+    })
+}
+
+/// Fails at once without any of the capabilities (an ordinary user); with
+/// some, returns the effective set and the missing ones, and lets the
+/// kernel say no.
+fn check_privileges() -> Result<(u64, Vec<&'static str>), PreflightError> {
     let status =
         fs::read_to_string("/proc/self/status").map_err(|source| PreflightError::Read {
             what: "/proc/self/status",
             source,
         })?;
     let effective = parse_effective_caps(&status).unwrap_or(0);
-    let has = |cap: u32| effective & (1u64 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
-        Ok(())
-    } else {
-        Err(PreflightError::Privileges)
+    let missing = missing_capabilities(effective);
+    if missing.len() == NEEDED_CAPABILITIES.len() {
+        return Err(PreflightError::Privileges);
     }
+    Ok((effective, missing))
+}
+
+fn missing_capabilities(effective: u64) -> Vec<&'static str> {
+    let has = |cap: u32| effective & (1u64 << cap) != 0;
+    NEEDED_CAPABILITIES
+        .iter()
+        .filter(|&&(_, cap)| !has(cap) && (cap == CAP_NET_ADMIN || !has(CAP_SYS_ADMIN)))
+        .map(|(name, _)| *name)
+        .collect()
 }
 
 fn parse_effective_caps(status: &str) -> Option<u64> {
@@ -133,20 +223,30 @@ fn ensure_tracefs() -> Result<PathBuf, PreflightError> {
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones to the
 /// memory cgroup, where raising the limit is unnecessary (and may be refused
 /// without CAP_SYS_RESOURCE).
-fn raise_memlock_limit(version: (u32, u32)) {
+/// Returns the limit left in place, in bytes, when it could not be raised on
+/// a kernel that charges BPF maps to it.
+fn raise_memlock_limit(version: (u32, u32)) -> Option<u64> {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: plain syscall with a valid pointer.
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
-    if rc != 0 && version < (5, 11) {
-        tracing::warn!(
-            "cannot raise RLIMIT_MEMLOCK ({}): loading may fail on this kernel; \
-             grant CAP_SYS_RESOURCE or raise the limit",
-            std::io::Error::last_os_error()
-        );
+    if rc == 0 || version >= (5, 11) {
+        return None;
     }
+    tracing::warn!(
+        "cannot raise RLIMIT_MEMLOCK ({}): loading may fail on this kernel; \
+         grant CAP_SYS_RESOURCE or raise the limit",
+        std::io::Error::last_os_error()
+    );
+    let mut current = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    (unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut current) } == 0)
+        .then_some(current.rlim_cur)
 }
 
 #[cfg(test)]
@@ -174,5 +274,32 @@ mod tests {
         assert_ne!(caps & (1 << CAP_BPF), 0);
         assert_ne!(caps & (1 << CAP_PERFMON), 0);
         assert_eq!(caps & (1 << CAP_SYS_ADMIN), 0);
+        assert_eq!(missing_capabilities(caps), ["CAP_NET_ADMIN"]);
+        assert!(missing_capabilities(caps | 1 << CAP_NET_ADMIN).is_empty());
+        assert_eq!(missing_capabilities(1 << CAP_SYS_ADMIN), ["CAP_NET_ADMIN"]);
+        assert!(missing_capabilities(1 << CAP_SYS_ADMIN | 1 << CAP_NET_ADMIN).is_empty());
+        assert_eq!(missing_capabilities(0).len(), 3);
+    }
+
+    #[test]
+    fn a_refused_perf_event_is_explained_by_the_paranoid_level() {
+        let info = KernelInfo {
+            release: "6.1.0".into(),
+            tracefs: TRACEFS_ROOTS[0].into(),
+            missing_capabilities: Vec::new(),
+            perf_paranoid_restricts: Some(3),
+            memlock_limit: None,
+        };
+        let refused = |errno| {
+            anyhow::Error::new(std::io::Error::from_raw_os_error(errno))
+                .context("attaching to tracepoint sock/inet_sock_set_state")
+        };
+        let message = format!("{:#}", info.explain(refused(libc::EACCES)));
+        assert!(
+            message.starts_with("kernel.perf_event_paranoid is 3: "),
+            "{message}"
+        );
+        let message = format!("{:#}", info.explain(refused(libc::EPERM)));
+        assert!(message.starts_with("attaching"), "{message}");
     }
 }

@@ -29,6 +29,24 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
     })
 }
 
+/// `dir` if it is the root of a cgroup2 mount (`--cgroup-root`).
+pub fn check_cgroup2(dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| anyhow::anyhow!("{} contains a NUL byte", dir.display()))?;
+    // SAFETY: `statfs` is plain old data; all zeroes is a valid value.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a valid out-pointer.
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
+        anyhow::bail!("{}: {}", dir.display(), std::io::Error::last_os_error());
+    }
+    anyhow::ensure!(
+        stat.f_type == libc::CGROUP2_SUPER_MAGIC,
+        "{} is not a cgroup2 mount (mount the host's /sys/fs/cgroup there)",
+        dir.display()
+    );
+    Ok(dir.to_owned())
+}
+
 /// The cgroup2 root the packet programs attach to: the mounted one, or on
 /// a cgroup-v1-only node a cgroup2 hierarchy mounted for the agent (every
 /// socket belongs to its root there).
@@ -39,15 +57,23 @@ pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
     let target = PathBuf::from("/run/resptrace/cgroup2");
     fs::create_dir_all(&target)
         .map_err(|e| anyhow::anyhow!("creating {}: {e}", target.display()))?;
-    let status = std::process::Command::new("mount")
-        .args(["-t", "cgroup2", "none"])
-        .arg(&target)
-        .status()
-        .map_err(|e| anyhow::anyhow!("running mount for cgroup2: {e}"))?;
+    // A syscall, not mount(8): container images carry no `mount`.
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            c"/run/resptrace/cgroup2".as_ptr(),
+            c"cgroup2".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     anyhow::ensure!(
-        status.success(),
-        "no cgroup2 hierarchy is mounted and mounting one at {} failed ({status})",
-        target.display()
+        rc == 0,
+        "no cgroup2 hierarchy is mounted and mounting one at {} failed \
+         (in a container this needs CAP_SYS_ADMIN): {}",
+        target.display(),
+        std::io::Error::last_os_error()
     );
     Ok(target)
 }
@@ -70,6 +96,11 @@ pub fn parse_process_cgroup(text: &str) -> Option<String> {
         else {
             continue;
         };
+        // `/../…`: outside the reader's cgroup namespace (an agent in a
+        // container), relative to its root: names no directory of the host.
+        if path.starts_with("/..") {
+            continue;
+        }
         if id == "0" && controllers.is_empty() {
             if path != "/" {
                 return Some(path.to_owned());
@@ -88,7 +119,10 @@ pub fn parse_process_cgroup(text: &str) -> Option<String> {
 /// `bpf_get_current_cgroup_id()` reports it.
 pub fn process_cgroup_id(pid: u32, cgroup2: &Path) -> Option<u64> {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let path = text.lines().find_map(|line| line.strip_prefix("0::"))?;
+    let path = text
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .filter(|path| !path.starts_with("/.."))?;
     let dir = cgroup2.join(path.trim_start_matches('/'));
     fs::metadata(dir).ok().map(|m| m.ino())
 }
@@ -243,5 +277,9 @@ mod tests {
             "/kubepods/burstable/pod1234/abc"
         );
         assert_eq!(parse_process_cgroup("0::/\n"), None);
+        // Seen from a container's cgroup namespace: unusable as a path.
+        let outside = "0::/../../kubepods-besteffort.slice/kubepods-besteffort-pod1234.slice\n";
+        assert_eq!(parse_process_cgroup(outside), None);
+        assert_eq!(parse_process_cgroup("4:memory:/../../x\n0::/../y\n"), None);
     }
 }

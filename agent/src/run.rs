@@ -66,7 +66,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         None => None,
     };
 
-    let cgroup_root = procfs::cgroup2_root()?;
+    // The mount cgroup ids are named from; `cgroup_root` is where the packet
+    // programs attach (on a cgroup-v1-only node, one mounted for the agent).
+    let cgroup_mount = match &cli.cgroup_root {
+        Some(dir) => Some(procfs::check_cgroup2(dir).context("--cgroup-root")?),
+        None => procfs::cgroup2_mount(),
+    };
+    let cgroup_root = match &cgroup_mount {
+        Some(mount) => mount.clone(),
+        None => procfs::cgroup2_root().map_err(|e| kernel.explain(e))?,
+    };
     let (mut probes, ring) = Probes::load(&LoadOptions {
         ports: &ports,
         ring_buffer_bytes: cli.ring_buffer_kib * 1024,
@@ -77,9 +86,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } else {
             PacketHook::Resp
         },
-    })?;
+    })
+    .map_err(|e| kernel.explain(e))?;
     let attached = std::mem::take(&mut probes.attached);
-    let seeds = connection::seeds(&ports, procfs::cgroup2_mount().as_deref(), monotonic_ns());
+    let seeds = connection::seeds(&ports, cgroup_mount.as_deref(), monotonic_ns());
     let seeded_connections = probes.seed_connections(&seeds);
     tracing::info!(
         "watching TCP ports {ports:?} with {} kernel programs on Linux {}",
@@ -127,7 +137,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     gauge_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     gauge_timer.reset();
     let mut gauge_keys = BTreeSet::new();
-    let enricher = Enricher::with_cgroup_root(procfs::cgroup2_mount());
+    let enricher = Enricher::with_cgroup_root(cgroup_mount);
     let mut pipeline = Pipeline::new(
         enricher,
         &cli.detectors.config(cli.slow_threshold),

