@@ -383,8 +383,23 @@ fn redis_py_is_current() -> bool {
         && fs::read_to_string(dir.join("redis-py.stamp")).ok() == Some(redis_py_stamp_text())
 }
 
-/// A fresh venv with redis-py `REDIS_PY_VERSION` (Debian's python3 needs
-/// python3-venv for `-m venv`).
+/// An empty Python venv at `venv`, replacing any there (Debian's python3
+/// needs python3-venv for `-m venv`).
+fn fresh_venv(venv: &std::path::Path) -> anyhow::Result<()> {
+    let has_venv =
+        || stdout_of(Command::new("python3").args(["-c", "import venv, ensurepip"])).is_some();
+    if !has_venv() {
+        ensure_packages(&["python3", "python3-venv"])?;
+        anyhow::ensure!(has_venv(), "python3 has no venv/ensurepip module");
+    }
+    if venv.exists() {
+        fs::remove_dir_all(venv).with_context(|| format!("removing {}", venv.display()))?;
+    }
+    fs::create_dir_all(venv.parent().unwrap_or(venv))?;
+    run_status(Command::new("python3").args(["-m", "venv"]).arg(venv))
+}
+
+/// A fresh venv with redis-py `REDIS_PY_VERSION`.
 fn install_redis_py() -> anyhow::Result<()> {
     let dir = clients_dir();
     let venv = dir.join("venv");
@@ -392,17 +407,7 @@ fn install_redis_py() -> anyhow::Result<()> {
         eprintln!("    ok: redis-py {REDIS_PY_VERSION} in {}", venv.display());
         return Ok(());
     }
-    let has_venv =
-        || stdout_of(Command::new("python3").args(["-c", "import venv, ensurepip"])).is_some();
-    if !has_venv() {
-        ensure_packages(&["python3", "python3-venv"])?;
-        anyhow::ensure!(has_venv(), "python3 has no venv/ensurepip module");
-    }
-    fs::create_dir_all(&dir)?;
-    if venv.exists() {
-        fs::remove_dir_all(&venv).with_context(|| format!("removing {}", venv.display()))?;
-    }
-    run_status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    fresh_venv(&venv)?;
     run_status(
         Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check"])
@@ -507,19 +512,9 @@ fn install_deploy_tools() -> anyhow::Result<()> {
         eprintln!("    ok: xtask/deploy-tools.txt in {}", venv.display());
         return Ok(());
     }
-    let has_venv =
-        || stdout_of(Command::new("python3").args(["-c", "import venv, ensurepip"])).is_some();
-    if !has_venv() {
-        ensure_packages(&["python3", "python3-venv"])?;
-        anyhow::ensure!(has_venv(), "python3 has no venv/ensurepip module");
-    }
-    fs::create_dir_all(&dir)?;
-    if venv.exists() {
-        fs::remove_dir_all(&venv).with_context(|| format!("removing {}", venv.display()))?;
-    }
+    fresh_venv(&venv)?;
     let requirements = dir.join("requirements.txt");
     fs::write(&requirements, DEPLOY_TOOLS)?;
-    run_status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     run_status(
         Command::new(venv.join("bin/pip"))
             .args([
