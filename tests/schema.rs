@@ -75,7 +75,8 @@ fn samples() -> Vec<Value> {
             "resp_unparsed_bytes": 0, "resp_desyncs": 0, "resp_unmatched_replies": 0, "lines_dropped": 7,
             "detector_untracked": 0,
             "kubernetes": {"state": "unavailable", "pods": 31, "redis_pods": 3, "services": 120,
-                           "node_zone": "us-east-1a", "last_error": "pods on this node: tcp connect error"}}),
+                           "node_zone": "us-east-1a", "last_error": "pods on this node: tcp connect error",
+                           "not_kept": 0}}),
         ),
         // Named by the Kubernetes API: the client pod, and a Redis pod or Service.
         with(

@@ -123,6 +123,9 @@ pub struct KubeStats {
     /// The last failure, kept after recovery.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Pods and ClusterIPs not kept because a store was at its cap
+    /// (`MAX_PODS`, `MAX_SERVICES`), since the stores were last listed.
+    pub not_kept: u64,
 }
 
 /// The shared snapshot: written by the watches, read by the pipeline
@@ -216,6 +219,9 @@ impl Names {
             services: snapshot.services.as_ref().map(|s| s.by_ip.len()),
             node_zone: snapshot.node_zone.as_deref().map(str::to_string),
             last_error: snapshot.last_error.clone(),
+            not_kept: snapshot.node_pods.not_kept
+                + snapshot.redis_pods.as_ref().map_or(0, |s| s.not_kept)
+                + snapshot.services.as_ref().map_or(0, |s| s.not_kept),
         }
     }
 
@@ -406,6 +412,8 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 struct PodStore {
     by_uid: HashMap<Arc<str>, (Arc<PodMeta>, Vec<IpAddr>)>,
     by_ip: HashMap<IpAddr, Arc<str>>,
+    /// Pods not kept: the store was full.
+    not_kept: u64,
 }
 
 impl PodStore {
@@ -415,6 +423,7 @@ impl PodStore {
         };
         self.remove(&uid);
         if self.by_uid.len() >= MAX_PODS {
+            self.not_kept += 1;
             return;
         }
         let uid: Arc<str> = uid.into();
@@ -446,6 +455,8 @@ impl PodStore {
 #[derive(Debug, Default)]
 struct ServiceStore {
     by_ip: HashMap<IpAddr, (Arc<str>, Arc<str>)>,
+    /// ClusterIPs not kept: the store was full.
+    not_kept: u64,
 }
 
 impl ServiceStore {
@@ -460,7 +471,8 @@ impl ServiceStore {
         let (namespace, name): (Arc<str>, Arc<str>) = (namespace.into(), name.into());
         for ip in cluster_ips(service) {
             if self.by_ip.len() >= MAX_SERVICES {
-                return;
+                self.not_kept += 1;
+                continue;
             }
             self.by_ip.insert(ip, (namespace.clone(), name.clone()));
         }
@@ -824,6 +836,28 @@ mod tests {
                 "ownerReferences": [{ "apiVersion": "apps/v1", "kind": kind, "name": name, "uid": "o1", "controller": true }],
             },
         }))
+    }
+
+    #[test]
+    fn pods_beyond_the_cap_are_counted_not_kept() {
+        let mut store = PodStore::default();
+        for i in 0..MAX_PODS + 3 {
+            store.apply(
+                &pod(serde_json::json!({
+                    "metadata": { "name": format!("p{i}"), "namespace": "shop", "uid": format!("u{i}") },
+                    "status": { "podIP": format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255) },
+                })),
+                &[],
+            );
+        }
+        assert_eq!(store.by_uid.len(), MAX_PODS);
+        assert_eq!(store.not_kept, 3);
+        // An update of a kept pod is not a new one.
+        store.apply(
+            &pod(serde_json::json!({ "metadata": { "name": "p0", "namespace": "shop", "uid": "u0" } })),
+            &[],
+        );
+        assert_eq!(store.not_kept, 3);
     }
 
     #[test]
