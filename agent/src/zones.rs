@@ -92,7 +92,7 @@ impl Zones {
 
     /// Where `ip` is relative to this node.
     pub fn locality(&self, ip: IpAddr) -> Locality {
-        self.locality_of_zones(self.node_zone().as_deref(), ip)
+        self.locality_with(ip, |to| self.node_zone().map(|node| &*node == to))
     }
 
     /// Where `server` is relative to `client`: the client's zone is its
@@ -100,18 +100,24 @@ impl Zones {
     /// the node's zone; a mapped pod address also covers pods that the
     /// lab, or custom networking, places in another subnet).
     pub fn locality_between(&self, client: IpAddr, server: IpAddr) -> Locality {
-        let node_zone = self.node_zone();
-        self.locality_of_zones(self.zone_of(client).or(node_zone.as_deref()), server)
+        self.locality_with(server, |to| match self.zone_of(client) {
+            Some(from) => Some(from == to),
+            None => self.node_zone().map(|node| &*node == to),
+        })
     }
 
-    fn locality_of_zones(&self, from_zone: Option<&str>, ip: IpAddr) -> Locality {
+    /// `same_zone(endpoint's zone)`: whether the viewer's zone is it, `None`
+    /// when the viewer's zone is unknown. Asked only for a mapped endpoint,
+    /// so without a CIDR map (the common case) no zone is looked up at all
+    /// (the node's may take the Kubernetes snapshot's lock).
+    fn locality_with(&self, ip: IpAddr, same_zone: impl FnOnce(&str) -> Option<bool>) -> Locality {
         if ip.to_canonical().is_loopback() {
             return Locality::SameZone;
         }
-        match (from_zone, self.zone_of(ip)) {
-            (Some(from), Some(to)) if from == to => Locality::SameZone,
-            (Some(_), Some(_)) => Locality::CrossZone,
-            _ => Locality::UnknownZone,
+        match self.zone_of(ip).and_then(same_zone) {
+            Some(true) => Locality::SameZone,
+            Some(false) => Locality::CrossZone,
+            None => Locality::UnknownZone,
         }
     }
 }
