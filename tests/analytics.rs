@@ -69,7 +69,7 @@ fn a_connect_storm_from_a_pod_fires_once_and_names_the_pod() -> anyhow::Result<(
             "10.1.0.0/24=zone-a,10.2.0.0/24=zone-b",
         ],
     )?;
-    agent.expect_alerts();
+    agent.expect_alerts(&["connect_storm", "cross_zone_latency"]);
     let received_before = connections_received(&server, addr)?;
 
     let storm_for = Duration::from_secs(6);
@@ -159,7 +159,7 @@ fn dropped_syns_and_connect_timeout_retries_raise_syn_drops_and_retry_storm() ->
     let (app, redis) = (lab.host("app"), lab.host("redis"));
     let _redis = redis.start_redis(port)?;
     let mut agent = Agent::start(&[port], &["--interval", "1s"])?;
-    agent.expect_alerts();
+    agent.expect_alerts(&["syn_drops", "retry_storm"]);
     let _drop = lab.inject(Path::between(app.ip(), redis.ip(), port), Fault::DropSyn)?;
 
     let python = clients_dir().join("venv/bin/python");
@@ -300,7 +300,7 @@ fn a_slower_cross_zone_path_raises_cross_zone_latency_for_the_far_pod() -> anyho
         ],
     )?;
     // The far pod talks only across zones: `mostly_cross_zone` may fire too.
-    agent.expect_alerts();
+    agent.expect_alerts(&["cross_zone_latency"]);
     agent.wait_for(event_timeout(), |e| {
         e["type"] == "stats"
             && e["kubernetes"]["state"] == "connected"
@@ -427,7 +427,7 @@ fn a_redis_restart_under_load_shows_refused_connects_and_recovery() -> anyhow::R
     let mut server = RedisServer::start_on(port, &[])?;
     let mut agent = Agent::start(&[port], &["--interval", "1s"])?;
     // Refused reconnects may rightly raise alerts.
-    agent.expect_alerts();
+    agent.expect_alerts(&["retry_storm"]);
 
     let python = clients_dir().join("venv/bin/python");
     // One connection per attempt, 20 ms apart, for 6 s: how production

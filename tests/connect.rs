@@ -157,7 +157,7 @@ fn client_giving_up_on_a_dropped_syn_is_aborted() -> anyhow::Result<()> {
     let redis = RedisServer::start()?;
     let mut agent = Agent::start(&[redis.port], &[])?;
     // The dropped SYN rightly raises `syn_drops` (checked below).
-    agent.expect_alerts();
+    agent.expect_alerts(&["syn_drops"]);
     let _drop = FirewallRule::drop_syns_to(redis.port)?;
 
     let retrans_before = nstat("TcpExtTCPSynRetrans")?;
@@ -200,7 +200,7 @@ fn kernel_giving_up_on_a_dropped_syn_is_timeout() -> anyhow::Result<()> {
     let redis = RedisServer::start()?;
     let mut agent = Agent::start(&[redis.port], &[])?;
     // The dropped SYN rightly raises `syn_drops` (checked below).
-    agent.expect_alerts();
+    agent.expect_alerts(&["syn_drops"]);
     let _drop = FirewallRule::drop_syns_to(redis.port)?;
 
     let retrans_before = nstat("TcpExtTCPSynRetrans")?;

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{bail, ensure};
 use lab::{
-    Agent, Cluster, Fault, Lab, Path, Place, RedisServer, Workload,
+    Agent, Cluster, Fault, LOSS_ALERTS, Lab, Path, Place, RedisServer, Workload,
     clients::{Benchmark, ClientResult, count_delta},
     cluster::key_in_slots,
     event_timeout, free_port, scaled, serial,
@@ -475,8 +475,8 @@ fn latency_counts_stay_exact_under_loss_and_reordering() -> anyhow::Result<()> {
         .map(|&port| redis.start_redis(port))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut trace = Trace::start(&[bench_port, crate_port], &["--interval", "1s"])?;
-    // 5% loss: a `retransmits` alert is right here.
-    trace.agent.expect_alerts();
+    // 5% loss: the alerts loss causes are right here.
+    trace.agent.expect_alerts(LOSS_ALERTS);
     let bench_addr = SocketAddr::from((redis.ip(), bench_port));
     let crate_addr = SocketAddr::from((redis.ip(), crate_port));
     let bench = Benchmark::new(redis.ip(), bench_port, 20_000).pipeline(16);
