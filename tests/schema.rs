@@ -72,7 +72,7 @@ fn samples() -> Vec<Value> {
             "stats",
             json!({"events": 1, "decode_errors": 0, "ring_buffer_full": 0, "connect_map_full": 0,
             "connection_map_full": 0, "read_failed": 0, "resp_gaps": 0, "resp_flow_map_full": 0, "resp_truncated": 0,
-            "resp_unparsed_bytes": 0, "resp_desyncs": 0, "resp_unmatched_replies": 0, "lines_dropped": 7,
+            "missed_runs": 0, "resp_unparsed_bytes": 0, "resp_desyncs": 0, "resp_unmatched_replies": 0, "lines_dropped": 7,
             "detector_untracked": 0,
             "kubernetes": {"state": "unavailable", "pods": 31, "redis_pods": 3, "services": 120,
                            "node_zone": "us-east-1a", "last_error": "pods on this node: tcp connect error",

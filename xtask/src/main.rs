@@ -73,7 +73,8 @@ enum Command {
     /// redis-server; report which programs attach and which tests pass, and
     /// refresh the table in docs/kernels.md.
     VmTest {
-        /// Which kernels: 6.1 (AL2023, Bottlerocket), 5.10 (Amazon Linux 2), or all.
+        /// Which kernels: 6.1 (AL2023, Bottlerocket), 5.10 (Amazon Linux 2),
+        /// host (this machine's own, no qemu), or all three.
         #[arg(long, value_enum, default_value = "6.1")]
         kernel: vm::KernelChoice,
         /// Test binaries of the `tests` package to run (repeatable).

@@ -48,15 +48,20 @@ pub enum KernelChoice {
     V5_10,
     #[value(name = "6.1")]
     V6_1,
+    /// This machine's own kernel (6.18 on the development VMs), no qemu.
+    Host,
+    /// 6.1, 5.10 and this host.
     All,
 }
 
 impl KernelChoice {
-    fn series(self) -> Vec<Series> {
+    /// The guests to boot, and whether to run on this host too.
+    fn plan(self) -> (Vec<Series>, bool) {
         match self {
-            Self::V5_10 => vec![Series::V5_10],
-            Self::V6_1 => vec![Series::V6_1],
-            Self::All => vec![Series::V6_1, Series::V5_10],
+            Self::V5_10 => (vec![Series::V5_10], false),
+            Self::V6_1 => (vec![Series::V6_1], false),
+            Self::Host => (Vec::new(), true),
+            Self::All => (vec![Series::V6_1, Series::V5_10], true),
         }
     }
 }
@@ -79,8 +84,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
 
     let workspace = crate::workspace_root();
     let mut runs = Vec::new();
-    for series in options.kernel.series() {
+    let (guests, host) = options.kernel.plan();
+    for series in guests {
         runs.push(run_kernel(series, options, &tests, &workspace));
+    }
+    if host {
+        runs.push(run_host(options, &tests, &workspace));
     }
 
     step("vm-test: summary");
@@ -98,7 +107,11 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     );
     // A closing line CI reads as the test count.
     println!("vm-test: {passed} passed, {failed} failed");
-    let failing: Vec<&str> = runs.iter().filter(|r| !r.ok()).map(|r| r.series).collect();
+    let failing: Vec<&str> = runs
+        .iter()
+        .filter(|r| !r.ok())
+        .map(|r| r.series.as_str())
+        .collect();
     anyhow::ensure!(
         failing.is_empty(),
         "vm-test failed on Linux {} (see the summary above)",
@@ -119,8 +132,9 @@ fn run_kernel(
 ) -> KernelRun {
     let started = Instant::now();
     let mut run = KernelRun {
-        series: series.name(),
+        series: series.name().to_owned(),
         kernel: None,
+        host_release: None,
         agent: None,
         tests: Vec::new(),
         timings: Timings::default(),
@@ -157,7 +171,8 @@ fn run_kernel(
     let _ = fs::remove_dir_all(&results);
     let agent = crate::agent_binary();
     let script = guest::script(&guest::Plan {
-        kernel: &kernel,
+        kernel: Some(&kernel),
+        results: std::path::Path::new(initramfs::GUEST_RESULTS),
         workspace,
         agent: &agent,
         tests,
@@ -193,6 +208,18 @@ fn run_kernel(
             guest::Console::default()
         }
     };
+    collect(&mut run, &console, tests, &results, &console_log);
+    run
+}
+
+/// Timings, failures and results of one run from its marks and results dir.
+fn collect(
+    run: &mut KernelRun,
+    console: &guest::Console,
+    tests: &[(String, PathBuf)],
+    results: &std::path::Path,
+    console_log: &std::path::Path,
+) {
     run.timings.boot = console.step_at("guest up");
     let agent_at = console.step_at("agent");
     let first_test = tests
@@ -202,23 +229,77 @@ fn run_kernel(
     run.timings.agent = agent_at.zip(first_test).map(|(a, t)| t.saturating_sub(a));
     run.timings.tests = first_test.zip(done).map(|(t, d)| d.saturating_sub(t));
     if let Some(failure) = &console.failure {
-        run.failure.get_or_insert(format!("guest setup: {failure}"));
+        run.failure.get_or_insert(format!("setup: {failure}"));
     }
     if run.failure.is_none() && done.is_none() {
         run.failure = Some(format!(
-            "the guest stopped before finishing (console in {})",
+            "the run stopped before finishing (console in {})",
             console_log.display()
         ));
     }
-
     if agent_at.is_some() {
-        run.agent = Some(report::read_agent(&results));
+        run.agent = Some(report::read_agent(results));
     }
     run.tests = tests
         .iter()
         .filter(|(name, _)| console.step_at(&format!("test {name}")).is_some())
-        .map(|(name, _)| report::read_test(&results, name))
+        .map(|(name, _)| report::read_test(results, name))
         .collect();
+}
+
+/// The same script on this host's own kernel: its row in the table, by the
+/// same agent-alone check and the same test binaries, at time scale 1.
+fn run_host(
+    options: &Options,
+    tests: &[(String, PathBuf)],
+    workspace: &std::path::Path,
+) -> KernelRun {
+    let started = Instant::now();
+    let release = crate::util::stdout_of(Command::new("uname").arg("-r"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned());
+    // `6.18.44-fc-v1272` → `6.18`, the series the table sorts by.
+    let series: String = release
+        .split(['.', '-'])
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(".");
+    let mut run = KernelRun {
+        series,
+        kernel: None,
+        host_release: Some(release),
+        agent: None,
+        tests: Vec::new(),
+        timings: Timings::default(),
+        failure: None,
+    };
+    let dir = cache_dir().join("host");
+    let results = dir.join("results");
+    let _ = fs::remove_dir_all(&results);
+    let script = guest::script(&guest::Plan {
+        kernel: None,
+        results: &results,
+        workspace,
+        agent: &crate::agent_binary(),
+        tests,
+        filter: options.filter.as_deref(),
+        time_scale: 1,
+        test_timeout: TEST_BINARY_TIMEOUT,
+    });
+    let script_path = results.join("host.sh");
+    if let Err(err) = fs::create_dir_all(&results).and_then(|()| fs::write(&script_path, script)) {
+        run.failure = Some(format!("writing {}: {err}", script_path.display()));
+        return run;
+    }
+    step(&format!("vm-test {}: this host's own kernel", run.series));
+    let console_log = dir.join("console.log");
+    let console = guest::run_on_host(&script_path, &run.series, &console_log, GUEST_TIMEOUT)
+        .unwrap_or_else(|err| {
+            run.failure = Some(format!("run on this host: {err:#}"));
+            guest::Console::default()
+        });
+    run.timings.total = started.elapsed();
+    collect(&mut run, &console, tests, &results, &console_log);
     run
 }
 

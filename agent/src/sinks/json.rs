@@ -424,6 +424,9 @@ pub struct Stats {
     pub resp_flow_map_full: u64,
     /// Segments longer than what is copied per segment (rest skipped by length).
     pub resp_truncated: u64,
+    /// Program runs the kernel skipped (another tracing program was
+    /// running on that CPU): events lost in the kernel.
+    pub missed_runs: u64,
     /// RESP bytes that could not be followed (skipped to the next boundary).
     pub resp_unparsed_bytes: u64,
     pub resp_desyncs: u64,
@@ -457,6 +460,7 @@ impl Stats {
         self.read_failed = kernel.read_failed;
         self.resp_flow_map_full = kernel.resp_flow_map_full;
         self.resp_truncated = kernel.resp_truncated;
+        self.missed_runs = kernel.missed_runs;
         self
     }
 }

@@ -104,6 +104,11 @@ const AGENT_COUNTERS: &[AgentCounter] = &[
         |s| s.resp_truncated,
     ),
     (
+        "missed_runs",
+        "kernel program runs skipped because another tracing program was running on the CPU",
+        |s| s.missed_runs,
+    ),
+    (
         "resp_unparsed_bytes",
         "RESP bytes that could not be followed",
         |s| s.resp_unparsed_bytes,

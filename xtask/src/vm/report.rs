@@ -49,8 +49,12 @@ pub struct Timings {
 /// Everything known about one kernel's run.
 #[derive(Debug)]
 pub struct KernelRun {
-    pub series: &'static str,
+    /// `6.1`, `5.10`, or this host's `major.minor`.
+    pub series: String,
+    /// The unpacked Debian kernel a guest booted; `None` on this host.
     pub kernel: Option<Kernel>,
+    /// `uname -r` when the run was on this host's own kernel.
+    pub host_release: Option<String>,
     pub agent: Option<AgentRun>,
     pub tests: Vec<TestRun>,
     pub timings: Timings,
@@ -182,10 +186,11 @@ fn secs(duration: Option<Duration>) -> String {
 pub fn summary(runs: &[KernelRun]) -> String {
     let mut s = String::new();
     for run in runs {
-        let title = run.kernel.as_ref().map_or_else(
-            || run.series.to_owned(),
-            |k| format!("{} ({} {})", run.series, k.package, k.version),
-        );
+        let title = match (&run.kernel, &run.host_release) {
+            (Some(k), _) => format!("{} ({} {})", run.series, k.package, k.version),
+            (None, Some(release)) => format!("{} ({release}, this host)", run.series),
+            (None, None) => run.series.clone(),
+        };
         let verdict = if run.ok() { "ok" } else { "FAILED" };
         let _ = writeln!(s, "{title}: {verdict}");
         let t = &run.timings;
@@ -294,14 +299,18 @@ fn version_key(kernel_cell: &str) -> Vec<u32> {
 }
 
 fn row_of(run: &KernelRun, date: &str) -> Row {
-    let kernel = match &run.kernel {
-        Some(k) => format!(
+    let kernel = match (&run.kernel, &run.host_release) {
+        (Some(k), _) => format!(
             "{} ({}, Debian `{}`)",
             run.series,
             k.upstream_version(),
             k.package
         ),
-        None => run.series.to_owned(),
+        (None, Some(release)) => format!(
+            "{} (`{release}`, the development VM's own kernel, no qemu)",
+            run.series
+        ),
+        (None, None) => run.series.clone(),
     };
     let mut programs = Vec::new();
     if let Some(agent) = &run.agent {
@@ -342,7 +351,11 @@ fn row_of(run: &KernelRun, date: &str) -> Row {
         } else {
             tests.join("; ")
         },
-        measured: format!("{date}; boot {}, tests {}", secs(t.boot), secs(t.tests)),
+        measured: if run.kernel.is_some() {
+            format!("{date}; boot {}, tests {}", secs(t.boot), secs(t.tests))
+        } else {
+            format!("{date}; tests {}", secs(t.tests))
+        },
     }
 }
 
@@ -437,8 +450,9 @@ mod tests {
 
     fn run(series: &'static str, attached: &[&str], absent: &[&str]) -> KernelRun {
         KernelRun {
-            series,
+            series: series.to_owned(),
             kernel: None,
+            host_release: None,
             agent: Some(AgentRun {
                 attached: attached.iter().map(|s| s.to_string()).collect(),
                 absent: absent.iter().map(|s| s.to_string()).collect(),
