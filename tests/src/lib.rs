@@ -356,6 +356,22 @@ impl Agent {
         self.stop_with(libc::SIGTERM)
     }
 
+    /// SIGKILL, as the OOM killer or a node's eviction does: no cleanup runs
+    /// in the agent. Returns the lines it wrote before, and how it ended.
+    pub fn kill(mut self) -> anyhow::Result<(Vec<Value>, std::process::ExitStatus)> {
+        signal(self.child.id(), libc::SIGKILL);
+        let status = self.child.wait().context("waiting for the killed agent")?;
+        let mut rest = std::mem::take(&mut self.seen);
+        // Its stdout ends with the process: read what is left.
+        while let Ok(line) = self.events.recv() {
+            match line {
+                Ok(event) => rest.push(event),
+                Err(invalid) => bail!("agent wrote an invalid line: {invalid}"),
+            }
+        }
+        Ok((rest, status))
+    }
+
     fn stop_with(mut self, signal_number: libc::c_int) -> anyhow::Result<Vec<Value>> {
         signal(self.child.id(), signal_number);
         let deadline = Instant::now() + scaled(Duration::from_secs(10));
