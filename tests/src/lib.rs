@@ -28,6 +28,7 @@ pub mod kernel;
 pub mod kubeapi;
 pub mod netns;
 pub mod schema;
+pub mod soak;
 pub mod sweep;
 pub mod topology;
 
@@ -478,6 +479,10 @@ impl RedisServer {
 }
 
 impl RedisServer {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the server (SIGKILL: a crash, no goodbye to clients) and reaps it.
     pub fn stop(&mut self) {
         let _ = self.child.kill();
