@@ -7,9 +7,7 @@
 //! lists of BPF programs, maps and links (`bpftool`, `/proc/<pid>/fdinfo`).
 
 use std::{
-    collections::BTreeSet,
     os::unix::process::ExitStatusExt as _,
-    process::Command,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -20,59 +18,12 @@ use std::{
 };
 
 use anyhow::Context as _;
-use lab::{Agent, RedisServer, event_timeout, scaled, serial, wait_until};
+use lab::{
+    Agent, RedisServer, event_timeout,
+    kernel::{bpf_ids_held_by, bpf_objects_held_by, bpftool_ids, bpftool_list},
+    scaled, serial, wait_until,
+};
 use serde_json::Value;
-
-/// The ids of the BPF programs and maps whose fds `pid` holds (links hold
-/// their program's id too), from the kernel's fdinfo.
-fn bpf_ids_held_by(pid: u32) -> anyhow::Result<(BTreeSet<u64>, BTreeSet<u64>)> {
-    let (programs, maps, _) = bpf_objects_held_by(pid)?;
-    Ok((programs, maps))
-}
-
-/// The ids of the BPF programs, maps and links whose fds `pid` holds.
-fn bpf_objects_held_by(pid: u32) -> anyhow::Result<(BTreeSet<u64>, BTreeSet<u64>, BTreeSet<u64>)> {
-    let (mut programs, mut maps, mut links) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
-        let Ok(info) = std::fs::read_to_string(entry?.path()) else {
-            continue; // closed meanwhile
-        };
-        for line in info.lines() {
-            let id = |prefix: &str| {
-                line.strip_prefix(prefix)
-                    .and_then(|v| v.trim().parse().ok())
-            };
-            if let Some(id) = id("prog_id:") {
-                programs.insert(id);
-            }
-            if let Some(id) = id("map_id:") {
-                maps.insert(id);
-            }
-            if let Some(id) = id("link_id:") {
-                links.insert(id);
-            }
-        }
-    }
-    Ok((programs, maps, links))
-}
-
-/// Ids in the kernel's list of `kind` (`prog`, `map` or `link`), from bpftool.
-fn bpftool_ids(kind: &str) -> anyhow::Result<BTreeSet<u64>> {
-    Ok(bpftool_list(kind)?
-        .iter()
-        .filter_map(|entry| entry["id"].as_u64())
-        .collect())
-}
-
-/// The kernel's list of `kind` objects, as bpftool prints it in JSON.
-fn bpftool_list(kind: &str) -> anyhow::Result<Vec<Value>> {
-    let output = Command::new("bpftool")
-        .args(["-j", kind, "list"])
-        .output()
-        .context("running bpftool (cargo xtask setup installs it)")?;
-    anyhow::ensure!(output.status.success(), "bpftool {kind} list: {output:?}");
-    serde_json::from_slice(&output.stdout).with_context(|| format!("parsing bpftool {kind} list"))
-}
 
 #[test]
 fn sigterm_flushes_the_last_window_and_leaves_no_bpf_object() -> anyhow::Result<()> {

@@ -28,7 +28,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::{self, BufRead, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
-    os::fd::AsRawFd as _,
+    os::{fd::AsRawFd as _, unix::process::ExitStatusExt as _},
     path::Path,
     process::{Child, Command, Stdio},
     sync::{
@@ -43,7 +43,9 @@ use anyhow::{Context as _, bail, ensure};
 use serde_json::{Value, json};
 use socket2::{Domain, Socket, Type};
 
-use crate::{FirewallRule, RedisServer, agent_binary, agent_start_timeout, free_port};
+use crate::{
+    FirewallRule, RedisServer, agent_binary, agent_start_timeout, free_port, kernel, wait_until,
+};
 
 /// Every held connection gets a `PING` once per cycle.
 pub const HELD_CYCLE: Duration = Duration::from_secs(20);
@@ -544,6 +546,8 @@ struct AgentOutput {
     last_stats: Option<Value>,
     lines_by_type: BTreeMap<String, u64>,
     alerts_by_kind: BTreeMap<String, u64>,
+    /// Requests counted in `latency` windows of `PING`, client side.
+    client_pings: u64,
 }
 
 struct SoakAgent {
@@ -560,10 +564,11 @@ fn line_type(line: &str) -> &str {
 }
 
 impl SoakAgent {
-    fn start(port: u16) -> anyhow::Result<Self> {
+    fn start(port: u16, extra_args: &[&str]) -> anyhow::Result<Self> {
         let ports = format!("{port},{}", free_port());
         let mut child = Command::new(agent_binary())
             .args(["--ports", &ports, "--stats-interval", "5s"])
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -576,7 +581,7 @@ impl SoakAgent {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 let kind = line_type(&line).to_string();
-                let parsed = matches!(kind.as_str(), "started" | "stats" | "alert")
+                let parsed = matches!(kind.as_str(), "started" | "stats" | "alert" | "latency")
                     .then(|| serde_json::from_str::<Value>(&line).ok())
                     .flatten();
                 let mut out = sink.lock().unwrap();
@@ -584,6 +589,9 @@ impl SoakAgent {
                 match (kind.as_str(), parsed) {
                     ("started", Some(v)) => out.started = Some(v),
                     ("stats", Some(v)) => out.last_stats = Some(v),
+                    ("latency", Some(v)) if v["op"] == "PING" && v["role"] == "client" => {
+                        out.client_pings += v["count"].as_u64().unwrap_or(0);
+                    }
                     ("alert", Some(v)) => {
                         let key = format!(
                             "{} {}",
@@ -640,6 +648,17 @@ impl SoakAgent {
             );
         }
         Ok(())
+    }
+
+    /// SIGKILL: no cleanup runs in the agent. Returns what it wrote before
+    /// and how it ended.
+    fn kill(mut self) -> anyhow::Result<(AgentOutput, std::process::ExitStatus)> {
+        crate::signal(self.child.id(), libc::SIGKILL);
+        let status = self.child.wait().context("waiting for the killed agent")?;
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        Ok((std::mem::take(&mut self.output.lock().unwrap()), status))
     }
 
     /// SIGINT, then its last lines (the final `stats`).
@@ -838,6 +857,8 @@ pub struct Report {
     pub alerts: BTreeMap<String, u64>,
     pub clients: Value,
     pub unexpected_errors: Vec<String>,
+    /// The SIGKILL of a restarted agent under the same load.
+    pub restart: Value,
 }
 
 // ---- the run -------------------------------------------------------------
@@ -1018,7 +1039,7 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
 
     let (b1_first, b1_last) = run.phase("baseline before", options.baseline_phase, None)?;
     let starting = Instant::now();
-    let mut agent = SoakAgent::start(redis.port)?;
+    let mut agent = SoakAgent::start(redis.port, &[])?;
     let agent_start_s = starting.elapsed().as_secs_f64();
     let seeded_connections = agent
         .output
@@ -1035,6 +1056,7 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     )?;
     let output = agent.stop()?;
     let (b2_first, b2_last) = run.phase("baseline after", options.baseline_phase, None)?;
+    let restart = restart_and_kill(&mut run, redis.port)?;
     drop(run.syn_drop.take());
     let samples = std::mem::take(&mut run.samples);
     drop(run);
@@ -1067,6 +1089,7 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     };
     let rss_peak_kib = samples
         .iter()
+        .filter(|s| MEASURED_PHASES.contains(&s.phase))
         .filter_map(|s| s.agent.as_ref().map(|a| a.rss_kib))
         .max()
         .unwrap_or(0);
@@ -1097,7 +1120,63 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
         alerts: output.alerts_by_kind,
         clients,
         unexpected_errors,
+        restart,
     })
+}
+
+/// The phases of the agent whose RSS, CPU and throughput are reported.
+const MEASURED_PHASES: &[&str] = &["agent warm-up", "agent"];
+
+/// SIGKILL at full scale: a new agent joins the open connections, traces
+/// them for a cycle of the held connections' requests, and is killed
+/// mid-load; the load goes on for a while after (the clients' error count
+/// covers it). Returns what happened, for the report and [`check`].
+fn restart_and_kill(run: &mut Run<'_>, port: u16) -> anyhow::Result<Value> {
+    // Windows of 1 s: by the kill, all but the last second is written.
+    let mut agent = SoakAgent::start(port, &["--interval", "1s"])?;
+    let seeded = agent
+        .output
+        .lock()
+        .unwrap()
+        .started
+        .as_ref()
+        .map_or(0, |s| s["seeded_connections"].as_u64().unwrap_or(0));
+    let (programs, maps, links) = kernel::bpf_objects_held_by(agent.pid())?;
+    let (first, last) = run.phase(
+        "restarted agent",
+        HELD_CYCLE + Duration::from_secs(5),
+        Some(&mut agent),
+    )?;
+    let (output, status) = agent.kill()?;
+    let killed = Instant::now();
+    ensure!(
+        status.signal() == Some(libc::SIGKILL),
+        "the restarted agent ended with {status}, not by SIGKILL"
+    );
+    // Freed once the last reference goes (after an RCU grace period).
+    let left = || -> [Vec<u64>; 3] {
+        [("prog", &programs), ("map", &maps), ("link", &links)].map(|(kind, ours)| {
+            kernel::bpftool_ids(kind)
+                .map(|ids| ids.intersection(ours).copied().collect())
+                .unwrap_or_else(|_| vec![u64::MAX])
+        })
+    };
+    let freed = wait_until(Duration::from_secs(10), || left().iter().all(Vec::is_empty));
+    let freed_after_ms = killed.elapsed().as_millis() as u64;
+    let (_, after) = run.phase("after SIGKILL", Duration::from_secs(10), None)?;
+    Ok(json!({
+        "seeded_connections": seeded,
+        "programs": programs.len(),
+        "maps": maps.len(),
+        "links": links.len(),
+        "left_after_kill": left(),
+        "freed": freed,
+        "freed_after_ms": freed_after_ms,
+        "held_pings_while_traced": last.held_pings - first.held_pings,
+        "client_pings_in_latency_windows": output.client_pings,
+        "unexpected_errors_after_kill": after.unexpected_errors - last.unexpected_errors,
+        "held_open_after_kill": after.held_open,
+    }))
 }
 
 /// Counters of the agent's `stats` that mean a capacity was exceeded and
@@ -1150,6 +1229,27 @@ pub fn check(report: &Report, options: &Options) -> anyhow::Result<()> {
             "BPF map memory changed: {} → {} bytes",
             report.steady_start.map_bytes, report.end.map_bytes
         ));
+    }
+    let restart = &report.restart;
+    if restart["seeded_connections"].as_u64().unwrap_or(0) < 2 * options.held as u64 {
+        failures.push(format!(
+            "the restarted agent found too few open connections (both ends of {} held): {restart}",
+            options.held
+        ));
+    }
+    // Its PINGs are nearly all the held connections' (the prober's add 20/s):
+    // were they not traced, the count would be a small fraction.
+    let held_pings = restart["held_pings_while_traced"].as_u64().unwrap_or(0);
+    let traced = restart["client_pings_in_latency_windows"]
+        .as_u64()
+        .unwrap_or(0);
+    if traced * 10 < held_pings * 8 {
+        failures.push(format!(
+            "the restarted agent timed {traced} PINGs, the held connections sent {held_pings}"
+        ));
+    }
+    if restart["freed"] != true {
+        failures.push(format!("left in the kernel after SIGKILL: {restart}"));
     }
     for counter in CAPACITY_DROPS {
         let value = report.final_stats[*counter].as_u64();
@@ -1318,13 +1418,36 @@ pub fn markdown(r: &Report, command: &str) -> String {
             format!("{:?}", r.unexpected_errors)
         }
     );
+    let restart = &r.restart;
+    let _ = writeln!(
+        m,
+        "SIGKILL under the same load, after the last no-agent phase: a new agent found {} open \
+         connections, timed {} client-side PINGs in its 1 s windows while the held connections \
+         sent {}, and was killed; its {} programs, {} maps and {} links were gone from the \
+         kernel's lists {} ms later (left: {}); the clients saw {} errors through the kill and \
+         held {} connections after it.\n",
+        restart["seeded_connections"],
+        restart["client_pings_in_latency_windows"],
+        restart["held_pings_while_traced"],
+        restart["programs"],
+        restart["maps"],
+        restart["links"],
+        restart["freed_after_ms"],
+        restart["left_after_kill"],
+        restart["unexpected_errors_after_kill"],
+        restart["held_open_after_kill"],
+    );
     let _ = writeln!(
         m,
         "Agent lines by type: {:?}; alerts: {:?}.\n",
         r.lines_by_type, r.alerts
     );
     // Over time: about ten rows of the agent's samples.
-    let agent_samples: Vec<&Sample> = r.samples.iter().filter(|s| s.agent.is_some()).collect();
+    let agent_samples: Vec<&Sample> = r
+        .samples
+        .iter()
+        .filter(|s| s.agent.is_some() && MEASURED_PHASES.contains(&s.phase))
+        .collect();
     let every = (agent_samples.len() / 10).max(1);
     let _ = writeln!(
         m,
