@@ -1056,7 +1056,9 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     )?;
     let output = agent.stop()?;
     let (b2_first, b2_last) = run.phase("baseline after", options.baseline_phase, None)?;
-    let restart = restart_and_kill(&mut run, redis.port)?;
+    // A failure here is reported (and fails `check`) without losing the rest.
+    let restart = restart_and_kill(&mut run, redis.port)
+        .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
     drop(run.syn_drop.take());
     let samples = std::mem::take(&mut run.samples);
     drop(run);
@@ -1231,6 +1233,9 @@ pub fn check(report: &Report, options: &Options) -> anyhow::Result<()> {
         ));
     }
     let restart = &report.restart;
+    if let Some(error) = restart.get("error") {
+        failures.push(format!("restart and SIGKILL: {error}"));
+    }
     if restart["seeded_connections"].as_u64().unwrap_or(0) < 2 * options.held as u64 {
         failures.push(format!(
             "the restarted agent found too few open connections (both ends of {} held): {restart}",
