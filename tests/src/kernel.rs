@@ -1,6 +1,10 @@
-//! The kernel's own per-socket counters, as ground truth for the agent's.
+//! The kernel's own per-socket counters, as ground truth for the agent's,
+//! and its lists of BPF objects, for what the agent leaves behind.
 
-use std::{net::TcpStream, os::fd::AsRawFd, process::Command};
+use std::{collections::BTreeSet, net::TcpStream, os::fd::AsRawFd, process::Command};
+
+use anyhow::Context as _;
+use serde_json::Value;
 
 use crate::netns::Netns;
 
@@ -80,4 +84,57 @@ impl ConnectionRetransmits {
             server: ss_total_retransmits(server_netns, server_port, client_port)?,
         })
     }
+}
+
+/// The ids of the BPF programs and maps whose fds `pid` holds (links hold
+/// their program's id too), from the kernel's fdinfo.
+pub fn bpf_ids_held_by(pid: u32) -> anyhow::Result<(BTreeSet<u64>, BTreeSet<u64>)> {
+    let (programs, maps, _) = bpf_objects_held_by(pid)?;
+    Ok((programs, maps))
+}
+
+/// The ids of the BPF programs, maps and links whose fds `pid` holds.
+pub fn bpf_objects_held_by(
+    pid: u32,
+) -> anyhow::Result<(BTreeSet<u64>, BTreeSet<u64>, BTreeSet<u64>)> {
+    let (mut programs, mut maps, mut links) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let Ok(info) = std::fs::read_to_string(entry?.path()) else {
+            continue; // closed meanwhile
+        };
+        for line in info.lines() {
+            let id = |prefix: &str| {
+                line.strip_prefix(prefix)
+                    .and_then(|v| v.trim().parse().ok())
+            };
+            if let Some(id) = id("prog_id:") {
+                programs.insert(id);
+            }
+            if let Some(id) = id("map_id:") {
+                maps.insert(id);
+            }
+            if let Some(id) = id("link_id:") {
+                links.insert(id);
+            }
+        }
+    }
+    Ok((programs, maps, links))
+}
+
+/// Ids in the kernel's list of `kind` (`prog`, `map` or `link`), from bpftool.
+pub fn bpftool_ids(kind: &str) -> anyhow::Result<BTreeSet<u64>> {
+    Ok(bpftool_list(kind)?
+        .iter()
+        .filter_map(|entry| entry["id"].as_u64())
+        .collect())
+}
+
+/// The kernel's list of `kind` objects, as bpftool prints it in JSON.
+pub fn bpftool_list(kind: &str) -> anyhow::Result<Vec<Value>> {
+    let output = Command::new("bpftool")
+        .args(["-j", kind, "list"])
+        .output()
+        .context("running bpftool (cargo xtask setup installs it)")?;
+    anyhow::ensure!(output.status.success(), "bpftool {kind} list: {output:?}");
+    serde_json::from_slice(&output.stdout).with_context(|| format!("parsing bpftool {kind} list"))
 }

@@ -28,6 +28,7 @@ pub mod kernel;
 pub mod kubeapi;
 pub mod netns;
 pub mod schema;
+pub mod soak;
 pub mod sweep;
 pub mod topology;
 
@@ -414,6 +415,22 @@ impl Agent {
         self.stop_with(libc::SIGTERM)
     }
 
+    /// SIGKILL, as the OOM killer or a node's eviction does: no cleanup runs
+    /// in the agent. Returns the lines it wrote before, and how it ended.
+    pub fn kill(mut self) -> anyhow::Result<(Vec<Value>, std::process::ExitStatus)> {
+        signal(self.child.id(), libc::SIGKILL);
+        let status = self.child.wait().context("waiting for the killed agent")?;
+        let mut rest = std::mem::take(&mut self.seen);
+        // Its stdout ends with the process: read what is left.
+        while let Ok(line) = self.events.recv() {
+            match line {
+                Ok(event) => rest.push(event),
+                Err(invalid) => bail!("agent wrote an invalid line: {invalid}"),
+            }
+        }
+        Ok((rest, status))
+    }
+
     fn stop_with(mut self, signal_number: libc::c_int) -> anyhow::Result<Vec<Value>> {
         signal(self.child.id(), signal_number);
         let deadline = Instant::now() + scaled(Duration::from_secs(10));
@@ -520,6 +537,10 @@ impl RedisServer {
 }
 
 impl RedisServer {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the server (SIGKILL: a crash, no goodbye to clients) and reaps it.
     pub fn stop(&mut self) {
         let _ = self.child.kill();

@@ -64,6 +64,20 @@ enum Command {
         #[arg(long, hide = true, default_value_t = 1.0)]
         scale: f64,
     },
+    /// Soak and overload: the lab's load (10,000 held connections, 1,000 new
+    /// connections/s, pipelined requests toward 100k/s, error replies,
+    /// resets, dropped SYNs) with the agent for N minutes, between two
+    /// no-agent phases; samples the agent's RSS, CPU, BPF map memory and
+    /// drop counters, and writes target/soak/soak-<N>m.md and .json.
+    Soak {
+        /// Minutes the agent runs under load.
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        /// Minutes of each no-agent phase (default: a sixth of `--minutes`,
+        /// between 15 s and 5 min).
+        #[arg(long)]
+        baseline_minutes: Option<f64>,
+    },
     /// Set up if needed, build, and write the agent's container image
     /// (binary + the libraries `ldd` lists, one layer) as an OCI image
     /// layout archive in target/image/, without a container engine.
@@ -146,6 +160,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 scale,
             })
         }
+        Command::Soak {
+            minutes,
+            baseline_minutes,
+        } => {
+            require_root("cargo xtask soak loads eBPF programs and changes firewall rules")?;
+            setup::ensure()?;
+            build_agent()?;
+            soak(minutes, baseline_minutes)
+        }
         Command::VmTest {
             kernel,
             tests,
@@ -221,6 +244,38 @@ fn run_agent(args: &[String]) -> anyhow::Result<()> {
         .with_context(|| format!("starting {}", binary.display()))?;
     anyhow::ensure!(status.success(), "resptrace exited with {status}");
     Ok(())
+}
+
+/// Runs the lab's soak test (`tests/soak.rs`, `soak_for_minutes`), which
+/// writes its report into target/soak/.
+fn soak(minutes: f64, baseline_minutes: Option<f64>) -> anyhow::Result<()> {
+    anyhow::ensure!(minutes > 0.0, "--minutes must be positive");
+    util::step(&format!("soak: {minutes} min with the agent"));
+    let mut command = cargo();
+    command
+        .args([
+            "test",
+            "--release",
+            "--locked",
+            "-p",
+            "tests",
+            "--test",
+            "soak",
+        ])
+        .args([
+            "--",
+            "--ignored",
+            "--exact",
+            "soak_for_minutes",
+            "--nocapture",
+        ])
+        .env("RESPTRACE_BIN", agent_binary())
+        .env("RESPTRACE_SOAK_MINUTES", minutes.to_string())
+        .env("RESPTRACE_SOAK_DIR", workspace_root().join("target/soak"));
+    if let Some(baseline) = baseline_minutes {
+        command.env("RESPTRACE_SOAK_BASELINE_MINUTES", baseline.to_string());
+    }
+    run_status(&mut command)
 }
 
 fn test(filter: Option<&str>) -> anyhow::Result<()> {
