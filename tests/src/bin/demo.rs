@@ -114,8 +114,8 @@ fn run() -> anyhow::Result<Vec<String>> {
         .pod("checkout-1", 'a')
         .pod("checkout-2", 'a')
         .pod("checkout-3", 'a')
-        .host("redis-a", 'a')
-        .host("redis-b", 'b')
+        .pod("redis-a", 'a')
+        .pod("redis-b", 'b')
         .pod("reports", 'b')
         .build()
         .context("building the lab")?;
@@ -143,26 +143,10 @@ fn run() -> anyhow::Result<Vec<String>> {
 
     let api = FakeApi::start()?;
     api.apply("nodes", kubeapi::node(NODE, "zone-a"));
-    register(&api, lab.host("checkout-1"), "checkout")?;
-    register(&api, lab.host("reports"), "reports")?;
-    for (host, name, uid) in [
-        (redis_a, "redis-0", "5e0d1c2b-0000-4000-8000-00000000000a"),
-        (redis_b, "redis-1", "5e0d1c2b-0000-4000-8000-00000000000b"),
-    ] {
-        api.apply(
-            "pods",
-            PodSpec {
-                uid,
-                namespace: "data",
-                name,
-                node: "ip-10-2-0-10.ec2.internal",
-                ip: host.ip(),
-                labels: serde_json::json!({ "app": "redis" }),
-                owner: Some(("StatefulSet", "redis")),
-            }
-            .json(),
-        );
-    }
+    register(&api, lab.host("checkout-1"), "shop", "checkout")?;
+    register(&api, lab.host("reports"), "shop", "reports")?;
+    register(&api, redis_a, "data", "redis")?;
+    register(&api, redis_b, "data", "redis")?;
     let kubeconfig = api.kubeconfig().to_str().context("kubeconfig path")?;
     let mut agent = Agent::start_tapped(
         Command::new(lab::agent_binary()),
@@ -172,8 +156,6 @@ fn run() -> anyhow::Result<Vec<String>> {
             kubeconfig,
             "--node-name",
             NODE,
-            "--redis-pod-selector",
-            "app=redis",
             "--zone-cidr",
             ZONES,
             "--interval",
@@ -250,22 +232,41 @@ const ALERT_KINDS: &[&str] = &[
     "pool_pressure",
 ];
 
-/// Tells the fake API about a lab pod, as the Deployment `app`'s.
-fn register(api: &FakeApi, host: &Host, app: &str) -> anyhow::Result<()> {
+/// Tells the fake API about a lab pod: `redis` pods as StatefulSet
+/// `redis`'s (redis-a → redis-0), others as Deployment `app`'s
+/// (checkout-2 → checkout-5f7c9d8b4-x2).
+fn register(api: &FakeApi, host: &Host, namespace: &str, app: &str) -> anyhow::Result<()> {
     let pod = host.pod().context("a lab pod")?;
-    let replica_set = format!("{app}-5f7c9d8b4");
-    // The pod's name ends like its host's: checkout-1 → checkout-5f7c9d8b4-x1.
     let suffix = host.name().rsplit('-').next().unwrap_or("0");
+    let (name, owner, hash) = if app == "redis" {
+        let ordinal = if suffix == "a" { 0 } else { 1 };
+        (
+            format!("redis-{ordinal}"),
+            ("StatefulSet", app.to_string()),
+            None,
+        )
+    } else {
+        let replica_set = format!("{app}-5f7c9d8b4");
+        (
+            format!("{replica_set}-x{suffix}"),
+            ("ReplicaSet", replica_set),
+            Some("5f7c9d8b4"),
+        )
+    };
+    let mut labels = serde_json::json!({ "app": app });
+    if let Some(hash) = hash {
+        labels["pod-template-hash"] = hash.into();
+    }
     api.apply(
         "pods",
         PodSpec {
             uid: pod.uid(),
-            namespace: "shop",
-            name: &format!("{replica_set}-x{suffix}"),
+            namespace,
+            name: &name,
             node: NODE,
             ip: host.ip(),
-            labels: serde_json::json!({ "app": app, "pod-template-hash": "5f7c9d8b4" }),
-            owner: Some(("ReplicaSet", &replica_set)),
+            labels,
+            owner: Some((owner.0, &owner.1)),
         }
         .json(),
     );
@@ -323,7 +324,7 @@ fn scale_up(world: &mut World) -> anyhow::Result<()> {
     let mut pods = Vec::new();
     for name in ["checkout-2", "checkout-3"] {
         let host = lab.host(name);
-        register(&world.api, host, "checkout")?;
+        register(&world.api, host, "shop", "checkout")?;
         let mut process = host.spawn(
             python(host)?
                 .args(["scale-up", &redis_a.ip().to_string(), &PORT.to_string()])
@@ -338,7 +339,6 @@ fn scale_up(world: &mut World) -> anyhow::Result<()> {
     for (name, _, lines) in &pods {
         lines.next(scaled(Duration::from_secs(20)), name)?;
     }
-    let connected = info_field(redis_a, "clients", "connected_clients")?;
     world.expect(
         "connect_storm (act 1)",
         Duration::from_secs(u64::from(SCALE_UP_S) + 10),
@@ -355,6 +355,8 @@ fn scale_up(world: &mut World) -> anyhow::Result<()> {
         connects += done["connects"].as_u64().context("connects")?;
     }
     let seconds = started.elapsed().as_secs_f64();
+    // Asked once the storm is over: the demo's own connects are no part of it.
+    let connected = info_field(redis_a, "clients", "connected_clients")?;
     let received: u64 = info_field(redis_a, "stats", "total_connections_received")?
         .parse()
         .context("total_connections_received")?;
@@ -408,13 +410,25 @@ fn dropped_syns(world: &mut World) -> anyhow::Result<()> {
         Duration::from_secs(10),
         firing("retry_storm"),
     )?;
-    if let Some(retry) = retry {
+    if retry.is_some() {
+        narrate(
+            "It fired mid-request, by the third failed attempt. Once the request is over, its \
+             resolution tells what it cost:",
+        );
+    }
+    let over = world.expect(
+        "retry_storm resolved (act 2)",
+        Duration::from_secs(20),
+        |e| e["kind"] == "retry_storm" && e["state"] == "resolved",
+    )?;
+    if let Some(over) = over {
         narrate(&format!(
-            "The agent's estimate from the wire: {} attempts per request every {} s, callers wait \
-             ~{} s.",
-            retry["evidence"]["attempts_per_request"],
-            retry["evidence"]["interval_s"],
-            retry["evidence"]["caller_wait_s"]
+            "The agent, from the wire: {} attempts per request, callers waited ~{} s; the \
+             client: {} attempts, {} s.",
+            over["evidence"]["attempts_per_request"],
+            over["evidence"]["caller_wait_s"],
+            ATTEMPTS,
+            said["waited_s"]
         ));
     }
     Ok(())
@@ -521,8 +535,7 @@ fn cross_zone(world: &mut World) -> anyhow::Result<()> {
         &format!(
             "Both pods send GETs to redis-a, unpipelined: checkout-1 from zone a, reports across \
              zones (+{CROSS_ZONE_DELAY:?} each way), though redis-b is in its own zone.\n\
-             An SRE should see: cross_zone_latency on redis-a naming reports (and, it being busy, \
-             that it talks mostly across zones)."
+             An SRE should see: cross_zone_latency on redis-a naming reports."
         ),
     );
     let lab = world.lab;
@@ -560,16 +573,19 @@ fn cross_zone(world: &mut World) -> anyhow::Result<()> {
     });
     let (alert, near_us, far_us) = (alert?, near_us?, far_us?);
     narrate(&format!(
-        "Measured by the clients (redis-py, per GET): checkout-1 p50 {} p99 {}; reports p50 {} \
-         p99 {}.",
+        "Measured by the clients (redis-py, per GET, whole act): checkout-1 p50 {} p99 {} max {}; \
+         reports p50 {} p99 {} max {}.",
         ms(percentile(&near_us, 50.0)),
         ms(percentile(&near_us, 99.0)),
+        ms(percentile(&near_us, 100.0)),
         ms(percentile(&far_us, 50.0)),
         ms(percentile(&far_us, 99.0)),
+        ms(percentile(&far_us, 100.0)),
     ));
     if let Some(alert) = alert {
         narrate(&format!(
-            "The agent's p99s on the wire: {} ms across zones, {} ms within zone a.",
+            "The agent's p99s on the wire, in the window that fired: {} ms across zones, {} ms \
+             within zone a.",
             alert["evidence"]["cross_zone_p99_ms"], alert["evidence"]["same_zone_p99_ms"]
         ));
     }
