@@ -236,7 +236,15 @@ fn run_agent(args: &[String]) -> anyhow::Result<()> {
 
 fn demo() -> anyhow::Result<()> {
     util::step("build target/release/demo");
-    run_status(cargo().args(["build", "--release", "--locked", "-p", "tests", "--bin", "demo"]))?;
+    run_status(cargo().args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "tests",
+        "--bin",
+        "demo",
+    ]))?;
     let demo = workspace_root().join("target/release/demo");
     let status = std::process::Command::new(&demo)
         .env("RESPTRACE_BIN", agent_binary())

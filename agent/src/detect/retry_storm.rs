@@ -527,7 +527,9 @@ mod tests {
         let (firing, resolved) = (&alerts[0].1, &alerts[1].1);
         assert_eq!(firing.evidence["requests_finished"], 0);
         assert!(
-            firing.message.contains("no request finished yet: ≥3 attempts"),
+            firing
+                .message
+                .contains("no request finished yet: ≥3 attempts"),
             "{}",
             firing.message
         );

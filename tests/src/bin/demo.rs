@@ -234,10 +234,14 @@ const ALERT_KINDS: &[&str] = &[
 
 /// Tells the fake API about a lab pod: `redis` pods as StatefulSet
 /// `redis`'s (redis-a → redis-0), others as Deployment `app`'s
-/// (checkout-2 → checkout-5f7c9d8b4-x2).
+/// (checkout-2 → checkout-5f7c9d8b4-x2, reports → reports-5f7c9d8b4-x1).
 fn register(api: &FakeApi, host: &Host, namespace: &str, app: &str) -> anyhow::Result<()> {
     let pod = host.pod().context("a lab pod")?;
-    let suffix = host.name().rsplit('-').next().unwrap_or("0");
+    // The host's number, if any: checkout-2 → 2, redis-a → a, reports → 1.
+    let suffix = match host.name().rsplit_once('-') {
+        Some((_, suffix)) => suffix,
+        None => "1",
+    };
     let (name, owner, hash) = if app == "redis" {
         let ordinal = if suffix == "a" { 0 } else { 1 };
         (
@@ -290,7 +294,9 @@ impl World<'_> {
         {
             Ok(alert) => Ok(Some(alert)),
             Err(e) if format!("{e}").starts_with("no matching event") => {
-                narrate(&format!("!! expected {what} within {within:?}: NOT DETECTED"));
+                narrate(&format!(
+                    "!! expected {what} within {within:?}: NOT DETECTED"
+                ));
                 self.missed.push(what.to_string());
                 Ok(None)
             }
@@ -344,11 +350,9 @@ fn scale_up(world: &mut World) -> anyhow::Result<()> {
         Duration::from_secs(u64::from(SCALE_UP_S) + 10),
         firing("connect_storm"),
     )?;
-    world.expect(
-        "pool_pressure (act 1)",
-        Duration::from_secs(15),
-        |e| firing("pool_pressure")(e) && e["evidence"]["reason"] == "maxclients_share",
-    )?;
+    world.expect("pool_pressure (act 1)", Duration::from_secs(15), |e| {
+        firing("pool_pressure")(e) && e["evidence"]["reason"] == "maxclients_share"
+    })?;
     let mut connects = 0;
     for (name, _, lines) in &pods {
         let done = lines.next(scaled(Duration::from_secs(30)), name)?;
@@ -404,7 +408,11 @@ fn dropped_syns(world: &mut World) -> anyhow::Result<()> {
         said["message"].as_str().unwrap_or(""),
         said["waited_s"]
     ));
-    world.expect("syn_drops (act 2)", Duration::from_secs(10), firing("syn_drops"))?;
+    world.expect(
+        "syn_drops (act 2)",
+        Duration::from_secs(10),
+        firing("syn_drops"),
+    )?;
     let retry = world.expect(
         "retry_storm (act 2)",
         Duration::from_secs(10),
@@ -662,11 +670,9 @@ impl JsonLines {
         let (sender, receiver) = channel();
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
-                let parsed = line
-                    .context("reading a client's stdout")
-                    .and_then(|line| {
-                        serde_json::from_str(&line).with_context(|| format!("client said {line:?}"))
-                    });
+                let parsed = line.context("reading a client's stdout").and_then(|line| {
+                    serde_json::from_str(&line).with_context(|| format!("client said {line:?}"))
+                });
                 if sender.send(parsed).is_err() {
                     break;
                 }
@@ -700,7 +706,8 @@ impl EndpointRecord {
         let partial = self.0.with_extension("new");
         std::fs::write(&partial, ip.to_string())
             .with_context(|| format!("writing {}", partial.display()))?;
-        std::fs::rename(&partial, &self.0).with_context(|| format!("renaming to {}", self.0.display()))
+        std::fs::rename(&partial, &self.0)
+            .with_context(|| format!("renaming to {}", self.0.display()))
     }
 
     fn path_str(&self) -> anyhow::Result<&str> {
@@ -727,7 +734,9 @@ fn info_field(host: &Host, section: &str, field: &str) -> anyhow::Result<String>
 }
 
 fn epoch_s(at: SystemTime) -> f64 {
-    at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+    at.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 fn since(at: SystemTime) -> f64 {
@@ -739,7 +748,10 @@ fn percentile(values: &[u64], p: f64) -> u64 {
     let mut sorted = values.to_vec();
     sorted.sort_unstable();
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied().unwrap_or(0)
+    sorted
+        .get(rank.clamp(1, sorted.len().max(1)) - 1)
+        .copied()
+        .unwrap_or(0)
 }
 
 fn ms(us: u64) -> String {
