@@ -293,6 +293,8 @@ impl World<'_> {
             .wait_for(scaled(within), |e| e["type"] == "alert" && matches(e))
         {
             Ok(alert) => Ok(Some(alert)),
+            // The harness's timeout is a miss; anything else (the agent
+            // gone, a line off the schema) ends the demo.
             Err(e) if format!("{e}").starts_with("no matching event") => {
                 narrate(&format!(
                     "!! expected {what} within {within:?}: NOT DETECTED"
