@@ -147,9 +147,21 @@ impl Agent {
     /// ends by exec-ing it with the arguments appended (`setpriv …`, as in
     /// `tests/caps.rs`: the agent keeps the pid).
     pub fn start_command(
+        command: Command,
+        ports: &[u16],
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::start_tapped(command, ports, extra_args, |_| {})
+    }
+
+    /// [`Agent::start_command`], with `tap` called on every valid event as
+    /// soon as it is read, before any `wait_for` sees it: for a watcher
+    /// that shows alerts while the caller is busy provoking them (the demo).
+    pub fn start_tapped(
         mut command: Command,
         ports: &[u16],
         extra_args: &[&str],
+        mut tap: impl FnMut(&Value) + Send + 'static,
     ) -> anyhow::Result<Self> {
         let barrier_port = free_port();
         let port_list: Vec<String> = ports
@@ -178,8 +190,9 @@ impl Agent {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 let checked = schema::check_line(&line);
-                if let Err(why) = &checked {
-                    invalid.lock().unwrap().push(why.clone());
+                match &checked {
+                    Ok(event) => tap(event),
+                    Err(why) => invalid.lock().unwrap().push(why.clone()),
                 }
                 let _ = sender.send(checked);
             }
@@ -233,6 +246,11 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the agent has exited (it should not, until stopped).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
     /// Returns the first event matching `predicate`, among those read past

@@ -751,30 +751,39 @@ fn map_memory(pid: u32) -> anyhow::Result<u64> {
     Ok(total)
 }
 
-/// Raises the soft fd limit to the hard one (raising the hard limit needs
-/// CAP_SYS_RESOURCE, which these machines' root may lack); fails unless it
-/// allows `needed`.
+/// Raises the fd limit to `needed` (the hard limit too, which needs
+/// CAP_SYS_RESOURCE; without it, the soft limit up to the hard one), and
+/// fails unless it then allows `needed`.
 fn raise_fd_limit(needed: u64) -> anyhow::Result<()> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit with a valid struct.
-    let ret = unsafe {
+    let raised = unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        limit.rlim_cur = limit.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &limit)
+        let wanted = libc::rlimit {
+            rlim_cur: limit.rlim_cur.max(needed),
+            rlim_max: limit.rlim_max.max(needed),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+            limit = wanted;
+            0
+        } else {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit)
+        }
     };
     ensure!(
-        ret == 0,
+        raised == 0,
         "raising RLIMIT_NOFILE to {}: {}",
         limit.rlim_max,
         io::Error::last_os_error()
     );
     ensure!(
-        limit.rlim_max >= needed,
-        "the fd limit ({}) is below the {needed} the soak needs (`ulimit -Hn`)",
-        limit.rlim_max
+        limit.rlim_cur >= needed,
+        "the fd limit ({}) is below the {needed} the soak needs (`ulimit -Hn`; raising it needs CAP_SYS_RESOURCE)",
+        limit.rlim_cur
     );
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! `cargo xtask`: what is not a plain `cargo build` — setting up a fresh
-//! machine, running the agent as root, the test suite, and the test suite on
-//! other kernels under qemu.
+//! machine, running the agent as root, the incident demo, the test suite,
+//! and the test suite on other kernels under qemu.
 
 mod bench;
 mod image;
@@ -78,6 +78,12 @@ enum Command {
         #[arg(long)]
         baseline_minutes: Option<f64>,
     },
+    /// The seed incidents, one after another, with the real agent: a scale-up
+    /// (connect storm, pool pressure), dropped SYNs under connect-timeout
+    /// retries, a failover, cross-zone reads; in network namespaces with a
+    /// real Redis primary and replica and real clients. Narration on stderr,
+    /// the agent's alerts on stdout. Fails if an incident goes undetected.
+    Demo,
     /// Set up if needed, build, and write the agent's container image
     /// (binary + the libraries `ldd` lists, one layer) as an OCI image
     /// layout archive in target/image/, without a container engine.
@@ -124,6 +130,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             setup::ensure()?;
             build_agent()?;
             image::build(&agent_binary(), env!("CARGO_PKG_VERSION")).map(drop)
+        }
+        Command::Demo => {
+            require_root("cargo xtask demo creates network namespaces and loads eBPF programs")?;
+            setup::ensure()?;
+            build_agent()?;
+            demo()
         }
         Command::Run { args } => {
             setup::ensure()?;
@@ -276,6 +288,26 @@ fn soak(minutes: f64, baseline_minutes: Option<f64>) -> anyhow::Result<()> {
         command.env("RESPTRACE_SOAK_BASELINE_MINUTES", baseline.to_string());
     }
     run_status(&mut command)
+}
+
+fn demo() -> anyhow::Result<()> {
+    util::step("build target/release/demo");
+    run_status(cargo().args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "tests",
+        "--bin",
+        "demo",
+    ]))?;
+    let demo = workspace_root().join("target/release/demo");
+    let status = std::process::Command::new(&demo)
+        .env("RESPTRACE_BIN", agent_binary())
+        .status()
+        .with_context(|| format!("starting {}", demo.display()))?;
+    anyhow::ensure!(status.success(), "the demo failed ({status}): see above");
+    Ok(())
 }
 
 fn test(filter: Option<&str>) -> anyhow::Result<()> {

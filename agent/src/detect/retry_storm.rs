@@ -138,6 +138,9 @@ struct Pattern {
     /// chain's failures when none finished.
     attempts_per_request: f64,
     failed_per_request: f64,
+    /// Logical requests that ended (connected, or gave up) in the window:
+    /// with none, the per-request figures are lower bounds.
+    requests_finished: usize,
     any_succeeded: bool,
     outcomes: serde_json::Map<String, serde_json::Value>,
 }
@@ -213,6 +216,7 @@ fn pattern(state: &PairState, retry_gap_ns: u64, regularity: f64) -> Option<Patt
         longest_chain,
         attempts_per_request,
         failed_per_request,
+        requests_finished: state.finished.len(),
         any_succeeded: state.finished.iter().any(|c| c.succeeded),
         outcomes,
     })
@@ -345,7 +349,13 @@ impl Detector for RetryStorm {
                 Some(Transition::Resolved {
                     started_ns,
                     ended_ns,
-                }) => alerts.push(resolved(*endpoint, state, started_ns, ended_ns)),
+                }) => alerts.push(resolved(
+                    *endpoint,
+                    state,
+                    pattern.as_ref(),
+                    started_ns,
+                    ended_ns,
+                )),
                 None => {}
             }
             state.lifecycle.is_firing() || !state.failures.is_empty() || state.chain.failures > 0
@@ -357,10 +367,29 @@ impl Detector for RetryStorm {
     }
 }
 
+/// `failed_per_request × interval`: how long a caller waits for its
+/// connection or its error.
+fn caller_wait_s(p: &Pattern) -> f64 {
+    round3(p.failed_per_request * p.interval_ns as f64 / NS_PER_S as f64)
+}
+
 fn fired(endpoint: SocketAddr, state: &PairState, p: &Pattern, started_ns: u64) -> Alert {
     let interval_s = seconds(p.interval_ns);
-    let caller_wait_s = round3(p.failed_per_request * p.interval_ns as f64 / NS_PER_S as f64);
+    let caller_wait_s = caller_wait_s(p);
     let outcomes: Vec<&str> = p.outcomes.keys().map(String::as_str).collect();
+    // Fired by the third failure of a first request, the figures are what
+    // it has cost so far: its callers may well wait longer.
+    let per_request = if p.requests_finished == 0 {
+        format!(
+            "no request finished yet: ≥{} attempts per request, callers wait ≥{caller_wait_s} s",
+            p.attempts_per_request
+        )
+    } else {
+        format!(
+            "~{} attempts per request, callers wait ~{caller_wait_s} s",
+            p.attempts_per_request
+        )
+    };
     Alert {
         kind: "retry_storm",
         id: format!("retry_storm/{endpoint}/{}", state.workload.key),
@@ -368,11 +397,10 @@ fn fired(endpoint: SocketAddr, state: &PairState, p: &Pattern, started_ns: u64) 
         severity: state.severity,
         message: format!(
             "{} retries connects to {endpoint}: {} failed attempts ({}) every {interval_s} s, \
-             ~{} attempts per request, callers wait ~{caller_wait_s} s",
+             {per_request}",
             state.workload.key,
             p.failures,
             outcomes.join(", "),
-            p.attempts_per_request,
         ),
         endpoint: Some(endpoint),
         workloads: vec![state.workload.clone()],
@@ -387,27 +415,48 @@ fn fired(endpoint: SocketAddr, state: &PairState, p: &Pattern, started_ns: u64) 
             "failed_attempts_per_request": p.failed_per_request,
             "longest_chain": p.longest_chain,
             "caller_wait_s": caller_wait_s,
+            "requests_finished": p.requests_finished,
             "requests_succeeded": p.any_succeeded,
         })),
     }
 }
 
-fn resolved(endpoint: SocketAddr, state: &PairState, started_ns: u64, ended_ns: u64) -> Alert {
+/// `pattern`: the window's, now that every request in it has finished
+/// (when its attempts are still within the window).
+fn resolved(
+    endpoint: SocketAddr,
+    state: &PairState,
+    pattern: Option<&Pattern>,
+    started_ns: u64,
+    ended_ns: u64,
+) -> Alert {
     let duration_s = seconds(ended_ns.saturating_sub(started_ns));
+    let mut message = format!(
+        "{} stopped retrying connects to {endpoint} after {duration_s} s ({} failed attempts",
+        state.workload.key, state.incident_failures
+    );
+    let mut facts = json!({ "failed_attempts": state.incident_failures });
+    if let Some(p) = pattern.filter(|p| p.requests_finished > 0) {
+        message.push_str(&format!(
+            "; requests took ~{} attempts, callers waited ~{} s",
+            p.attempts_per_request,
+            caller_wait_s(p)
+        ));
+        facts["attempts_per_request"] = json!(p.attempts_per_request);
+        facts["caller_wait_s"] = json!(caller_wait_s(p));
+    }
+    message.push(')');
     Alert {
         kind: "retry_storm",
         id: format!("retry_storm/{endpoint}/{}", state.workload.key),
         state: AlertState::Resolved,
         severity: state.severity,
-        message: format!(
-            "{} stopped retrying connects to {endpoint} after {duration_s} s ({} failed attempts)",
-            state.workload.key, state.incident_failures
-        ),
+        message,
         endpoint: Some(endpoint),
         workloads: vec![state.workload.clone()],
         started_ns,
         ended_ns: Some(ended_ns),
-        evidence: evidence(json!({ "failed_attempts": state.incident_failures })),
+        evidence: evidence(facts),
     }
 }
 
@@ -456,6 +505,42 @@ mod tests {
         assert_eq!(number(firing, "caller_wait_s"), 6.0);
         assert_eq!(firing.evidence["outcomes"]["aborted"], 3);
         assert_eq!(number(&alerts[1].1, "failed_attempts"), 9.0);
+    }
+
+    #[test]
+    fn a_first_request_still_retrying_gives_lower_bounds_and_its_resolution_the_wait() {
+        // One request, 6 attempts of 2 s (redis-py, 2 s connect timeout,
+        // 5 retries): the alert fires by the third, mid-request.
+        let stream = (1..=6)
+            .map(|attempt| {
+                connect(
+                    T0 + 10 * S + attempt * 2_001 * MS,
+                    &pod(1),
+                    redis(9),
+                    ConnectOutcome::Aborted,
+                    2_000 * MS,
+                )
+            })
+            .collect();
+        let alerts = run(&mut detector(), stream, T0 + 60 * S);
+        assert_fired_and_resolved_once(&alerts);
+        let (firing, resolved) = (&alerts[0].1, &alerts[1].1);
+        assert_eq!(firing.evidence["requests_finished"], 0);
+        assert!(
+            firing
+                .message
+                .contains("no request finished yet: ≥3 attempts"),
+            "{}",
+            firing.message
+        );
+        assert_eq!(number(resolved, "failed_attempts"), 6.0);
+        assert_eq!(number(resolved, "attempts_per_request"), 6.0);
+        assert_eq!(number(resolved, "caller_wait_s"), 12.0);
+        assert!(
+            resolved.message.contains("callers waited ~12 s"),
+            "{}",
+            resolved.message
+        );
     }
 
     #[test]

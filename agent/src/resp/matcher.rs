@@ -347,6 +347,14 @@ impl Core {
                 self.reply_mode = ReplyMode::On;
                 true
             }
+            // A replica's offset report to its primary is never answered
+            // (replication.c, replconfCommand); what comes back on that
+            // connection is the replication stream, not replies.
+            _ if command.is("REPLCONF", None)
+                && arg(1).is_some_and(|sub| sub.eq_ignore_ascii_case(b"ACK")) =>
+            {
+                false
+            }
             _ => !silenced,
         };
         if !answered {
@@ -1058,6 +1066,26 @@ mod tests {
             ]
         );
         assert_eq!(conn.stats().unmatched_replies, 0);
+    }
+
+    #[test]
+    fn a_replicas_offset_reports_get_no_reply() {
+        // Seen from the replica's side of a replication link: its ACKs, and
+        // the primary's stream, which answers none of them.
+        let mut conn = Conn::new();
+        conn.send(&cmd(&[b"REPLCONF", b"ACK", b"1234"]))
+            .recv(&cmd(&[b"SET", b"k", b"v"]))
+            .send(&cmd(&[b"replconf", b"ack", b"1260"]));
+        let got: Vec<_> = conn
+            .take()
+            .into_iter()
+            .map(|e| match e {
+                Event::NoReply(n) => format!("noreply {}", n.command),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(got, ["noreply REPLCONF", "noreply REPLCONF"]);
+        assert_eq!(conn.stats().unmatched_replies, 1);
     }
 
     #[test]
