@@ -466,3 +466,177 @@ mod tests {
         }
     }
 }
+
+/// Properties of the decoder: whatever the ring buffer holds, decoding
+/// returns a value or an error (never a panic, never a read past the
+/// record), and a record written the way the kernel programs write it
+/// decodes to what was written.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use agent_common::resp::{SEGMENT_LAST, SegmentEvent};
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
+        // SAFETY: agent-common's plain-integer `#[repr(C)]` records have no
+        // padding bytes (it asserts their sizes).
+        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+
+    /// An address as the tracepoints store it: IPv4-mapped or IPv6.
+    fn address() -> impl Strategy<Value = ([u8; 16], IpAddr)> {
+        prop_oneof![
+            any::<[u8; 4]>().prop_map(|v4| {
+                let ip = std::net::Ipv4Addr::from(v4);
+                (ip.to_ipv6_mapped().octets(), IpAddr::V4(ip))
+            }),
+            any::<[u8; 16]>()
+                .prop_filter("not IPv4-mapped", |b| Ipv6Addr::from(*b)
+                    .to_ipv4_mapped()
+                    .is_none())
+                .prop_map(|b| (b, IpAddr::V6(Ipv6Addr::from(b)))),
+        ]
+    }
+
+    /// Records of every kind with a valid header, their sizes near the
+    /// right one: the checks after the header get exercised.
+    fn near_record() -> impl Strategy<Value = Vec<u8>> {
+        (1u32..=7, any::<u64>(), vec(any::<u8>(), 0..200), 0usize..4).prop_map(
+            |(kind, ts, body, trim)| {
+                let size = match EventKind::from_u32(kind) {
+                    Some(EventKind::Connect) => size_of::<ConnectEvent>(),
+                    Some(EventKind::Close) => size_of::<CloseEvent>(),
+                    Some(EventKind::SynAckRetransmit) => size_of::<SynAckRetransmitEvent>(),
+                    Some(EventKind::Segment) => size_of::<SegmentEvent>() + body.len(),
+                    _ => size_of::<SocketEvent>(),
+                };
+                let header = EventHeader {
+                    kind,
+                    _pad: 0,
+                    ts_ns: ts,
+                };
+                let mut record = bytes_of(&header);
+                record.extend(body.iter().cycle().take(size.saturating_sub(record.len())));
+                record.resize(size, 0);
+                record.truncate(size.saturating_sub(trim));
+                record
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_records_decode_or_fail_cleanly(
+            record in prop_oneof![vec(any::<u8>(), 0..400), near_record()],
+        ) {
+            if let Some(Ok(segment)) = segment(&record) {
+                let head = size_of::<SegmentEvent>();
+                prop_assert!(segment.data.len() <= CHUNK_BYTES);
+                prop_assert_eq!(segment.data, &record[head..head + segment.data.len()]);
+            }
+            if let Ok(event) = decode(&record) {
+                let size = match event {
+                    Event::Connect(_) => size_of::<ConnectEvent>(),
+                    Event::Close(_) => size_of::<CloseEvent>(),
+                    Event::SynAckRetransmit(_) => size_of::<SynAckRetransmitEvent>(),
+                    Event::AppRead { .. } | Event::SocketGone { .. } => size_of::<SocketEvent>(),
+                };
+                prop_assert_eq!(record.len(), size);
+            }
+        }
+
+        #[test]
+        fn a_connect_round_trips(
+            ts_ns in any::<u64>(),
+            (saddr, src) in address(),
+            (daddr, dst) in address(),
+            (sport, dport) in any::<(u16, u16)>(),
+            outcome in 1u8..=6,
+            answer in 0u8..=3,
+            error in any::<i32>(),
+            syn_retransmits in any::<u32>(),
+            (cgroup_id, pid, tid) in any::<(u64, u32, u32)>(),
+            comm in "[a-z0-9_-]{0,16}",
+            duration_ns in any::<u64>(),
+        ) {
+            let mut raw_comm = [0u8; COMM_LEN];
+            raw_comm[..comm.len()].copy_from_slice(comm.as_bytes());
+            let raw = ConnectEvent {
+                header: EventHeader { kind: EventKind::Connect as u32, _pad: 0, ts_ns },
+                flow: FlowTuple { saddr, daddr, sport, dport },
+                family: if src.is_ipv4() { AF_INET } else { AF_INET6 },
+                outcome,
+                answer,
+                error,
+                syn_retransmits,
+                task: TaskInfo { cgroup_id, pid, tid, comm: raw_comm },
+                start_ns: ts_ns.wrapping_sub(duration_ns),
+                duration_ns,
+            };
+            let decoded = decode(&bytes_of(&raw));
+            prop_assert_eq!(decoded, Ok(Event::Connect(Connect {
+                ts_ns,
+                src: SocketAddr::new(src, sport),
+                dst: SocketAddr::new(dst, dport),
+                outcome: ConnectOutcome::from_u8(outcome).unwrap(),
+                answer: SynAnswer::from_u8(answer).unwrap(),
+                error: (error != 0).then_some(error),
+                syn_retransmits,
+                task: Task { pid, tid, comm, cgroup_id, cgroup: None },
+                duration_ns,
+            })));
+        }
+
+        #[test]
+        fn a_segment_round_trips(
+            (ts_ns, cookie, cgroup_id) in any::<(u64, u64, u64)>(),
+            (saddr, client) in address(),
+            (daddr, server) in address(),
+            (sport, dport) in any::<(u16, u16)>(),
+            server_role in any::<bool>(),
+            requests in any::<bool>(),
+            flags in any::<u8>(),
+            (len, seq, offset, drops) in any::<(u32, u32, u32, u32)>(),
+            data in vec(any::<u8>(), 0..=CHUNK_BYTES),
+        ) {
+            let raw = SegmentEvent {
+                header: EventHeader { kind: EventKind::Segment as u32, _pad: 0, ts_ns },
+                cookie,
+                cgroup_id,
+                tuple: FlowTuple { saddr, daddr, sport, dport },
+                role: if server_role { ROLE_SERVER } else { ROLE_CLIENT },
+                stream: if requests { STREAM_REQUESTS } else { STREAM_REPLIES },
+                flags: flags | SEGMENT_LAST,
+                _pad: 0,
+                len,
+                seq,
+                offset,
+                captured: data.len() as u32,
+                drops,
+                _pad1: 0,
+            };
+            let mut record = bytes_of(&raw);
+            record.extend_from_slice(&data);
+            let decoded = segment(&record);
+            prop_assert_eq!(decoded, Some(Ok(Segment {
+                ts_ns,
+                cookie,
+                cgroup_id,
+                role: if server_role { ConnectionRole::Server } else { ConnectionRole::Client },
+                client: SocketAddr::new(client, sport),
+                server: SocketAddr::new(server, dport),
+                requests,
+                flags: flags | SEGMENT_LAST,
+                len,
+                seq,
+                offset,
+                drops,
+                data: &data,
+            })));
+            // A record cut short anywhere is refused, never read beyond.
+            prop_assert!(matches!(segment(&record[..record.len() - 1]), None | Some(Err(_))));
+        }
+    }
+}

@@ -1,8 +1,9 @@
 //! `cargo xtask`: what is not a plain `cargo build` — setting up a fresh
 //! machine, running the agent as root, the incident demo, the test suite,
-//! and the test suite on other kernels under qemu.
+//! the test suite on other kernels under qemu, benchmarks, soaks and fuzzing.
 
 mod bench;
+mod fuzz;
 mod image;
 mod setup;
 mod util;
@@ -107,6 +108,21 @@ enum Command {
         /// Only run tests whose name contains this filter.
         filter: Option<String>,
     },
+    /// Run the cargo-fuzz targets in fuzz/ side by side (nightly, libFuzzer,
+    /// AddressSanitizer, a 2 GiB RSS limit) and report executions, coverage
+    /// and peak memory; fails on any crash. Installs cargo-fuzz on first use.
+    Fuzz {
+        /// Seconds per target (0: only capture seeds, with --capture).
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (repeatable); all by default.
+        #[arg(long = "target", value_parser = clap::builder::PossibleValuesParser::new(fuzz::TARGETS))]
+        targets: Vec<String>,
+        /// Record the seed corpus (fuzz/seeds/) anew from real clients of a
+        /// real redis-server (done anyway when it is missing).
+        #[arg(long)]
+        capture: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -194,6 +210,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tests,
                 filter,
                 time_scale,
+            })
+        }
+        Command::Fuzz {
+            seconds,
+            mut targets,
+            capture,
+        } => {
+            if targets.is_empty() {
+                targets = fuzz::TARGETS.iter().map(ToString::to_string).collect();
+            }
+            fuzz::run(&fuzz::Options {
+                seconds,
+                targets: &targets,
+                capture,
             })
         }
     }

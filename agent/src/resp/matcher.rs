@@ -120,14 +120,13 @@ impl Matcher {
     }
 
     /// Requests waiting for a reply.
-    #[cfg(test)]
     pub fn outstanding(&self) -> usize {
         self.core.outstanding
     }
 
-    /// FIFO entries, markers included (the memory bound).
-    #[cfg(test)]
-    pub(super) fn slots(&self) -> usize {
+    /// FIFO entries, markers included: with the parsers' fixed buffers, all
+    /// the memory a connection's matcher holds (the fuzz target checks it).
+    pub fn slots(&self) -> usize {
         self.core.fifo.len()
     }
 
