@@ -217,6 +217,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mut targets,
             capture,
         } => {
+            // The targets link the agent, whose build script needs the
+            // eBPF toolchain.
+            setup::ensure()?;
             if targets.is_empty() {
                 targets = fuzz::TARGETS.iter().map(ToString::to_string).collect();
             }
