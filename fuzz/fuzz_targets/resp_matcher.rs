@@ -104,10 +104,10 @@ fuzz_target!(|data: &[u8]| {
             _ => matcher.close(ts, &mut events),
         }
         // Bounded state whatever the input: the parsers' buffers are fixed,
-        // the FIFO holds at most `max_outstanding` requests and a marker
-        // (gap or replies owed) between each.
+        // the FIFO holds at most `max_outstanding` requests and
+        // `max_slots` entries, markers (gaps, replies owed) included.
         assert!(matcher.outstanding() <= config.max_outstanding);
-        assert!(matcher.slots() <= 2 * config.max_outstanding + 3);
+        assert!(matcher.slots() <= config.max_slots());
     }
     matcher.close(ts, &mut events);
     assert_eq!(matcher.outstanding(), 0);

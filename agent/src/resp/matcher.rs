@@ -125,7 +125,8 @@ impl Matcher {
     }
 
     /// FIFO entries, markers included: with the parsers' fixed buffers, all
-    /// the memory a connection's matcher holds (the fuzz target checks it).
+    /// the memory a connection's matcher holds; at most
+    /// [`Config::max_slots`] (the fuzz target checks it).
     pub fn slots(&self) -> usize {
         self.core.fifo.len()
     }
@@ -385,6 +386,7 @@ impl Core {
             reply_bytes: 0,
         }));
         self.outstanding += 1;
+        self.keep_bounded(out);
     }
 
     fn request_desync(&mut self, partial: Option<&Frame>, out: &mut Vec<Event>) {
@@ -396,8 +398,14 @@ impl Core {
         if !matches!(self.fifo.back(), Some(Slot::Gap)) {
             self.fifo.push_back(Slot::Gap);
         }
-        // Gaps and owed replies alternate at worst; bound them too.
-        if self.fifo.len() > 2 * self.config.max_outstanding + 2 {
+        self.keep_bounded(out);
+    }
+
+    /// Requests are bounded by eviction, but gaps and owed replies can
+    /// alternate between them: past [`Config::max_slots`] everything
+    /// waiting is given up, and the stream goes on after a gap.
+    fn keep_bounded(&mut self, out: &mut Vec<Event>) {
+        if self.fifo.len() > self.config.max_slots() {
             self.drop_requests(self.now_ns, UnansweredReason::Overflow, |_| true, out);
             self.fifo.clear();
             self.owed = 0;

@@ -287,6 +287,15 @@ pub struct Config {
     pub max_outstanding: usize,
 }
 
+impl Config {
+    /// A connection's matcher never holds more FIFO entries than this: the
+    /// requests, and at worst a gap and an owed-replies marker next to each
+    /// (past it, everything waiting is reported as overflow).
+    pub const fn max_slots(&self) -> usize {
+        2 * self.max_outstanding + 2
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {

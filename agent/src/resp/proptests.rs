@@ -320,7 +320,7 @@ proptest! {
                 _ => matcher.close(ts, &mut events),
             }
             prop_assert!(matcher.outstanding() <= config.max_outstanding);
-            prop_assert!(matcher.slots() <= 2 * config.max_outstanding + 3);
+            prop_assert!(matcher.slots() <= config.max_slots());
         }
         matcher.close(ts, &mut events);
         prop_assert_eq!(matcher.outstanding(), 0);
