@@ -40,7 +40,9 @@ fn soak_for_minutes() -> anyhow::Result<()> {
         match std::env::var(name) {
             Ok(v) => v
                 .parse()
-                .with_context(|| format!("{name}={v}: not a number of minutes")),
+                .ok()
+                .filter(|m: &f64| m.is_finite() && *m > 0.0)
+                .with_context(|| format!("{name}={v}: not a positive number of minutes")),
             Err(_) => Ok(default),
         }
     };

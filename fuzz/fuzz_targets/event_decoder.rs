@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use agent::decode::{self, Event};
 use agent::tracker::Tracker;
-use agent_common::{CloseEvent, ConnectEvent, SynAckRetransmitEvent, resp::CHUNK_BYTES};
 use agent_common::resp::{SegmentEvent, SocketEvent};
+use agent_common::{CloseEvent, ConnectEvent, SynAckRetransmitEvent, resp::CHUNK_BYTES};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -52,15 +52,23 @@ fuzz_target!(|data: &[u8]| {
         };
         assert_eq!(record.len(), expected, "{event:?}");
         match event {
-            Event::AppRead { ts_ns, cookie } => tracker.app_read(cookie, ts_ns, &mut exchanges),
+            Event::AppRead { ts_ns, cookie } => {
+                latest = latest.max(ts_ns);
+                tracker.app_read(cookie, ts_ns, &mut exchanges)
+            }
             Event::SocketGone { ts_ns, cookie } => {
+                latest = latest.max(ts_ns);
                 tracker.socket_gone(cookie, ts_ns, &mut exchanges)
             }
             _ => {}
         }
     }
     // The agent's periodic upkeep, late enough that every hole is given up.
-    tracker.tick(latest.saturating_add(30_000_000_000), Duration::from_secs(1), &mut exchanges);
+    tracker.tick(
+        latest.saturating_add(30_000_000_000),
+        Duration::from_secs(1),
+        &mut exchanges,
+    );
     tracker.flush(&mut exchanges);
     let _ = tracker.stats();
 });

@@ -144,8 +144,16 @@ fn check(events: &[Event], fed: &Fed, matcher: &Matcher, latest: u64, monotonic:
     // Each request is reported once and each reply byte counted once: the
     // reports cannot add up to more than what was fed. Every request has at
     // least one byte.
-    assert!(request_bytes <= fed.requests, "{request_bytes} > {}", fed.requests);
-    assert!(reply_bytes <= fed.replies, "{reply_bytes} > {}", fed.replies);
+    assert!(
+        request_bytes <= fed.requests,
+        "{request_bytes} > {}",
+        fed.requests
+    );
+    assert!(
+        reply_bytes <= fed.replies,
+        "{reply_bytes} > {}",
+        fed.replies
+    );
     assert!(events.len() as u64 <= fed.requests);
     let stats = matcher.stats();
     assert!(stats.unparsed_request_bytes <= fed.requests);

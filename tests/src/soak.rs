@@ -797,6 +797,8 @@ pub struct Sample {
     pub pipelined_requests: u64,
     pub churn_connects: u64,
     pub held_pings: u64,
+    /// The prober's PINGs (one per connection that got through).
+    pub probe_pings: u64,
     pub held_open: u64,
     pub unexpected_errors: u64,
     pub redis_cpu_s: f64,
@@ -926,6 +928,7 @@ impl Run<'_> {
             pipelined_requests: get(&counts.pipelined_ok) + get(&counts.pipelined_error_replies),
             churn_connects: get(&counts.churn_connects),
             held_pings: get(&counts.held_pings),
+            probe_pings: get(&counts.probe_connects),
             held_open: get(&counts.held_open),
             unexpected_errors: get(&counts.unexpected),
             redis_cpu_s: cpu_seconds(self.redis_pid)?,
@@ -1184,6 +1187,7 @@ fn restart_and_kill(run: &mut Run<'_>, port: u16) -> anyhow::Result<Value> {
         "freed": freed,
         "freed_after_ms": freed_after_ms,
         "held_pings_while_traced": last.held_pings - first.held_pings,
+        "probe_pings_while_traced": last.probe_pings - first.probe_pings,
         "client_pings_in_latency_windows": output.client_pings,
         "unexpected_errors_after_kill": after.unexpected_errors - last.unexpected_errors,
         "held_open_after_kill": after.held_open,
@@ -1241,6 +1245,9 @@ pub fn check(report: &Report, options: &Options) -> anyhow::Result<()> {
             report.steady_start.map_bytes, report.end.map_bytes
         ));
     }
+    if report.steady_start.map_bytes == 0 {
+        failures.push("the agent's BPF map memory read as 0: its map fds were not found".into());
+    }
     let restart = &report.restart;
     if let Some(error) = restart.get("error") {
         failures.push(format!("restart and SIGKILL: {error}"));
@@ -1251,16 +1258,27 @@ pub fn check(report: &Report, options: &Options) -> anyhow::Result<()> {
             options.held
         ));
     }
-    // Its PINGs are nearly all the held connections' (the prober's add 20/s):
-    // were they not traced, the count would be a small fraction.
+    // The held connections' PINGs, the prober's taken out (its connections
+    // are new, so traced from their start): were the connections open
+    // before the agent not traced, this would be a small fraction.
     let held_pings = restart["held_pings_while_traced"].as_u64().unwrap_or(0);
+    let probe_pings = restart["probe_pings_while_traced"].as_u64().unwrap_or(0);
     let traced = restart["client_pings_in_latency_windows"]
         .as_u64()
-        .unwrap_or(0);
-    if traced * 10 < held_pings * 8 {
+        .unwrap_or(0)
+        .saturating_sub(probe_pings);
+    if held_pings == 0 || traced * 10 < held_pings * 8 {
         failures.push(format!(
-            "the restarted agent timed {traced} PINGs, the held connections sent {held_pings}"
+            "the restarted agent timed {traced} of the held connections' PINGs; they sent {held_pings}"
         ));
+    }
+    // Its objects were found before the kill (else "freed" says nothing).
+    for kind in ["programs", "maps", "links"] {
+        if restart[kind].as_u64().unwrap_or(0) == 0 {
+            failures.push(format!(
+                "no BPF {kind} of the restarted agent found before the kill: {restart}"
+            ));
+        }
     }
     if restart["freed"] != true {
         failures.push(format!("left in the kernel after SIGKILL: {restart}"));
@@ -1437,12 +1455,13 @@ pub fn markdown(r: &Report, command: &str) -> String {
         m,
         "SIGKILL under the same load, after the last no-agent phase: a new agent found {} open \
          connections, timed {} client-side PINGs in its 1 s windows while the held connections \
-         sent {}, and was killed; its {} programs, {} maps and {} links were gone from the \
+         sent {} and the prober {}, and was killed; its {} programs, {} maps and {} links were gone from the \
          kernel's lists {} ms later (left: {}); the clients saw {} errors through the kill and \
          held {} connections after it.\n",
         restart["seeded_connections"],
         restart["client_pings_in_latency_windows"],
         restart["held_pings_while_traced"],
+        restart["probe_pings_while_traced"],
         restart["programs"],
         restart["maps"],
         restart["links"],

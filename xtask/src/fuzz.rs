@@ -168,9 +168,14 @@ fn cargo_fuzz(dir: &Path) -> Command {
     command
 }
 
-/// Installs cargo-fuzz on first use (with stable; about 2 minutes), so
+/// Checks for the nightly toolchain and installs cargo-fuzz on first use (with stable; about 2 minutes), so
 /// `cargo xtask setup` stays quick for those who never fuzz.
 fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    if stdout_of(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--version"])).is_none() {
+        bail!(
+            "the fuzz targets build with the rustup toolchain `{NIGHTLY}`: `rustup toolchain install {NIGHTLY}`"
+        );
+    }
     let version = stdout_of(Command::new(cargo_fuzz_binary()).arg("--version"));
     if version.is_some_and(|v| v.split_whitespace().nth(1) == Some(CARGO_FUZZ_VERSION)) {
         return Ok(());
@@ -183,11 +188,6 @@ fn ensure_cargo_fuzz() -> anyhow::Result<()> {
             .env_remove("CARGO")
             .stdin(Stdio::null()),
     )?;
-    if stdout_of(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--version"])).is_none() {
-        bail!(
-            "the fuzz targets build with the rustup toolchain `{NIGHTLY}`: `rustup toolchain install {NIGHTLY}`"
-        );
-    }
     Ok(())
 }
 

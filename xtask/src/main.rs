@@ -295,6 +295,10 @@ fn run_agent(args: &[String]) -> anyhow::Result<()> {
 /// writes its report into target/soak/.
 fn soak(minutes: f64, baseline_minutes: Option<f64>) -> anyhow::Result<()> {
     anyhow::ensure!(minutes > 0.0, "--minutes must be positive");
+    anyhow::ensure!(
+        baseline_minutes.is_none_or(|b| b > 0.0),
+        "--baseline-minutes must be positive"
+    );
     util::step(&format!("soak: {minutes} min with the agent"));
     let mut command = cargo();
     command
