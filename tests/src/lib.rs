@@ -117,6 +117,7 @@ pub struct Agent {
     /// Invalid stdout lines, with why.
     invalid_lines: Arc<Mutex<Vec<String>>>,
     stdout_reader: Option<thread::JoinHandle<()>>,
+    stderr_reader: Option<thread::JoinHandle<()>>,
     stderr: Arc<Mutex<String>>,
     /// A watched port with no listener: a connect to it is a marker event.
     barrier_port: u16,
@@ -209,7 +210,7 @@ impl Agent {
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut pipe = child.stderr.take().expect("piped stderr");
         let sink = Arc::clone(&stderr);
-        thread::spawn(move || {
+        let stderr_reader = thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n @ 1..) = pipe.read(&mut buf) {
                 sink.lock()
@@ -223,6 +224,7 @@ impl Agent {
             events,
             invalid_lines,
             stdout_reader: Some(stdout_reader),
+            stderr_reader: Some(stderr_reader),
             stderr,
             barrier_port,
             seen: Vec::new(),
@@ -290,11 +292,15 @@ impl Agent {
                     self.seen,
                     self.stderr()
                 ),
-                Err(RecvTimeoutError::Disconnected) => bail!(
-                    "agent exited ({:?}); stderr:\n{}",
-                    self.child.try_wait(),
-                    self.stderr()
-                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Its stdout is closed: it has exited, and its stderr
+                    // is read to the end once the pump is joined.
+                    let status = self.child.wait();
+                    if let Some(reader) = self.stderr_reader.take() {
+                        let _ = reader.join();
+                    }
+                    bail!("agent exited ({status:?}); stderr:\n{}", self.stderr())
+                }
             }
         }
     }
@@ -480,6 +486,9 @@ impl Agent {
             }
         }
         let status = self.child.wait()?;
+        if let Some(reader) = self.stderr_reader.take() {
+            let _ = reader.join();
+        }
         anyhow::ensure!(
             status.success(),
             "agent exited with {status}: {}",
