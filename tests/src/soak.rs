@@ -640,6 +640,16 @@ impl SoakAgent {
         self.child.id()
     }
 
+    /// The open connections its `started` line says it found.
+    fn seeded_connections(&self) -> u64 {
+        self.output
+            .lock()
+            .unwrap()
+            .started
+            .as_ref()
+            .map_or(0, |s| s["seeded_connections"].as_u64().unwrap_or(0))
+    }
+
     fn ensure_running(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!(
@@ -1053,13 +1063,7 @@ pub fn run(options: &Options) -> anyhow::Result<Report> {
     let starting = Instant::now();
     let mut agent = SoakAgent::start(redis.port, &[])?;
     let agent_start_s = starting.elapsed().as_secs_f64();
-    let seeded_connections = agent
-        .output
-        .lock()
-        .unwrap()
-        .started
-        .as_ref()
-        .map_or(0, |s| s["seeded_connections"].as_u64().unwrap_or(0));
+    let seeded_connections = agent.seeded_connections();
     let (_, warm) = run.phase("agent warm-up", options.warmup, Some(&mut agent))?;
     let (_, agent_last) = run.phase(
         "agent",
@@ -1148,13 +1152,7 @@ const MEASURED_PHASES: &[&str] = &["agent warm-up", "agent"];
 fn restart_and_kill(run: &mut Run<'_>, port: u16) -> anyhow::Result<Value> {
     // Windows of 1 s: by the kill, all but the last second is written.
     let mut agent = SoakAgent::start(port, &["--interval", "1s"])?;
-    let seeded = agent
-        .output
-        .lock()
-        .unwrap()
-        .started
-        .as_ref()
-        .map_or(0, |s| s["seeded_connections"].as_u64().unwrap_or(0));
+    let seeded = agent.seeded_connections();
     let (programs, maps, links) = kernel::bpf_objects_held_by(agent.pid())?;
     let (first, last) = run.phase(
         "restarted agent",

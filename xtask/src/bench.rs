@@ -29,7 +29,6 @@ use std::{
     fmt::Write as _,
     fs,
     io::{BufRead, BufReader, Read as _},
-    net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex, mpsc},
@@ -37,6 +36,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+
+use crate::util::RedisServer;
 
 /// The bpftrace script of the `bpftrace` mode, verbatim.
 pub const BPFTRACE_SCRIPT: &str = "\
@@ -222,7 +223,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         );
     }
     let port = free_port()?;
-    let _redis = RedisServer::start(port)?;
+    let _redis = RedisServer::start(pinned(0, "redis-server"), port, &[])?;
     let stats_before = fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
     fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
         .context("enabling kernel.bpf_stats_enabled")?;
@@ -666,41 +667,6 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
-}
-
-struct RedisServer(Child);
-
-impl RedisServer {
-    fn start(port: u16) -> anyhow::Result<Self> {
-        let child = pinned(0, "redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting redis-server")?;
-        let server = Self(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                bail!("redis-server did not listen on {port}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(server)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// What the kernel accounts to a process's BPF objects.

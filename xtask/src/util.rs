@@ -1,6 +1,10 @@
 //! Running commands with their failures named.
 
-use std::process::{Command, Output};
+use std::{
+    net::TcpStream,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 
@@ -45,4 +49,44 @@ pub fn stdout_of(command: &mut Command) -> Option<String> {
         .status
         .success()
         .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A `redis-server` without persistence on 127.0.0.1:`port`, started from
+/// `command` (e.g. pinned to a CPU) with `extra` arguments; ready once it
+/// accepts connections, killed when dropped.
+pub struct RedisServer(Child);
+
+impl RedisServer {
+    pub fn start(mut command: Command, port: u16, extra: &[&str]) -> anyhow::Result<Self> {
+        let child = command
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting redis-server (`cargo xtask setup` installs it)")?;
+        let server = Self(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "redis-server did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

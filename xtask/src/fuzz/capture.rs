@@ -12,7 +12,7 @@ use std::{
     io::{Read as _, Write as _},
     net::{Shutdown, TcpListener, TcpStream},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
@@ -26,7 +26,9 @@ use agent_common::{
         STREAM_REPLIES, STREAM_REQUESTS, SegmentEvent, SocketEvent,
     },
 };
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
+
+use crate::util::RedisServer;
 
 /// Bytes of one connection kept for a seed: the capture stops there (at a
 /// chunk boundary), so the committed corpus stays small.
@@ -47,7 +49,13 @@ type Recorded = Arc<Mutex<Vec<Vec<Chunk>>>>;
 /// (`<target>/<scenario>-<n>`); returns how many connections.
 pub fn capture(seeds_dir: &Path) -> anyhow::Result<usize> {
     let server_port = free_port()?;
-    let _server = RedisServer::start(server_port)?;
+    let _server = RedisServer::start(
+        Command::new("redis-server"),
+        server_port,
+        // DEBUG for RESP3's `DEBUG PROTOCOL` replies (attributes, big
+        // numbers, verbatim strings).
+        &["--enable-debug-command", "yes"],
+    )?;
     let relay = TcpListener::bind("127.0.0.1:0").context("binding the recording relay")?;
     let port = relay.local_addr()?.port();
     let recorded: Recorded = Arc::default();
@@ -448,42 +456,4 @@ fn bytes_of<T: Copy>(value: &T) -> &[u8] {
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// `redis-server` on `port` until dropped; `DEBUG` enabled for RESP3's
-/// `DEBUG PROTOCOL` replies (attributes, big numbers, verbatim strings).
-struct RedisServer(Child);
-
-impl RedisServer {
-    fn start(port: u16) -> anyhow::Result<Self> {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args(["--enable-debug-command", "yes"])
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting redis-server (`cargo xtask setup` installs it)")?;
-        let server = Self(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                bail!("redis-server did not listen on {port}");
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        Ok(server)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
