@@ -359,13 +359,21 @@ fn the_daemonsets_capabilities_attach_everything_in_a_container() -> anyhow::Res
                 &redis.ip().to_string(),
                 "-p",
                 &port.to_string(),
+                // Twice, 1 s apart: on cgroup-v1 nodes the agent reads the
+                // client's cgroup from /proc/<pid>/cgroup, which needs it
+                // still running when its connect event is read (a process
+                // gone by then keeps its pid and comm only: docs/kernels.md).
+                "-r",
+                "2",
+                "-i",
+                "1",
                 "PING",
             ])
             .stdout(Stdio::piped()),
     )?;
     let cli_pid = cli.pid();
     let output = cli.wait_with_output()?;
-    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "PONG");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "PONG\nPONG");
     let client_ip = client.ip().to_string();
     let connect = agent.wait_for(event_timeout(), |e| {
         e["type"] == "connect" && e["dst"]["port"] == port && e["src"]["ip"] == client_ip

@@ -313,6 +313,10 @@ fn full_accept_queue_drops_and_retransmits_syns() -> anyhow::Result<()> {
     let _serial = serial();
     let (listener, port) = listener_with_backlog(1)?;
     let mut agent = Agent::start(&[port], &[])?;
+    // Clients that time out together read as one workload retrying at its
+    // connect timeout (concurrent callers merge into one chain): on a slow
+    // kernel (the 5.10 guest) four of the six time out and it fires.
+    agent.expect_alerts(&["syn_drops", "retry_storm"]);
 
     let overflows_before = nstat("TcpExtListenOverflows")?;
     let retrans_before = nstat("TcpExtTCPSynRetrans")?;
