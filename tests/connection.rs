@@ -10,7 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lab::{Agent, FirewallRule, RedisServer, event_timeout, kernel::ConnectionRetransmits};
+use lab::{
+    Agent, FirewallRule, LOSS_ALERTS, RedisServer, event_timeout, kernel::ConnectionRetransmits,
+    kernel::ss_total_retransmits,
+};
 use serde_json::Value;
 
 fn close_of(role: &'static str, client_port: u16) -> impl Fn(&Value) -> bool {
@@ -121,6 +124,7 @@ fn data_retransmits_are_counted_per_connection() -> anyhow::Result<()> {
     const ROUND_TRIPS: usize = 40;
     let redis = RedisServer::start()?;
     let mut agent = Agent::start(&[redis.port], &[])?;
+    agent.expect_alerts(LOSS_ALERTS);
     let mut streams = Vec::new();
     for _ in 0..CONNECTIONS {
         let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, redis.port))?;
@@ -168,6 +172,46 @@ fn data_retransmits_are_counted_per_connection() -> anyhow::Result<()> {
         total > 0,
         "10% loss over {ROUND_TRIPS} round trips caused retransmits"
     );
+    agent.stop()?;
+    Ok(())
+}
+
+/// A handshake whose last ACK is lost: the server retransmits its SYN-ACK,
+/// and the kernel starts the accepted socket's `tcpi_total_retrans` at that
+/// count. So does the agent's server-side `close`.
+#[test]
+fn synack_retransmits_count_toward_the_accepted_connection() -> anyhow::Result<()> {
+    let redis = RedisServer::start()?;
+    let mut agent = Agent::start(&[redis.port], &[])?;
+    let port = redis.port.to_string();
+    let handshake_ack_lost = FirewallRule::insert(
+        false,
+        "INPUT",
+        &["-p", "tcp", "!", "--syn", "--dport", &port, "-j", "DROP"],
+    )?;
+    // connect() returns on the SYN-ACK; the ACK that would complete the
+    // server's half is dropped until the server has resent its SYN-ACK.
+    let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, redis.port))?;
+    let client_port = stream.local_addr()?.port();
+    agent.wait_for(event_timeout(), |e| {
+        e["type"] == "synack_retransmit" && e["src"]["port"] == client_port
+    })?;
+    drop(handshake_ack_lost);
+    // The request's ACK completes the handshake on the server.
+    ping(&mut stream)?;
+    let kernel = ss_total_retransmits(None, redis.port, client_port)?;
+    assert!(
+        kernel >= 1,
+        "the server socket counts its SYN-ACK retransmit: {kernel}"
+    );
+    drop(stream);
+
+    let server = agent.wait_for(event_timeout(), close_of("server", client_port))?;
+    agent.assert_count(
+        &format!("server side: {server}"),
+        server["retransmits"].as_u64().unwrap_or(u64::MAX),
+        kernel.into(),
+    )?;
     agent.stop()?;
     Ok(())
 }

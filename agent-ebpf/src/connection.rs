@@ -12,7 +12,8 @@
 
 use agent_common::{
     CloseEvent, Closer, ConnectionCounters, ConnectionRole, ConnectionState, EventHeader,
-    EventKind, FlowTuple, MAX_CONNECTIONS, StatId, SynAckRetransmitEvent, TaskInfo,
+    EventKind, FlowTuple, MAX_CONNECTIONS, MAX_CONNECTS_IN_FLIGHT, StatId, SynAckRetransmitEvent,
+    TaskInfo,
 };
 use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
 
@@ -26,6 +27,14 @@ pub const TCP_CLOSE_WAIT: i32 = 8;
 pub static CONNECTIONS: LruHashMap<FlowTuple, ConnectionState> =
     LruHashMap::with_max_entries(MAX_CONNECTIONS, BPF_F_NO_COMMON_LRU);
 
+/// SYN-ACK retransmits of handshakes not yet complete, by the server's
+/// tuple: the kernel starts the accepted socket's `tcpi_total_retrans` at
+/// its request's SYN-ACK retransmits, and so does [`open`]. LRU: under a SYN
+/// flood the oldest half-open handshakes are forgotten, not the new ones.
+#[map]
+static SYNACK_RETRANSMITS: LruHashMap<FlowTuple, u32> =
+    LruHashMap::with_max_entries(MAX_CONNECTS_IN_FLIGHT, 0);
+
 #[map]
 static SOCKET_FLOWS: LruHashMap<u64, FlowTuple> =
     LruHashMap::with_max_entries(MAX_CONNECTIONS, BPF_F_NO_COMMON_LRU);
@@ -33,11 +42,19 @@ static SOCKET_FLOWS: LruHashMap<u64, FlowTuple> =
 /// A handshake completed: start tracking the connection.
 #[inline(never)]
 pub fn open(skaddr: u64, flow: &FlowTuple, family: u16, role: ConnectionRole, task: &TaskInfo) {
+    let mut counters = ConnectionCounters::default();
+    if role == ConnectionRole::Server {
+        // SAFETY: map value pointer, valid for this program run.
+        if let Some(synacks) = SYNACK_RETRANSMITS.get_ptr(flow).map(|p| unsafe { *p }) {
+            counters.retransmits = synacks;
+            let _ = SYNACK_RETRANSMITS.remove(flow);
+        }
+    }
     // At most five arguments in a BPF call: the time is taken here.
     let state = ConnectionState {
         task: *task,
         established_ns: unsafe { bpf_ktime_get_ns() },
-        counters: ConnectionCounters::default(),
+        counters,
         family,
         role: role as u8,
         closer: Closer::Unknown as u8,
@@ -132,6 +149,13 @@ pub fn reset_sent(skaddr: u64) {
 }
 
 pub fn synack_retransmitted(flow: &FlowTuple, family: u16, now: u64) {
+    match SYNACK_RETRANSMITS.get_ptr_mut(flow) {
+        // SAFETY: map value pointer, valid for this program run.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            let _ = SYNACK_RETRANSMITS.insert(flow, &1, 0);
+        }
+    }
     let Some(mut entry) = EVENTS.reserve::<SynAckRetransmitEvent>(0) else {
         count(StatId::RingBufferFull);
         return;
