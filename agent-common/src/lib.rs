@@ -326,10 +326,13 @@ pub enum StatId {
     RespFlowMapFull = 4,
     /// Segments whose payload was longer than what is copied per segment.
     RespTruncated = 5,
+    /// A TLS library call whose connection could not be found (a memory
+    /// BIO, a socket connected before the agent): left to the wire's turns.
+    TlsUnresolved = 6,
 }
 
 /// Number of [`StatId`] slots.
-pub const STAT_COUNT: u32 = 6;
+pub const STAT_COUNT: u32 = 7;
 
 /// Offsets of the tracepoint fields the programs read, taken at startup from
 /// `/sys/kernel/tracing/events/<category>/<name>/format`, because they move
@@ -386,6 +389,12 @@ pub struct TracepointOffsets {
     pub error_report_protocol: u16,
     pub error_report_saddr_v6: u16,
     pub error_report_daddr_v6: u16,
+    /// `syscalls/sys_enter_connect` `fd`, `uservaddr`; 0: no TLS plaintext.
+    pub connect_fd: u16,
+    pub connect_uservaddr: u16,
+    /// `syscalls/sys_enter_{read,write}` `fd` (the same in both).
+    pub read_write_fd: u16,
+    pub _pad: u16,
 }
 
 /// `Config::flags`: the kernel has `sock/inet_sk_error_report` (5.14+).
@@ -411,8 +420,8 @@ const _: () = assert!(core::mem::size_of::<EventHeader>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowTuple>() == 36);
 const _: () = assert!(core::mem::size_of::<TaskInfo>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 112);
-const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 76);
-const _: () = assert!(core::mem::size_of::<Config>() == 120);
+const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 84);
+const _: () = assert!(core::mem::size_of::<Config>() == 128);
 const _: () = assert!(core::mem::size_of::<resp::RespFlow>() == 56);
 const _: () = assert!(core::mem::size_of::<resp::SegmentEvent>() == 96);
 const _: () = assert!(core::mem::size_of::<resp::SocketEvent>() == 24);

@@ -37,6 +37,9 @@ pub const SEGMENT_FROM_START: u8 = 1 << 4;
 /// kernel hands it to the listener before the new socket exists. `cookie`
 /// is 0 and `tuple` the packet's; userspace gives it to that connection.
 pub const SEGMENT_VIA_LISTENER: u8 = 1 << 5;
+/// Plaintext of a TLS library call (`agent-ebpf/src/tls.rs`) on the client
+/// socket `tuple`: `cookie` and `seq` are 0; records come in call order.
+pub const SEGMENT_PLAINTEXT: u8 = 1 << 6;
 
 /// Per-connection state, keyed by socket cookie.
 #[repr(C)]

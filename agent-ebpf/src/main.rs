@@ -7,6 +7,7 @@ mod connect;
 mod connection;
 mod maps;
 mod resp;
+mod tls;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -49,8 +49,8 @@ static RESP_FLOWS: LruHashMap<u64, RespFlow> =
 /// A record being built: header, then payload.
 #[repr(C)]
 pub struct Record {
-    event: SegmentEvent,
-    data: [u8; CHUNK_BYTES],
+    pub(crate) event: SegmentEvent,
+    pub(crate) data: [u8; CHUNK_BYTES],
 }
 
 /// One record buffer per nesting level: a softirq can interrupt a program
@@ -119,7 +119,7 @@ fn bare(ctx: &SkBuffContext) {
 // ---- segments ------------------------------------------------------------
 
 #[inline(always)]
-fn nested(run: impl FnOnce() -> Option<()>) {
+pub(crate) fn nested(run: impl FnOnce() -> Option<()>) {
     let Some(depth) = DEPTH.get_ptr_mut(0) else {
         return;
     };
@@ -135,7 +135,7 @@ fn nested(run: impl FnOnce() -> Option<()>) {
 }
 
 #[inline(always)]
-fn record() -> Option<*mut Record> {
+pub(crate) fn record() -> Option<*mut Record> {
     let depth = DEPTH.get_ptr(0)?;
     // SAFETY: per-CPU counter.
     let level = unsafe { *depth };

@@ -277,6 +277,7 @@ mod tests {
             reply_bytes: 5,
             depth: 1,
             closer: None,
+            tls: false,
         }
     }
 

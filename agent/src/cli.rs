@@ -86,6 +86,12 @@ pub struct Cli {
     #[arg(long, value_parser = parse_http_addr)]
     pub http_addr: Option<SocketAddr>,
 
+    /// Do not probe OpenSSL (`SSL_write`/`SSL_read` uprobes) for the
+    /// plaintext of TLS connections: they are then timed as turns (op
+    /// `tls`), without command names.
+    #[arg(long)]
+    pub no_tls_uprobes: bool,
+
     /// Attach only the bare packet hook (port filter + one counter) and
     /// nothing else: the baseline of `cargo xtask bench`.
     #[arg(long, hide = true)]

@@ -20,6 +20,7 @@ pub mod procfs;
 pub mod resp;
 pub mod run;
 pub mod sinks;
+pub mod tls;
 pub mod tracefs;
 pub mod tracker;
 pub mod workload;

@@ -86,6 +86,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } else {
             PacketHook::Resp
         },
+        tls_uprobes: !cli.no_tls_uprobes,
     })
     .map_err(|e| kernel.explain(e))?;
     let attached = std::mem::take(&mut probes.attached);
@@ -165,6 +166,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 let mut guard = ready.context("waiting for events")?;
                 drain(guard.get_inner_mut(), &mut pipeline, &mut sink, &mut stats)?;
                 guard.clear_ready();
+                for pid in pipeline.connecting_pids.drain(..) {
+                    probes.inspect_tls(pid);
+                }
                 sink.flush()?;
             }
             _ = async { stats_timer.as_mut().unwrap().tick().await }, if stats_timer.is_some() => {
@@ -176,6 +180,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             _ = drain_timer.tick() => {
                 health.beat();
                 drain(events.get_mut(), &mut pipeline, &mut sink, &mut stats)?;
+                for pid in pipeline.connecting_pids.drain(..) {
+                    probes.inspect_tls(pid);
+                }
                 if last_tick.elapsed() >= TICK_INTERVAL {
                     last_tick = std::time::Instant::now();
                     let now = monotonic_ns();
@@ -294,6 +301,9 @@ pub struct Pipeline {
     zones: Zones,
     /// For `/metrics`' info series (events are named by the sink).
     names: kube::Names,
+    /// Processes that connected to a watched port since last taken: their
+    /// TLS library gets probed (`probes::tls`).
+    pub connecting_pids: Vec<u32>,
 }
 
 impl Pipeline {
@@ -322,6 +332,7 @@ impl Pipeline {
             slow_ns,
             zones,
             names: kube::Names::default(),
+            connecting_pids: Vec::new(),
         }
     }
 
@@ -407,6 +418,7 @@ impl Pipeline {
     fn event(&mut self, event: &Event) {
         match event {
             Event::Connect(connect) => {
+                self.connecting_pids.push(connect.task.pid);
                 self.aggregator.record_connect(connect);
                 let workload = self.enricher.workload_of_task(&connect.task);
                 if let Some(metrics) = &mut self.metrics {

@@ -12,12 +12,16 @@ use std::{collections::VecDeque, net::SocketAddr, time::Duration};
 
 use agent_common::{
     Closer, ConnectionRole,
-    resp::{SEGMENT_FIN, SEGMENT_FROM_START, SEGMENT_LAST, SEGMENT_RST, SEGMENT_VIA_LISTENER},
+    resp::{
+        SEGMENT_FIN, SEGMENT_FROM_START, SEGMENT_LAST, SEGMENT_PLAINTEXT, SEGMENT_RST,
+        SEGMENT_VIA_LISTENER,
+    },
 };
 
 use crate::{
     decode::Segment,
     resp::{self, Chunk, Command, ErrorPrefix, Matcher, ReplyKind, UnansweredReason},
+    tls::{self, TurnEvent, Turns},
 };
 
 /// Sockets tracked at once; the least recently active go first beyond it.
@@ -80,10 +84,12 @@ pub struct Exchange {
     /// Requests in flight when it was sent, itself included.
     pub depth: u32,
     pub closer: Option<Closer>,
+    /// On a TLS connection (`command` is then [`Command::TLS`], a turn).
+    pub tls: bool,
 }
 
 struct Flow {
-    matcher: Matcher,
+    matcher: Parsers,
     role: ConnectionRole,
     client: SocketAddr,
     server: SocketAddr,
@@ -114,6 +120,8 @@ pub struct TrackerStats {
     pub desyncs: u64,
     pub unmatched_replies: u64,
     pub flows_evicted: u64,
+    /// Connections found carrying TLS.
+    pub tls_connections: u64,
 }
 
 /// First requests received by a listener, waiting for their connection's
@@ -127,8 +135,10 @@ pub struct Tracker {
     flows: FxHashMap<u64, Box<Flow>>,
     /// By (client, server).
     handed_over: FxHashMap<(SocketAddr, SocketAddr), Vec<KeptSegment>>,
-    /// Scratch for the matcher's output, reused across segments.
-    events: Vec<resp::Event>,
+    /// Client sockets' cookies by (client, server), for TLS plaintext.
+    clients: FxHashMap<(SocketAddr, SocketAddr), u64>,
+    /// Scratch for the parsers' output, reused across segments.
+    events: Fed,
     /// Counters of flows already gone.
     retired: TrackerStats,
 }
@@ -136,6 +146,10 @@ pub struct Tracker {
 impl Tracker {
     /// One record of a segment; finished exchanges go to `out`.
     pub fn segment(&mut self, segment: &Segment<'_>, out: &mut Vec<Exchange>) {
+        if segment.flags & SEGMENT_PLAINTEXT != 0 {
+            self.plaintext(segment, out);
+            return;
+        }
         if segment.flags & SEGMENT_VIA_LISTENER != 0 {
             // Whole single-record segments only: a first request.
             if segment.offset == 0
@@ -154,16 +168,18 @@ impl Tracker {
             }
             return;
         }
-        if !self.flows.contains_key(&segment.cookie) && self.flows.len() >= MAX_FLOWS {
-            self.evict_oldest(out);
+        if !self.flows.contains_key(&segment.cookie) {
+            if self.flows.len() >= MAX_FLOWS {
+                self.evict_oldest(out);
+            }
+            if segment.role == ConnectionRole::Client {
+                self.clients
+                    .insert((segment.client, segment.server), segment.cookie);
+            }
         }
         let flow = self.flows.entry(segment.cookie).or_insert_with(|| {
             Box::new(Flow {
-                matcher: if segment.flags & SEGMENT_FROM_START != 0 {
-                    Matcher::new(resp::Config::default())
-                } else {
-                    Matcher::mid_stream(resp::Config::default())
-                },
+                matcher: Parsers::new(segment.flags & SEGMENT_FROM_START != 0),
                 role: segment.role,
                 client: segment.client,
                 server: segment.server,
@@ -192,7 +208,8 @@ impl Tracker {
             }
         }
         let events = &mut self.events;
-        events.clear();
+        events.resp.clear();
+        events.turns.clear();
         if std::mem::take(&mut flow.new)
             && segment.role == ConnectionRole::Server
             && let Some(first) = self.handed_over.remove(&(segment.client, segment.server))
@@ -253,8 +270,11 @@ impl Tracker {
             flow.closed = true;
             flow.matcher.close(segment.ts_ns, events);
         }
-        for event in events.drain(..) {
+        for event in events.resp.drain(..) {
             flow.exchange(event, segment.ts_ns, closer, out);
+        }
+        for event in events.turns.drain(..) {
+            flow.turn(event, closer, out);
         }
         if closer.is_some() {
             flow.release_held(None, out);
@@ -296,7 +316,7 @@ impl Tracker {
         });
         let mut idle = Vec::new();
         for (&cookie, flow) in &mut self.flows {
-            let mut events = Vec::new();
+            let mut events = Fed::default();
             for stream in 0..2 {
                 if !flow.order[stream].hole_older_than(now_ns, HOLE_LIMIT_NS) {
                     continue;
@@ -306,9 +326,7 @@ impl Tracker {
                     .give_up(&mut |piece| feed(matcher, stream, piece, &mut events));
             }
             flow.matcher.expire(now_ns, timeout, &mut events);
-            for event in events {
-                flow.exchange(event, now_ns, None, out);
-            }
+            flow.report(events, now_ns, out);
             if flow
                 .held
                 .first()
@@ -339,14 +357,76 @@ impl Tracker {
     pub fn stats(&self) -> TrackerStats {
         let mut stats = self.retired;
         for flow in self.flows.values() {
-            add_stats(&mut stats, &flow.matcher.stats());
+            add_stats(&mut stats, &flow.matcher);
         }
         stats
     }
 
     fn retire(&mut self, flow: &Flow) {
-        let stats = flow.matcher.stats();
-        add_stats(&mut self.retired, &stats);
+        add_stats(&mut self.retired, &flow.matcher);
+        if flow.role == ConnectionRole::Client {
+            self.clients.remove(&(flow.client, flow.server));
+        }
+    }
+
+    /// Plaintext of a TLS library call on a client socket: RESP from then
+    /// on, in place of the connection's turns.
+    fn plaintext(&mut self, segment: &Segment<'_>, out: &mut Vec<Exchange>) {
+        let Some(flow) = self
+            .clients
+            .get(&(segment.client, segment.server))
+            .and_then(|cookie| self.flows.get_mut(cookie))
+        else {
+            return;
+        };
+        if flow.matcher.tls.is_none() {
+            return;
+        }
+        let stream = usize::from(!segment.requests);
+        let parsers = &mut flow.matcher;
+        let assembling = &mut parsers.plain_assembling[stream];
+        let whole = segment.offset == 0 && segment.flags & SEGMENT_LAST != 0;
+        if !whole {
+            if segment.offset == 0 {
+                assembling.clear();
+            }
+            assembling.extend_from_slice(segment.data);
+            if segment.flags & SEGMENT_LAST == 0 {
+                return;
+            }
+        }
+        let assembled;
+        let data: &[u8] = if whole {
+            segment.data
+        } else {
+            assembled = std::mem::take(assembling);
+            &assembled
+        };
+        let plaintext = match &mut parsers.plaintext {
+            Some(matcher) => matcher,
+            // Replies to requests written before: not ours to match.
+            None if !segment.requests => return,
+            None => {
+                if let Some(turns) = &mut parsers.tls {
+                    turns.forget_open();
+                }
+                parsers
+                    .plaintext
+                    .insert(Box::new(Matcher::new(resp::Config::default())))
+            }
+        };
+        let events = &mut self.events;
+        events.resp.clear();
+        let chunk = Chunk::truncated(segment.ts_ns, data, u64::from(segment.len));
+        if segment.requests {
+            plaintext.on_request(chunk, &mut events.resp);
+        } else {
+            plaintext.on_reply(chunk, &mut events.resp);
+        }
+        flow.last_ns = segment.ts_ns;
+        for event in events.resp.drain(..) {
+            flow.exchange(event, segment.ts_ns, None, out);
+        }
     }
 
     fn evict_oldest(&mut self, out: &mut Vec<Exchange>) {
@@ -362,22 +442,72 @@ impl Tracker {
     }
 }
 
-fn add_stats(total: &mut TrackerStats, stats: &resp::Stats) {
-    total.unparsed_bytes += stats.unparsed_request_bytes + stats.unparsed_reply_bytes;
-    total.desyncs += stats.request_desyncs + stats.reply_desyncs;
-    total.unmatched_replies += stats.unmatched_replies;
+fn add_stats(total: &mut TrackerStats, parsers: &Parsers) {
+    total.tls_connections += u64::from(parsers.tls.is_some());
+    let matchers = std::iter::once(&parsers.resp).chain(parsers.plaintext.as_deref());
+    for stats in matchers.map(Matcher::stats) {
+        total.unparsed_bytes += stats.unparsed_request_bytes + stats.unparsed_reply_bytes;
+        total.desyncs += stats.request_desyncs + stats.reply_desyncs;
+        total.unmatched_replies += stats.unmatched_replies;
+    }
 }
 
 impl Flow {
     fn finish(&mut self, ts_ns: u64, out: &mut Vec<Exchange>) {
         if !self.closed {
-            let mut events = Vec::new();
+            let mut events = Fed::default();
             self.matcher.close(ts_ns, &mut events);
-            for event in events {
-                self.exchange(event, ts_ns, None, out);
-            }
+            self.report(events, ts_ns, out);
         }
         self.release_held(None, out);
+    }
+
+    fn report(&mut self, mut events: Fed, now_ns: u64, out: &mut Vec<Exchange>) {
+        for event in events.resp.drain(..) {
+            self.exchange(event, now_ns, None, out);
+        }
+        for event in events.turns.drain(..) {
+            self.turn(event, None, out);
+        }
+    }
+
+    /// A TLS turn as an exchange of op `tls`. Not held for the
+    /// application's read: a turn is reported after the client has read.
+    fn turn(&mut self, event: TurnEvent, closer: Option<Closer>, out: &mut Vec<Exchange>) {
+        if self.matcher.plaintext.is_some() {
+            return; // its requests are matched in plaintext
+        }
+        let (turn, outcome, latency_ns, closer) = match event {
+            TurnEvent::Answered(turn) => {
+                let latency = turn.last_answer_ns.saturating_sub(turn.sent_ns);
+                (turn, Outcome::Ok, latency, None)
+            }
+            TurnEvent::Unanswered {
+                turn,
+                age_ns,
+                closed,
+            } => (turn, Outcome::Timeout, age_ns, closer.filter(|_| closed)),
+        };
+        out.push(Exchange {
+            ts_ns: turn.sent_ns.saturating_add(latency_ns),
+            role: self.role,
+            client: self.client,
+            server: self.server,
+            cgroup_id: self.cgroup_id,
+            cgroup: None,
+            command: Command::TLS,
+            outcome,
+            latency_ns,
+            first_byte_ns: turn
+                .first_answer_ns
+                .map(|first| first.saturating_sub(turn.sent_ns)),
+            read_delay_ns: None,
+            request_bytes: turn.request_bytes,
+            reply_bytes: turn.answer_bytes,
+            depth: 1,
+            closer,
+            tls: true,
+        });
     }
 
     fn exchange(
@@ -403,6 +533,7 @@ impl Flow {
             reply_bytes: 0,
             depth: 1,
             closer: None,
+            tls: self.matcher.tls.is_some(),
         };
         match event {
             resp::Event::Matched(m) => {
@@ -419,6 +550,10 @@ impl Flow {
                 exchange.reply_bytes = m.reply_bytes;
                 exchange.depth = m.depth;
                 match self.role {
+                    // Plaintext replies are timed at the application's read.
+                    ConnectionRole::Client if self.matcher.plaintext.is_some() => {
+                        out.push(exchange);
+                    }
                     ConnectionRole::Client => {
                         if self.held.len() >= MAX_HELD {
                             self.release_held(None, out);
@@ -467,17 +602,89 @@ impl Flow {
     }
 }
 
-/// Gives a piece of stream 0 (requests) or 1 (replies) to the matcher.
-fn feed(matcher: &mut Matcher, stream: usize, piece: Piece<'_>, events: &mut Vec<resp::Event>) {
+/// The parsers of one socket: RESP, or TLS turns when its first bytes are
+/// a TLS record (see `tls.rs`).
+struct Parsers {
+    resp: Matcher,
+    tls: Option<Box<Turns>>,
+    /// A TLS connection's plaintext, from the client's TLS library.
+    plaintext: Option<Box<Matcher>>,
+    plain_assembling: [Vec<u8>; 2],
+    /// The first bytes were seen (and said RESP, unless `tls`).
+    decided: bool,
+    from_start: bool,
+}
+
+/// What the parsers of one socket reported.
+#[derive(Default)]
+struct Fed {
+    resp: Vec<resp::Event>,
+    turns: Vec<TurnEvent>,
+}
+
+impl Parsers {
+    fn new(from_start: bool) -> Self {
+        Self {
+            resp: if from_start {
+                Matcher::new(resp::Config::default())
+            } else {
+                Matcher::mid_stream(resp::Config::default())
+            },
+            tls: None,
+            plaintext: None,
+            plain_assembling: [Vec::new(), Vec::new()],
+            decided: false,
+            from_start,
+        }
+    }
+
+    fn feed(&mut self, stream: usize, chunk: Chunk<'_>, fed: &mut Fed) {
+        if !self.decided && !chunk.data.is_empty() {
+            self.decided = true;
+            if tls::starts_tls(chunk.data, self.from_start, stream == 0) {
+                self.tls = Some(Box::new(if self.from_start {
+                    Turns::new()
+                } else {
+                    Turns::mid_stream()
+                }));
+            }
+        }
+        match (&mut self.tls, stream) {
+            (Some(turns), 0) => turns.on_request(chunk, &mut fed.turns),
+            (Some(turns), _) => turns.on_reply(chunk),
+            (None, 0) => self.resp.on_request(chunk, &mut fed.resp),
+            (None, _) => self.resp.on_reply(chunk, &mut fed.resp),
+        }
+    }
+
+    fn close(&mut self, ts_ns: u64, fed: &mut Fed) {
+        if let Some(plaintext) = &mut self.plaintext {
+            plaintext.close(ts_ns, &mut fed.resp);
+        }
+        match &mut self.tls {
+            Some(turns) => turns.close(ts_ns, &mut fed.turns),
+            None => self.resp.close(ts_ns, &mut fed.resp),
+        }
+    }
+
+    fn expire(&mut self, now_ns: u64, timeout: Duration, fed: &mut Fed) {
+        if let Some(plaintext) = &mut self.plaintext {
+            plaintext.expire(now_ns, timeout, &mut fed.resp);
+        }
+        match &mut self.tls {
+            Some(turns) => turns.tick(now_ns, timeout.as_nanos() as u64, &mut fed.turns),
+            None => self.resp.expire(now_ns, timeout, &mut fed.resp),
+        }
+    }
+}
+
+/// Gives a piece of stream 0 (requests) or 1 (replies) to the parsers.
+fn feed(parsers: &mut Parsers, stream: usize, piece: Piece<'_>, fed: &mut Fed) {
     let chunk = match piece {
         Piece::Data { ts_ns, data, len } => Chunk::truncated(ts_ns, data, u64::from(len)),
         Piece::Gap { ts_ns, len } => Chunk::truncated(ts_ns, &[], u64::from(len)),
     };
-    if stream == 0 {
-        matcher.on_request(chunk, events);
-    } else {
-        matcher.on_reply(chunk, events);
-    }
+    parsers.feed(stream, chunk, fed);
 }
 
 /// A piece of a stream in order: bytes (a captured prefix of `len`), or a

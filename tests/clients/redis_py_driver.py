@@ -79,7 +79,13 @@ class Worker:
 
     def connect(self):
         timeout = self.w.get("timeout_ms")
-        self.conn = redis.Connection(
+        tls = {}
+        connection_class = redis.Connection
+        if self.w.get("tls_ca"):
+            connection_class = redis.SSLConnection
+            tls = {"ssl_ca_certs": self.w["tls_ca"], "ssl_check_hostname": False}
+        self.conn = connection_class(
+            **tls,
             host=self.w["host"],
             port=self.w["port"],
             socket_timeout=None if timeout is None else timeout / 1000.0,

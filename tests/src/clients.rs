@@ -60,6 +60,9 @@ pub struct Workload {
     /// Sent as-is by each connection before the generated requests.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub raw: Vec<Vec<String>>,
+    /// Connect with TLS, trusting this CA certificate (PEM file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<String>,
 }
 
 fn one() -> usize {
@@ -90,7 +93,14 @@ impl Workload {
             read_delay_ms: 0,
             timeout_ms: None,
             raw: Vec::new(),
+            tls_ca: None,
         }
+    }
+
+    /// TLS, trusting `ca` (see [`crate::TlsRedisServer`]).
+    pub fn tls(mut self, ca: &std::path::Path) -> Self {
+        self.tls_ca = Some(ca.display().to_string());
+        self
     }
 
     pub fn connections(mut self, n: usize) -> Self {
@@ -282,6 +292,8 @@ pub struct Benchmark {
     pub pipeline: u64,
     pub data_size: usize,
     pub keyspace: Option<u64>,
+    /// `--tls --cacert`.
+    pub tls_ca: Option<String>,
 }
 
 impl Benchmark {
@@ -296,7 +308,14 @@ impl Benchmark {
             pipeline: 1,
             data_size: 3,
             keyspace: None,
+            tls_ca: None,
         }
+    }
+
+    /// TLS, trusting `ca`.
+    pub fn tls(mut self, ca: &std::path::Path) -> Self {
+        self.tls_ca = Some(ca.display().to_string());
+        self
     }
 
     pub fn clients(mut self, n: usize) -> Self {
@@ -435,6 +454,10 @@ impl Place<'_> {
     /// and socket calls as `Pipeline::query`, with room for `read_delay_ms`.
     pub fn redis_crate(&self, workload: &Workload) -> anyhow::Result<ClientResult> {
         workload.check()?;
+        ensure!(
+            workload.tls_ca.is_none(),
+            "the lab's redis crate client has no TLS"
+        );
         let batches: Vec<_> = (0..workload.connections)
             .map(|conn| workload.batches(conn))
             .collect::<anyhow::Result<_>>()?;
@@ -501,6 +524,9 @@ impl Place<'_> {
                 &workload.port.to_string(),
                 "--no-raw",
             ]);
+            if let Some(ca) = &workload.tls_ca {
+                command.args(["--tls", "--cacert", ca]);
+            }
             children.push(spawn_with_input(command, script.into_bytes())?);
         }
         for child in children {
@@ -531,6 +557,9 @@ impl Place<'_> {
             .arg("--csv");
         if let Some(keyspace) = benchmark.keyspace {
             command.args(["-r", &keyspace.to_string()]);
+        }
+        if let Some(ca) = &benchmark.tls_ca {
+            command.args(["--tls", "--cacert", ca]);
         }
         let started = Instant::now();
         let output = finish(spawn_with_input(command, Vec::new())?, "redis-benchmark")?;

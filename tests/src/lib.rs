@@ -9,6 +9,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
         mpsc::{Receiver, RecvTimeoutError, channel},
     },
     thread,
@@ -591,6 +592,73 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A self-signed certificate for a Redis server at `ip` (its own CA), made
+/// by `openssl req` in a directory of its own, removed on drop.
+pub struct TlsCert {
+    dir: PathBuf,
+}
+
+impl TlsCert {
+    pub fn new(ip: std::net::IpAddr) -> anyhow::Result<Self> {
+        static MADE: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "resptrace-tls-{}-{}",
+            std::process::id(),
+            MADE.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let cert = Self { dir };
+        let output = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=resptrace-test", "-addext"])
+            .arg(format!("subjectAltName=IP:{ip},IP:127.0.0.1"))
+            .arg("-keyout")
+            .arg(cert.dir.join("key.pem"))
+            .arg("-out")
+            .arg(cert.ca())
+            .output()
+            .context("running openssl (run `cargo xtask setup`)")?;
+        anyhow::ensure!(
+            output.status.success(),
+            "openssl req failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(cert)
+    }
+
+    /// The certificate clients trust.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("cert.pem")
+    }
+
+    /// `redis-server` arguments for TLS on `tls_port` with this certificate
+    /// (clients need none of their own).
+    pub fn server_args(&self, tls_port: u16) -> Vec<String> {
+        let (cert, key) = (self.ca(), self.dir.join("key.pem"));
+        [
+            "--tls-port".into(),
+            tls_port.to_string(),
+            "--tls-cert-file".into(),
+            cert.display().to_string(),
+            "--tls-key-file".into(),
+            key.display().to_string(),
+            "--tls-ca-cert-file".into(),
+            cert.display().to_string(),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ]
+        .into()
+    }
+}
+
+impl Drop for TlsCert {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -51,6 +51,8 @@ const PACKAGES: &[&str] = &[
     "prometheus",
     // tests/lifecycle.rs checks that nothing is left in the kernel.
     "bpftool",
+    // tests/tls.rs makes its Redis server's certificate.
+    "openssl",
 ];
 
 /// Packages only `cargo xtask bench` needs (its `bpftrace` mode), installed

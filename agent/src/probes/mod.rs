@@ -3,6 +3,7 @@
 pub mod connect;
 pub mod connection;
 pub mod resp;
+pub mod tls;
 
 use std::path::Path;
 
@@ -36,6 +37,8 @@ pub struct LoadOptions<'a> {
     /// Where the packet programs attach (the cgroup2 root).
     pub cgroup_root: &'a Path,
     pub hook: resp::PacketHook,
+    /// Probe OpenSSL for TLS plaintext (`--no-tls-uprobes` clears it).
+    pub tls_uprobes: bool,
 }
 
 /// Loaded and attached programs; dropping this detaches everything.
@@ -46,6 +49,7 @@ pub struct Probes {
     connections: HashMap<MapData, FlowTuple, ConnectionState>,
     /// `category/name` of every attached tracepoint and packet program.
     pub attached: Vec<String>,
+    tls: Option<tls::TlsProbes>,
 }
 
 /// Kernel-side counters, summed over CPUs.
@@ -57,6 +61,8 @@ pub struct KernelStats {
     pub read_failed: u64,
     pub resp_flow_map_full: u64,
     pub resp_truncated: u64,
+    /// TLS library calls whose connection was not found.
+    pub tls_unresolved: u64,
     /// Program runs the kernel skipped because another tracing program was
     /// running on the same CPU (an interrupt arriving during one): events
     /// lost without a trace otherwise. Linux 5.12+; 0 before.
@@ -113,6 +119,19 @@ impl Probes {
             layout.offsets.rcv_space_cookie != 0,
         )?);
 
+        let mut tls = None;
+        if options.tls_uprobes && options.hook == resp::PacketHook::Resp {
+            if layout.offsets.read_write_fd == 0 {
+                tracing::warn!("TLS: no syscall tracepoints on this kernel: TLS is timed as turns");
+            } else {
+                let mut probes = tls::TlsProbes::load(&mut ebpf)?;
+                probes.attach_node_library(&mut ebpf);
+                attached.push(format!("{}/{}", tls::CONNECT.category, tls::CONNECT.name));
+                attached.push("uprobe/SSL_write,SSL_read(_ex)".into());
+                tls = Some(probes);
+            }
+        }
+
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)
             .context("map EVENTS is not a ring buffer")?;
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("map STATS missing")?)
@@ -127,6 +146,7 @@ impl Probes {
             stats,
             connections,
             attached,
+            tls,
         };
         Ok((probes, events))
     }
@@ -141,6 +161,13 @@ impl Probes {
             .count()
     }
 
+    /// A process connected to a watched port: probe its TLS library.
+    pub fn inspect_tls(&mut self, pid: u32) {
+        if let Some(tls) = &mut self.tls {
+            tls.inspect(&mut self.ebpf, pid);
+        }
+    }
+
     /// The connections the kernel tracks right now.
     pub fn open_connections(&self) -> Vec<(FlowTuple, ConnectionState)> {
         self.connections.iter().filter_map(Result::ok).collect()
@@ -153,7 +180,7 @@ impl Probes {
                 .map(|values| values.iter().sum())
                 .unwrap_or(0)
         };
-        debug_assert_eq!(STAT_COUNT, 6, "update KernelStats with the new counters");
+        debug_assert_eq!(STAT_COUNT, 7, "update KernelStats with the new counters");
         KernelStats {
             ring_buffer_full: sum(StatId::RingBufferFull),
             connect_map_full: sum(StatId::ConnectMapFull),
@@ -161,6 +188,7 @@ impl Probes {
             read_failed: sum(StatId::ReadFailed),
             resp_flow_map_full: sum(StatId::RespFlowMapFull),
             resp_truncated: sum(StatId::RespTruncated),
+            tls_unresolved: sum(StatId::TlsUnresolved),
             missed_runs: self
                 .ebpf
                 .programs()

@@ -82,6 +82,12 @@ impl Command {
         sub: None,
     };
 
+    /// Not a command: a turn of a TLS connection (op `tls`, `tls.rs`).
+    pub const TLS: Self = Self {
+        name: "tls",
+        sub: None,
+    };
+
     /// The command (for a container command, the container: `CLIENT`).
     #[cfg(test)]
     pub fn name(&self) -> &'static str {

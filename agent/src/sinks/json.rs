@@ -15,6 +15,7 @@ use crate::{
     gauges::Gauge,
     kube::{Names, Peer, PodMeta},
     probes::KernelStats,
+    resp::Command,
     tracker::{Exchange, Outcome},
     workload::{Workload, kubelet_pod},
     zones::{Locality, Zones},
@@ -259,6 +260,10 @@ struct RequestBody<'a> {
     depth: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     closed_by: Option<&'static str>,
+    /// On a TLS connection (op `tls`: a turn, or a command read in
+    /// plaintext from the client's TLS library).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    tls: bool,
     cgroup_id: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     cgroup: Option<&'a str>,
@@ -432,6 +437,11 @@ pub struct Stats {
     pub resp_desyncs: u64,
     /// Replies with no request they could answer.
     pub resp_unmatched_replies: u64,
+    /// Connections found carrying TLS (timed as turns, op `tls`).
+    pub tls_connections: u64,
+    /// TLS library calls whose connection was not found (a memory BIO, a
+    /// socket connected before the agent): their connections stay turns.
+    pub tls_unresolved: u64,
     /// Observations a detector could not track: its bounded maps were full.
     pub detector_untracked: u64,
     /// Lines not written because stdout was not read fast enough (the
@@ -445,6 +455,7 @@ impl Stats {
         self.resp_desyncs = tracker.desyncs;
         self.resp_gaps = tracker.gaps;
         self.resp_unmatched_replies = tracker.unmatched_replies;
+        self.tls_connections = tracker.tls_connections;
         self
     }
 
@@ -460,6 +471,7 @@ impl Stats {
         self.read_failed = kernel.read_failed;
         self.resp_flow_map_full = kernel.resp_flow_map_full;
         self.resp_truncated = kernel.resp_truncated;
+        self.tls_unresolved = kernel.tls_unresolved;
         self.missed_runs = kernel.missed_runs;
         self
     }
@@ -720,6 +732,9 @@ pub fn outcome_label(outcome: Outcome) -> &'static str {
 fn request_body<'a>(e: &'a Exchange, places: &'a Places) -> RequestBody<'a> {
     let client = e.role == ConnectionRole::Client;
     let answered = matches!(e.outcome, Outcome::Ok | Outcome::Nil | Outcome::Error(_));
+    // Plaintext from the client's TLS library ends at its read, not at the
+    // socket.
+    let plaintext = e.tls && e.command.id() != Command::TLS.id();
     RequestBody {
         role: role_name(e.role),
         command: e.command.to_string(),
@@ -729,7 +744,7 @@ fn request_body<'a>(e: &'a Exchange, places: &'a Places) -> RequestBody<'a> {
             _ => None,
         },
         latency_us: micros(e.latency_ns),
-        reply_arrival_us: (client && answered).then(|| micros(e.latency_ns)),
+        reply_arrival_us: (client && answered && !plaintext).then(|| micros(e.latency_ns)),
         first_byte_us: e.first_byte_ns.map(micros),
         app_read_delay_us: e.read_delay_ns.map(micros),
         service_us: (!client && answered)
@@ -740,6 +755,7 @@ fn request_body<'a>(e: &'a Exchange, places: &'a Places) -> RequestBody<'a> {
         reply_bytes: e.reply_bytes,
         depth: e.depth,
         closed_by: e.closer.map(closer_name),
+        tls: e.tls,
         cgroup_id: e.cgroup_id,
         cgroup: e.cgroup.as_deref(),
         pod: PodFields::of(e.cgroup.as_deref(), &places.names),

@@ -123,6 +123,16 @@ const AGENT_COUNTERS: &[AgentCounter] = &[
         "RESP replies with no request they could answer",
         |s| s.resp_unmatched_replies,
     ),
+    (
+        "tls_connections",
+        "connections found carrying TLS, timed as turns",
+        |s| s.tls_connections,
+    ),
+    (
+        "tls_unresolved",
+        "TLS library calls whose connection was not found",
+        |s| s.tls_unresolved,
+    ),
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -774,6 +784,7 @@ mod tests {
             reply_bytes: 5,
             depth: 1,
             closer: None,
+            tls: false,
         }
     }
 

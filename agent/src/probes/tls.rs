@@ -1,0 +1,188 @@
+//! Userspace half of `agent-ebpf/src/tls.rs`: the OpenSSL probes, attached
+//! one `libssl` file at a time.
+//!
+//! A file is attached when a process that connects to a watched port maps
+//! it (read from `/proc/<pid>/maps`, opened through `/proc/<pid>/root`, so
+//! a container's own libssl is the one probed), and the node's own libssl
+//! at start. The probes then cover every process using that file from its
+//! first call on: a client's first commands are not lost to the time it
+//! takes to attach. A file stays attached while the agent runs; a process
+//! that never talks to a watched port pays a trap per call and leaves
+//! (its fds are not watched sockets).
+
+use std::{
+    collections::HashSet,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf,
+    programs::{UProbe, uprobe::UProbeScope},
+};
+
+use super::{TracepointProgram, attach_tracepoint, program};
+
+pub const CONNECT: TracepointProgram = TracepointProgram {
+    program: "tls_connect_enter",
+    category: "syscalls",
+    name: "sys_enter_connect",
+    since: (4, 14),
+    required: false,
+};
+
+const SYSCALLS: [TracepointProgram; 2] = [
+    TracepointProgram {
+        program: "tls_write_enter",
+        category: "syscalls",
+        name: "sys_enter_write",
+        since: (4, 14),
+        required: false,
+    },
+    TracepointProgram {
+        program: "tls_read_enter",
+        category: "syscalls",
+        name: "sys_enter_read",
+        since: (4, 14),
+        required: false,
+    },
+];
+
+/// (program, symbol): entries and returns of the four calls.
+const PROBES: [(&str, &str); 8] = [
+    ("ssl_write", "SSL_write"),
+    ("ssl_write_return", "SSL_write"),
+    ("ssl_write_ex", "SSL_write_ex"),
+    ("ssl_write_ex_return", "SSL_write_ex"),
+    ("ssl_read", "SSL_read"),
+    ("ssl_read_return", "SSL_read"),
+    ("ssl_read_ex", "SSL_read_ex"),
+    ("ssl_read_ex_return", "SSL_read_ex"),
+];
+
+/// Where distributions keep libssl, tried under `/proc/1/root` (the node's
+/// filesystem, from a container with the host's PID namespace) and `/`.
+const NODE_LIBSSL: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+    "/usr/lib/aarch64-linux-gnu/libssl.so.3",
+    "/usr/lib64/libssl.so.3",
+    "/lib64/libssl.so.3",
+    "/usr/lib/x86_64-linux-gnu/libssl.so.1.1",
+    "/usr/lib64/libssl.so.1.1",
+];
+
+/// Processes remembered as inspected, at most.
+const MAX_INSPECTED: usize = 65_536;
+
+/// The OpenSSL probes and the files they are attached to.
+pub struct TlsProbes {
+    /// (device, inode) of each attached file.
+    files: HashSet<(u64, u64)>,
+    inspected: HashSet<u32>,
+    syscalls_attached: bool,
+    /// Attached file paths, for the `started` line and logs.
+    pub attached: Vec<PathBuf>,
+}
+
+impl TlsProbes {
+    /// Loads the programs and attaches the `connect()` tracepoint.
+    pub fn load(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        attach_tracepoint(ebpf, &CONNECT)?;
+        for (name, _) in PROBES {
+            let probe: &mut UProbe = program(ebpf, name)?;
+            probe
+                .load()
+                .with_context(|| format!("verifier rejected program {name}"))?;
+        }
+        for tp in &SYSCALLS {
+            let program: &mut aya::programs::TracePoint = program(ebpf, tp.program)?;
+            program
+                .load()
+                .with_context(|| format!("verifier rejected program {}", tp.program))?;
+        }
+        Ok(Self {
+            files: HashSet::new(),
+            inspected: HashSet::new(),
+            syscalls_attached: false,
+            attached: Vec::new(),
+        })
+    }
+
+    /// Attaches the node's own libssl, if there is one.
+    pub fn attach_node_library(&mut self, ebpf: &mut Ebpf) {
+        let roots = [Path::new("/proc/1/root"), Path::new("/")];
+        let found = roots.iter().find_map(|root| {
+            NODE_LIBSSL
+                .iter()
+                .map(|path| root.join(path.trim_start_matches('/')))
+                .find(|path| path.exists())
+        });
+        if let Some(path) = found {
+            self.attach_file(ebpf, &path);
+        }
+    }
+
+    /// A process connected to a watched port: probes its libssl, once per
+    /// process and once per file.
+    pub fn inspect(&mut self, ebpf: &mut Ebpf, pid: u32) {
+        if pid == 0 || !self.inspected.insert(pid) {
+            return;
+        }
+        if self.inspected.len() > MAX_INSPECTED {
+            self.inspected.clear();
+        }
+        let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+            return; // gone already
+        };
+        let libraries: HashSet<&str> = maps
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(5))
+            .filter(|path| {
+                Path::new(path)
+                    .file_name()
+                    .and_then(|name| name.to_str())
+                    .is_some_and(|name| name.starts_with("libssl.so"))
+            })
+            .collect();
+        for library in libraries {
+            let path = PathBuf::from(format!("/proc/{pid}/root{library}"));
+            self.attach_file(ebpf, &path);
+        }
+    }
+
+    fn attach_file(&mut self, ebpf: &mut Ebpf, path: &Path) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        if !self.files.insert((meta.dev(), meta.ino())) {
+            return;
+        }
+        match attach_probes(ebpf, path, &mut self.syscalls_attached) {
+            Ok(()) => {
+                tracing::info!("TLS: probing {}", path.display());
+                self.attached.push(path.to_path_buf());
+            }
+            Err(err) => tracing::warn!("TLS: cannot probe {}: {err:#}", path.display()),
+        }
+    }
+}
+
+fn attach_probes(ebpf: &mut Ebpf, path: &Path, syscalls_attached: &mut bool) -> anyhow::Result<()> {
+    if !*syscalls_attached {
+        for tp in &SYSCALLS {
+            let program: &mut aya::programs::TracePoint = program(ebpf, tp.program)?;
+            program
+                .attach(tp.category, tp.name)
+                .with_context(|| format!("attaching to tracepoint {}/{}", tp.category, tp.name))?;
+        }
+        *syscalls_attached = true;
+    }
+    for (name, symbol) in PROBES {
+        let probe: &mut UProbe = program(ebpf, name)?;
+        probe
+            .attach(symbol, path, UProbeScope::AllProcesses)
+            .with_context(|| format!("attaching {name} to {symbol}"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! Redis over TLS (`redis-server --tls-port`, a certificate the test makes):
+//! what the agent tells of encrypted connections, held against the clients'
+//! own counts and timings and the server's `INFO commandstats` (asked on
+//! its cleartext port, which the agent does not watch).
+
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use anyhow::ensure;
+use lab::{
+    Agent, Fault, Lab, Path, Place, TlsCert, Workload,
+    clients::{Benchmark, count_delta},
+    event_timeout, free_port, serial,
+};
+use serde_json::Value;
+
+/// One TLS Redis server of the test and the client that talks to it.
+struct Endpoint {
+    client: &'static str,
+    tls: SocketAddr,
+    plain: SocketAddr,
+}
+
+fn is_endpoint(value: &Value, endpoint: SocketAddr) -> bool {
+    value["ip"] == endpoint.ip().to_string() && value["port"] == endpoint.port()
+}
+
+fn requests<'a>(events: &'a [Value], endpoint: SocketAddr, role: &str) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "request" && e["role"] == role && is_endpoint(&e["dst"], endpoint))
+        .collect()
+}
+
+/// Turns of clients that wait for each reply: one per command, except
+/// redis-benchmark's two `CONFIG GET`s, written together before it starts.
+fn turns(calls: &BTreeMap<String, u64>) -> u64 {
+    let config_gets = calls.get("CONFIG GET").copied().unwrap_or(0);
+    calls.values().sum::<u64>() - config_gets.saturating_sub(1)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Calls of each command the server counted while `run` ran, named as the
+/// agent names them, less the `INFO` of the first count, which went to the
+/// cleartext port.
+fn server_calls<T>(
+    place: Place<'_>,
+    plain: SocketAddr,
+    run: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, BTreeMap<String, u64>)> {
+    let before = place.server_command_counts(plain)?;
+    let result = run()?;
+    let after = place.server_command_counts(plain)?;
+    let mut calls: BTreeMap<String, u64> = count_delta(&before, &after)
+        .into_iter()
+        .map(|(name, n)| (name.replace('|', " ").to_ascii_uppercase(), n))
+        .collect();
+    if let Some(info) = calls.get_mut("INFO") {
+        *info -= 1;
+    }
+    calls.retain(|_, n| *n > 0);
+    Ok((result, calls))
+}
+
+/// Without the TLS library's plaintext (`--no-tls-uprobes`), each request
+/// and its answer is a turn on the wire: with clients that wait for each
+/// reply, the agent's `tls` request lines equal the commands the server ran,
+/// in both roles, no `unparsed` byte is counted, and a turn's latency across
+/// a 5 ms delay line agrees with the client's own timing of the command.
+#[test]
+fn tls_turns_are_counted_and_timed_without_plaintext() -> anyhow::Result<()> {
+    trace_tls_clients(false)
+}
+
+/// With OpenSSL probed (the default), the clients that use the system's
+/// libssl (redis-cli, redis-benchmark, redis-py) have every command named
+/// and counted exactly in role `client`, timed like the client times it;
+/// ioredis (Node's own OpenSSL, over memory BIOs) and the server's side stay
+/// exact turns.
+#[test]
+fn tls_commands_are_named_from_the_clients_openssl() -> anyhow::Result<()> {
+    trace_tls_clients(true)
+}
+
+fn trace_tls_clients(uprobes: bool) -> anyhow::Result<()> {
+    let _serial = serial();
+    let lab = Lab::builder()
+        .host("client", 'a')
+        .host("redis", 'b')
+        .build()?;
+    let (client, redis) = (lab.host("client"), lab.host("redis"));
+    let (pod, server) = (Place::Host(client), Place::Host(redis));
+    let cert = TlsCert::new(redis.ip().into())?;
+    let endpoints: Vec<Endpoint> = ["redis-cli", "redis-benchmark", "redis-py", "ioredis"]
+        .into_iter()
+        .map(|name| Endpoint {
+            client: name,
+            tls: SocketAddr::from((redis.ip(), free_port())),
+            plain: SocketAddr::from((redis.ip(), free_port())),
+        })
+        .collect();
+    let mut servers = Vec::new();
+    for endpoint in &endpoints {
+        let args = cert.server_args(endpoint.tls.port());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        servers.push(redis.start_redis_with(endpoint.plain.port(), &args)?);
+    }
+    let delay = Duration::from_millis(5);
+    let mut faults = Vec::new();
+    for endpoint in &endpoints {
+        faults.push(lab.inject(
+            Path::between(client.ip(), redis.ip(), endpoint.tls.port()),
+            Fault::delay(delay),
+        )?);
+    }
+    let ports: Vec<u16> = endpoints.iter().map(|e| e.tls.port()).collect();
+    let mut args = vec!["--emit", "all", "--interval", "10m"];
+    if !uprobes {
+        args.push("--no-tls-uprobes");
+    }
+    let mut agent = Agent::start(&ports, &args)?;
+
+    let mut expected: BTreeMap<&str, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut client_latencies = BTreeMap::new();
+    for endpoint in &endpoints {
+        let (ip, port) = (endpoint.tls.ip(), endpoint.tls.port());
+        let workload = Workload::new(ip, port)
+            .commands(&["GET", "SET", "INCR", "PING"])
+            .tls(&cert.ca());
+        let calls = match endpoint.client {
+            "redis-cli" => {
+                let w = workload.connections(2).requests(40);
+                server_calls(server, endpoint.plain, || pod.redis_cli(&w))?.1
+            }
+            "redis-benchmark" => {
+                let b = Benchmark::new(ip, port, 200).clients(4).tls(&cert.ca());
+                server_calls(server, endpoint.plain, || pod.redis_benchmark(&b))?.1
+            }
+            "redis-py" | "ioredis" => {
+                let w = workload.connections(2).requests(60);
+                let (result, calls) = server_calls(server, endpoint.plain, || {
+                    if endpoint.client == "redis-py" {
+                        pod.redis_py(&w)
+                    } else {
+                        pod.ioredis(&w)
+                    }
+                })?;
+                ensure!(
+                    result.total() == calls.values().sum::<u64>(),
+                    "{}: the client sent {:?}, the server ran {calls:?}",
+                    endpoint.client,
+                    result.counts
+                );
+                let all: Vec<f64> = result
+                    .latencies_us
+                    .values()
+                    .flatten()
+                    .map(|&us| us as f64)
+                    .collect();
+                client_latencies.insert(endpoint.client, median(all));
+                calls
+            }
+            other => unreachable!("{other}"),
+        };
+        eprintln!("{}: the server ran {calls:?} over TLS", endpoint.client);
+        expected.insert(endpoint.client, calls);
+    }
+
+    let mut events = Vec::new();
+    let covered = |events: &[Value]| {
+        endpoints.iter().all(|endpoint| {
+            ["client", "server"].iter().all(|role| {
+                requests(events, endpoint.tls, role).len() as u64
+                    >= turns(&expected[endpoint.client])
+            })
+        })
+    };
+    let deadline = std::time::Instant::now() + event_timeout();
+    while !covered(&events) && std::time::Instant::now() < deadline {
+        match agent.wait_for(Duration::from_millis(250), |_| true) {
+            Ok(event) => events.push(event),
+            Err(e) if e.to_string().starts_with("no matching event") => {}
+            Err(e) => return Err(e),
+        }
+    }
+    events.extend(agent.stop()?);
+
+    let mut failures = Vec::new();
+    for endpoint in &endpoints {
+        let named_by_client = uprobes && endpoint.client != "ioredis";
+        for role in ["client", "server"] {
+            let lines = requests(&events, endpoint.tls, role);
+            let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+            for line in &lines {
+                if line["tls"] != true || !(line["outcome"] == "ok" || line["outcome"] == "nil") {
+                    failures.push(format!("{} role {role}: {line}", endpoint.client));
+                }
+                let name = line["command"].as_str().unwrap_or("?").to_string();
+                *seen.entry(name).or_default() += 1;
+            }
+            eprintln!("{} role {role}: {seen:?}", endpoint.client);
+            let want = if named_by_client && role == "client" {
+                expected[endpoint.client].clone()
+            } else {
+                BTreeMap::from([("tls".to_string(), turns(&expected[endpoint.client]))])
+            };
+            if seen != want {
+                failures.push(format!(
+                    "{} role {role}: the agent's lines {seen:?}, expected {want:?}",
+                    endpoint.client
+                ));
+            }
+        }
+        if let Some(&client_us) = client_latencies.get(endpoint.client) {
+            let agent_us = median(
+                requests(&events, endpoint.tls, "client")
+                    .iter()
+                    .filter_map(|e| e["latency_us"].as_f64())
+                    .collect(),
+            );
+            eprintln!(
+                "{}: median agent latency {agent_us:.0} µs, client {client_us:.0} µs",
+                endpoint.client
+            );
+            // The client's clock also runs while it encrypts, decrypts and
+            // schedules: the agent's time is at most the client's, and close.
+            if !(agent_us <= client_us * 1.02 && agent_us >= client_us * 0.85) {
+                failures.push(format!(
+                    "{}: median agent latency {agent_us:.0} µs vs the client's {client_us:.0} µs",
+                    endpoint.client
+                ));
+            }
+        }
+    }
+    let stats = events
+        .iter()
+        .rev()
+        .find(|e| e["type"] == "stats")
+        .cloned()
+        .unwrap_or_default();
+    eprintln!("agent stats: {stats}");
+    if stats["resp_unparsed_bytes"] != 0 || stats["resp_desyncs"] != 0 {
+        failures.push(format!("ciphertext was parsed as RESP: {stats}"));
+    }
+    if stats["tls_connections"].as_u64().unwrap_or(0) == 0 {
+        failures.push(format!("no connection was found carrying TLS: {stats}"));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    drop(faults);
+    Ok(())
+}
