@@ -301,7 +301,7 @@ impl Tracker {
     pub fn socket_gone(&mut self, cookie: u64, ts_ns: u64, out: &mut Vec<Exchange>) {
         if let Some(mut flow) = self.flows.remove(&cookie) {
             flow.finish(ts_ns, out);
-            self.retire(&flow);
+            self.retire(cookie, &flow);
         }
     }
 
@@ -341,7 +341,7 @@ impl Tracker {
         for cookie in idle {
             if let Some(mut flow) = self.flows.remove(&cookie) {
                 flow.finish(now_ns, out);
-                self.retire(&flow);
+                self.retire(cookie, &flow);
                 self.retired.flows_evicted += 1;
             }
         }
@@ -362,10 +362,11 @@ impl Tracker {
         stats
     }
 
-    fn retire(&mut self, flow: &Flow) {
+    fn retire(&mut self, cookie: u64, flow: &Flow) {
         add_stats(&mut self.retired, &flow.matcher);
-        if flow.role == ConnectionRole::Client {
-            self.clients.remove(&(flow.client, flow.server));
+        let key = (flow.client, flow.server);
+        if self.clients.get(&key) == Some(&cookie) {
+            self.clients.remove(&key);
         }
     }
 
@@ -436,7 +437,7 @@ impl Tracker {
         if let Some(mut flow) = self.flows.remove(&cookie) {
             let now = flow.last_ns;
             flow.finish(now, out);
-            self.retire(&flow);
+            self.retire(cookie, &flow);
             self.retired.flows_evicted += 1;
         }
     }
@@ -849,6 +850,83 @@ impl Reorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One whole-segment record of a client socket.
+    fn client_segment(ts_ns: u64, seq: u32, requests: bool, flags: u8, data: &[u8]) -> Segment<'_> {
+        Segment {
+            ts_ns,
+            cookie: 7,
+            cgroup_id: 1,
+            role: ConnectionRole::Client,
+            client: "10.0.0.2:40000".parse().unwrap(),
+            server: "10.0.0.1:6379".parse().unwrap(),
+            requests,
+            flags: flags | SEGMENT_LAST,
+            len: data.len() as u32,
+            seq,
+            offset: 0,
+            drops: 0,
+            data,
+        }
+    }
+
+    fn tls_record(kind: u8, body: usize) -> Vec<u8> {
+        let mut bytes = vec![kind, 3, 3];
+        bytes.extend_from_slice(&(body as u16).to_be_bytes());
+        bytes.resize(5 + body, 0x5a);
+        bytes
+    }
+
+    #[test]
+    fn a_tls_connection_is_turns_until_its_plaintext_names_the_commands() {
+        let mut tracker = Tracker::default();
+        let mut out = Vec::new();
+        let mut hello = tls_record(22, 100);
+        hello[5] = 1;
+        tracker.segment(
+            &client_segment(1, 0, true, SEGMENT_FROM_START, &hello),
+            &mut out,
+        );
+        tracker.segment(
+            &client_segment(2, 0, false, 0, &tls_record(22, 600)),
+            &mut out,
+        );
+        // A TLS 1.2 request and its answer, on the wire only: one turn.
+        let (request, answer) = (tls_record(23, 40), tls_record(23, 30));
+        tracker.segment(&client_segment(10, 105, true, 0, &request), &mut out);
+        tracker.segment(&client_segment(15, 605, false, 0, &answer), &mut out);
+        // The plaintext of the next request arrives (its ciphertext first).
+        tracker.segment(&client_segment(20, 150, true, 0, &request), &mut out);
+        tracker.segment(
+            &client_segment(
+                20,
+                0,
+                true,
+                SEGMENT_PLAINTEXT,
+                b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n",
+            ),
+            &mut out,
+        );
+        tracker.segment(&client_segment(26, 640, false, 0, &answer), &mut out);
+        tracker.segment(
+            &client_segment(27, 0, false, SEGMENT_PLAINTEXT, b"$-1\r\n"),
+            &mut out,
+        );
+        tracker.socket_gone(7, 30, &mut out);
+        let seen: Vec<(String, Outcome, u64, bool)> = out
+            .iter()
+            .map(|e| (e.command.to_string(), e.outcome, e.latency_ns, e.tls))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("tls".to_string(), Outcome::Ok, 5, true),
+                ("GET".to_string(), Outcome::Nil, 7, true),
+            ]
+        );
+        let stats = tracker.stats();
+        assert_eq!((stats.tls_connections, stats.unparsed_bytes), (1, 0));
+    }
 
     fn collect(order: &mut Reorder, seq: u32, bytes: &[u8], out: &mut Vec<String>) {
         order.push(

@@ -110,6 +110,8 @@ struct Workload {
     n: u64,
     /// Tests in `-t` (the run's requests are `n × tests`).
     tests: u64,
+    /// Over TLS (`--tls`, the server's TLS port).
+    tls: bool,
 }
 
 const WORKLOADS: &[Workload] = &[
@@ -118,18 +120,31 @@ const WORKLOADS: &[Workload] = &[
         args: &["-c", "50", "-n", "{n}", "-t", "get,set"],
         n: 200_000,
         tests: 2,
+        tls: false,
     },
     Workload {
         label: "pooled, pipelined",
         args: &["-c", "50", "-P", "16", "-n", "{n}", "-t", "get,set"],
         n: 2_000_000,
         tests: 2,
+        tls: false,
     },
     Workload {
         label: "connect churn: a new connection per request",
         args: &["-c", "50", "-k", "0", "-n", "{n}", "-t", "get"],
         n: 50_000,
         tests: 1,
+        tls: false,
+    },
+    // Side by side with the first: the same load over TLS, the agent reading
+    // redis-benchmark's plaintext from its libssl (and the server's side as
+    // turns).
+    Workload {
+        label: "TLS, pooled, unpipelined",
+        args: &["-c", "50", "-n", "{n}", "-t", "get,set", "--tls"],
+        n: 100_000,
+        tests: 2,
+        tls: true,
     },
 ];
 
@@ -223,7 +238,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         );
     }
     let port = free_port()?;
-    let _redis = RedisServer::start(pinned(0, "redis-server"), port, &[])?;
+    let tls = crate::util::TlsCert::new()?;
+    let tls_port = free_port()?;
+    let tls_args = tls.server_args(tls_port);
+    let tls_args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
+    let _redis = RedisServer::start(pinned(0, "redis-server"), port, &tls_args)?;
+    let ca = tls.ca().display().to_string();
     let stats_before = fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
     fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
         .context("enabling kernel.bpf_stats_enabled")?;
@@ -234,9 +254,16 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         for workload in &workloads {
             let name = workload.name(options.scale);
             eprintln!("==> bench: {name}");
+            let (port, mut args) = if workload.tls {
+                (tls_port, vec!["--cacert".to_string(), ca.clone()])
+            } else {
+                (port, Vec::new())
+            };
+            args.extend(workload.args(options.scale));
             results.push(measure(
                 options,
                 port,
+                &args,
                 workload,
                 &name,
                 &traced,
@@ -343,23 +370,23 @@ fn pipeline_bench(runs: usize) -> anyhow::Result<String> {
 fn measure(
     options: &Options,
     port: u16,
+    args: &[String],
     workload: &Workload,
     name: &str,
     traced: &[Mode],
     skipped: &mut BTreeMap<Mode, Skipped>,
 ) -> anyhow::Result<WorkloadResult> {
     let requests = workload.requests(options.scale);
-    let args = workload.args(options.scale);
     let mut result = WorkloadResult {
         name: name.to_string(),
         baseline_rps: Vec::new(),
         modes: BTreeMap::new(),
     };
-    let mut before = redis_benchmark(port, &args)?;
+    let mut before = redis_benchmark(port, args)?;
     result.baseline_rps.push(before);
     if traced.is_empty() {
         for round in 1..options.rounds {
-            let rps = redis_benchmark(port, &args)?;
+            let rps = redis_benchmark(port, args)?;
             eprintln!("    round {round}/{}: {rps:.0} req/s", options.rounds);
             result.baseline_rps.push(rps);
         }
@@ -388,7 +415,7 @@ fn measure(
             };
             let cpu_before = tracer.cpu_sample()?;
             let bpf_before = tracer.bpf_usage()?;
-            let with = redis_benchmark(port, &args)?;
+            let with = redis_benchmark(port, args)?;
             let bpf_after = tracer.bpf_usage()?;
             let cpu = tracer.cpu_sample()?.since(&cpu_before);
             let rss = tracer.rss_kib()?;
@@ -396,7 +423,7 @@ fn measure(
                 eprintln!("    mode {} FAILED: {err:#}", mode.short());
                 skipped.insert(mode, Skipped::Failed(format!("{err:#}")));
             }
-            let after = redis_benchmark(port, &args)?;
+            let after = redis_benchmark(port, args)?;
             result.baseline_rps.push(after);
             if skipped.contains_key(&mode) {
                 before = after;

@@ -2,6 +2,7 @@
 
 use std::{
     net::TcpStream,
+    path::PathBuf,
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -81,6 +82,69 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(server)
+    }
+}
+
+/// A self-signed certificate for 127.0.0.1 (`openssl req`), for a Redis
+/// TLS port; its directory is removed on drop.
+pub struct TlsCert(PathBuf);
+
+impl TlsCert {
+    pub fn new() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("resptrace-xtask-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let cert = Self(dir);
+        let status = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args([
+                "-subj",
+                "/CN=resptrace-bench",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(cert.0.join("key.pem"))
+            .arg("-out")
+            .arg(cert.ca())
+            .stderr(Stdio::null())
+            .status()
+            .context("running openssl (`cargo xtask setup` installs it)")?;
+        anyhow::ensure!(status.success(), "openssl req failed");
+        Ok(cert)
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.0.join("cert.pem")
+    }
+
+    /// `redis-server` arguments for TLS on `port`, clients unauthenticated.
+    pub fn server_args(&self, port: u16) -> Vec<String> {
+        let (cert, key) = (
+            self.ca().display().to_string(),
+            self.0.join("key.pem").display().to_string(),
+        );
+        [
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &cert,
+            "--tls-auth-clients",
+            "no",
+        ]
+        .map(String::from)
+        .into()
+    }
+}
+
+impl Drop for TlsCert {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -124,11 +124,18 @@ impl Probes {
             if layout.offsets.read_write_fd == 0 {
                 tracing::warn!("TLS: no syscall tracepoints on this kernel: TLS is timed as turns");
             } else {
-                let mut probes = tls::TlsProbes::load(&mut ebpf)?;
-                probes.attach_node_library(&mut ebpf);
-                attached.push(format!("{}/{}", tls::CONNECT.category, tls::CONNECT.name));
-                attached.push("uprobe/SSL_write,SSL_read(_ex)".into());
-                tls = Some(probes);
+                match tls::TlsProbes::load(&mut ebpf) {
+                    Ok(mut probes) => {
+                        probes.attach_node_library(&mut ebpf);
+                        attached.push(format!("{}/{}", tls::CONNECT.category, tls::CONNECT.name));
+                        attached.push("uprobe/SSL_write,SSL_read(_ex)".into());
+                        tls = Some(probes);
+                    }
+                    // E.g. a kernel without uprobes: TLS is still timed.
+                    Err(err) => {
+                        tracing::warn!("TLS: no plaintext ({err:#}): TLS is timed as turns")
+                    }
+                }
             }
         }
 
