@@ -62,6 +62,12 @@ fn samples() -> Vec<Value> {
             "src": {"ip": "10.0.1.5", "port": 46742}, "dst": redis}),
         ),
         with(
+            "request",
+            json!({"role": "client", "command": "tls", "outcome": "ok", "latency_us": 812.0,
+            "reply_arrival_us": 812.0, "first_byte_us": 790.5, "request_bytes": 58, "reply_bytes": 44,
+            "depth": 1, "tls": true, "cgroup_id": 4242, "src": {"ip": "10.0.1.5", "port": 46744}, "dst": redis}),
+        ),
+        with(
             "latency",
             json!({"window_s": 10.002, "role": "client", "cgroup_id": 4242, "endpoint": redis, "op": "GET",
             "count": 10, "ok": 7, "nil": 1, "errors": {"MOVED": 1, "ERR": 1}, "timeouts": 0, "no_reply": 0, "untimed": 0,
@@ -72,7 +78,7 @@ fn samples() -> Vec<Value> {
             "stats",
             json!({"events": 1, "decode_errors": 0, "ring_buffer_full": 0, "connect_map_full": 0,
             "connection_map_full": 0, "read_failed": 0, "resp_gaps": 0, "resp_flow_map_full": 0, "resp_truncated": 0,
-            "missed_runs": 0, "resp_unparsed_bytes": 0, "resp_desyncs": 0, "resp_unmatched_replies": 0, "lines_dropped": 7,
+            "missed_runs": 0, "resp_unparsed_bytes": 0, "resp_desyncs": 0, "resp_unmatched_replies": 0, "tls_connections": 2, "tls_unresolved": 0, "lines_dropped": 7,
             "detector_untracked": 0,
             "kubernetes": {"state": "unavailable", "pods": 31, "redis_pods": 3, "services": 120,
                            "node_zone": "us-east-1a", "last_error": "pods on this node: tcp connect error",
