@@ -3,7 +3,12 @@
 //! own counts and timings and the server's `INFO commandstats` (asked on
 //! its cleartext port, which the agent does not watch).
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path as FilePath, PathBuf},
+    time::Duration,
+};
 
 use anyhow::ensure;
 use lab::{
@@ -250,5 +255,78 @@ fn trace_tls_clients(uprobes: bool) -> anyhow::Result<()> {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     drop(faults);
+    Ok(())
+}
+
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A client with a libssl of its own (as a container has): the agent probes
+/// that file when the client connects to a watched port — its requests then
+/// come named — and detaches it once the client has exited, as the kernel's
+/// fdinfo of the agent's links shows.
+#[test]
+fn a_private_libssl_is_probed_while_its_client_lives() -> anyhow::Result<()> {
+    let cert = TlsCert::new(std::net::Ipv4Addr::LOCALHOST.into())?;
+    let tls_port = free_port();
+    let args = cert.server_args(tls_port);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _server = lab::RedisServer::start_with(&args)?;
+    let private = std::env::temp_dir().join(format!("resptrace-libssl-{}", std::process::id()));
+    std::fs::create_dir_all(&private)?;
+    let _cleanup = RemoveDir(private.clone());
+    for library in ["libssl.so.3", "libcrypto.so.3"] {
+        std::fs::copy(
+            FilePath::new("/usr/lib/x86_64-linux-gnu").join(library),
+            private.join(library),
+        )?;
+    }
+    let marker = private.display().to_string();
+    let mut agent = Agent::start(&[tls_port], &["--emit", "all", "--interval", "500ms"])?;
+    let pid = agent.pid();
+    let probes_on = |part: &str| -> anyhow::Result<usize> {
+        let files = lab::kernel::uprobe_files_held_by(pid)?;
+        Ok(files.iter().filter(|file| file.contains(part)).count())
+    };
+    ensure!(
+        probes_on(&marker)? == 0,
+        "probes on {marker} before any client"
+    );
+
+    // Three PINGs a second apart: the first connect gets the library probed.
+    let mut client = std::process::Command::new("redis-cli")
+        .args(["-p", &tls_port.to_string(), "--tls", "--cacert"])
+        .arg(cert.ca())
+        .args(["-r", "3", "-i", "1", "PING"])
+        .env("LD_LIBRARY_PATH", &private)
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let attached = lab::wait_until(lab::scaled(Duration::from_secs(10)), || {
+        probes_on(&marker).is_ok_and(|n| n > 0)
+    });
+    let named = agent.wait_for(event_timeout(), |e| {
+        e["type"] == "request"
+            && e["role"] == "client"
+            && e["command"] == "PING"
+            && e["tls"] == true
+    });
+    ensure!(client.wait()?.success(), "redis-cli failed");
+    ensure!(attached, "no probe on {marker} while its client ran");
+    named?;
+    eprintln!("attached to the private copy, and a PING named from it");
+    let detached = lab::wait_until(lab::scaled(Duration::from_secs(10)), || {
+        probes_on(&marker).is_ok_and(|n| n == 0)
+    });
+    ensure!(
+        detached,
+        "{} probes left on {marker} after its client exited",
+        probes_on(&marker)?
+    );
+    agent.stop()?;
     Ok(())
 }

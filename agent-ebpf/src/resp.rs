@@ -369,12 +369,7 @@ fn copy_out(
         event.drops = flow.drops;
         event._pad1 = 0;
         let copied = if take > 0 {
-            // 1..=CHUNK_BYTES for the verifier too: the compiler knows
-            // `take` is in range and would drop a plain check, so the bound
-            // is applied to a value it cannot see through.
-            // SAFETY: volatile read of a local.
-            let bytes = unsafe { core::ptr::read_volatile(&take) };
-            let bytes = (bytes.wrapping_sub(1) & (CHUNK_BYTES as u32 - 1)) + 1;
+            let bytes = chunk_len(take);
             // SAFETY: `data` has CHUNK_BYTES bytes, `bytes` ≤ CHUNK_BYTES.
             let ok = unsafe {
                 bpf_skb_load_bytes(
@@ -389,18 +384,7 @@ fn copy_out(
             0
         };
         event.captured = copied;
-        let size = (core::mem::size_of::<SegmentEvent>() as u32 + copied) as u64;
-        // SAFETY: `record` is `size` bytes of readable map memory.
-        let ret = unsafe {
-            bpf_ringbuf_output(
-                core::ptr::from_ref(&EVENTS).cast_mut().cast(),
-                core::ptr::from_mut(record).cast(),
-                size & 0x3fff,
-                submit_flags(),
-            )
-        };
-        if ret != 0 {
-            count(StatId::RingBufferFull);
+        if !send(record) {
             flow.drops = flow.drops.wrapping_add(1);
             return;
         }
@@ -409,6 +393,36 @@ fn copy_out(
         }
         chunk += 1;
     }
+}
+
+/// `take` (1..=CHUNK_BYTES) bounded for the verifier too: the compiler knows
+/// it is in range and would drop a plain check, so the bound is applied to
+/// a value it cannot see through.
+#[inline(always)]
+pub(crate) fn chunk_len(take: u32) -> u32 {
+    // SAFETY: volatile read of a local.
+    let bytes = unsafe { core::ptr::read_volatile(&take) };
+    (bytes.wrapping_sub(1) & (CHUNK_BYTES as u32 - 1)) + 1
+}
+
+/// Sends `record`'s header and its `captured` bytes; false when the ring
+/// buffer is full (counted).
+#[inline(always)]
+pub(crate) fn send(record: &mut Record) -> bool {
+    let size = (core::mem::size_of::<SegmentEvent>() as u32 + record.event.captured) as u64;
+    // SAFETY: `record` is `size` bytes of readable map memory.
+    let ret = unsafe {
+        bpf_ringbuf_output(
+            core::ptr::from_ref(&EVENTS).cast_mut().cast(),
+            core::ptr::from_mut(record).cast(),
+            size & 0x3fff,
+            submit_flags(),
+        )
+    };
+    if ret != 0 {
+        count(StatId::RingBufferFull);
+    }
+    ret == 0
 }
 
 /// The skb belongs to a listening socket (TCP_LISTEN): a connection's

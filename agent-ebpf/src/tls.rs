@@ -23,13 +23,13 @@ use agent_common::{
     EventHeader, EventKind, FlowTuple, StatId,
     resp::{
         CHUNK_BYTES, MAX_CHUNKS, ROLE_CLIENT, SEGMENT_LAST, SEGMENT_PLAINTEXT, STREAM_REPLIES,
-        STREAM_REQUESTS, SegmentEvent,
+        STREAM_REQUESTS,
     },
 };
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_user,
-        generated::{bpf_ktime_get_ns, bpf_probe_read_user as probe_read_user, bpf_ringbuf_output},
+        generated::{bpf_ktime_get_ns, bpf_probe_read_user as probe_read_user},
     },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::LruHashMap,
@@ -38,10 +38,13 @@ use aya_ebpf::{
 
 use crate::{
     connection::SOCKET_FLOWS,
-    maps::{EVENTS, count, is_watched_port, submit_flags},
+    maps::{count, is_watched_port},
     offset,
-    resp::{nested, record},
+    resp::{chunk_len, nested, record, send},
 };
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
 
 /// Calls in progress, by thread.
 const MAX_CALLS: u32 = 16_384;
@@ -109,7 +112,10 @@ fn on_connect_enter(ctx: &TracePointContext) -> Option<()> {
     // sockaddr_in and sockaddr_in6 (UAPI): family, then the port in
     // network order.
     let head: [u8; 4] = unsafe { bpf_probe_read_user(addr as *const [u8; 4]) }.ok()?;
-    if !is_watched_port(u16::from_be_bytes([head[2], head[3]])) {
+    let family = u16::from_ne_bytes([head[0], head[1]]);
+    if !(family == AF_INET || family == AF_INET6)
+        || !is_watched_port(u16::from_be_bytes([head[2], head[3]]))
+    {
         return None;
     }
     CONNECTING
@@ -334,6 +340,9 @@ fn copy_out(flow: &FlowTuple, buf: u64, len: u32, stream: u8, ts_ns: u64) {
             CHUNK_BYTES as u32
         };
         let last = left <= CHUNK_BYTES as u32 || chunk + 1 == MAX_CHUNKS;
+        if last && left > CHUNK_BYTES as u32 {
+            count(StatId::RespTruncated);
+        }
         let event = &mut record.event;
         event.header = EventHeader {
             kind: EventKind::Segment as u32,
@@ -354,10 +363,7 @@ fn copy_out(flow: &FlowTuple, buf: u64, len: u32, stream: u8, ts_ns: u64) {
         event.drops = 0;
         event._pad1 = 0;
         let copied = if take > 0 {
-            // SAFETY: volatile read of a local (see resp.rs: keeps the bound
-            // visible to the verifier).
-            let bytes = unsafe { core::ptr::read_volatile(&take) };
-            let bytes = (bytes.wrapping_sub(1) & (CHUNK_BYTES as u32 - 1)) + 1;
+            let bytes = chunk_len(take);
             // SAFETY: `data` has CHUNK_BYTES bytes, `bytes` ≤ CHUNK_BYTES;
             // the source is the caller's buffer, read as user memory.
             let ok = unsafe {
@@ -372,18 +378,7 @@ fn copy_out(flow: &FlowTuple, buf: u64, len: u32, stream: u8, ts_ns: u64) {
             0
         };
         record.event.captured = copied;
-        let size = (core::mem::size_of::<SegmentEvent>() as u32 + copied) as u64;
-        // SAFETY: `record` is `size` bytes of readable map memory.
-        let ret = unsafe {
-            bpf_ringbuf_output(
-                core::ptr::from_ref(&EVENTS).cast_mut().cast(),
-                core::ptr::from_mut(record).cast(),
-                size & 0x3fff,
-                submit_flags(),
-            )
-        };
-        if ret != 0 {
-            count(StatId::RingBufferFull);
+        if !send(record) {
             return;
         }
         if last {

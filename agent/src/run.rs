@@ -193,6 +193,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 sink.flush()?;
             }
             _ = gauge_timer.tick() => {
+                probes.tls_upkeep();
                 let connections = probes.open_connections();
                 let mut gauges = open_connection_gauges(&connections, &gauge_keys);
                 gauge_keys = gauges.iter().filter(|g| g.open > 0).map(|g| g.key.clone()).collect();

@@ -86,6 +86,28 @@ impl ConnectionRetransmits {
     }
 }
 
+/// The files of the uprobe links whose fds `pid` holds, one entry per
+/// link, from the kernel's fdinfo (`event_type: uprobe|uretprobe`, `name`).
+pub fn uprobe_files_held_by(pid: u32) -> anyhow::Result<Vec<String>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let Ok(info) = std::fs::read_to_string(entry?.path()) else {
+            continue; // closed meanwhile
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(name))
+                .map(str::trim)
+        };
+        if matches!(field("event_type:"), Some("uprobe" | "uretprobe"))
+            && let Some(file) = field("name:")
+        {
+            files.push(file.to_string());
+        }
+    }
+    Ok(files)
+}
+
 /// The ids of the BPF programs and maps whose fds `pid` holds (links hold
 /// their program's id too), from the kernel's fdinfo.
 pub fn bpf_ids_held_by(pid: u32) -> anyhow::Result<(BTreeSet<u64>, BTreeSet<u64>)> {

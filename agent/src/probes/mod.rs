@@ -175,6 +175,13 @@ impl Probes {
         }
     }
 
+    /// Periodic: detaches TLS libraries no traced process uses any more.
+    pub fn tls_upkeep(&mut self) {
+        if let Some(tls) = &mut self.tls {
+            tls.upkeep(&mut self.ebpf);
+        }
+    }
+
     /// The connections the kernel tracks right now.
     pub fn open_connections(&self) -> Vec<(FlowTuple, ConnectionState)> {
         self.connections.iter().filter_map(Result::ok).collect()

@@ -6,9 +6,10 @@
 //! a container's own libssl is the one probed), and the node's own libssl
 //! at start. The probes then cover every process using that file from its
 //! first call on: a client's first commands are not lost to the time it
-//! takes to attach. A file stays attached while the agent runs; a process
+//! takes to attach. The node's file stays attached while the agent runs; a process
 //! that never talks to a watched port pays a trap per call and leaves
-//! (its fds are not watched sockets).
+//! (its fds are not watched sockets). A container's library is detached once
+//! the processes that connected to a watched port with it have exited.
 
 use std::{
     collections::HashSet,
@@ -19,7 +20,10 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    programs::{UProbe, uprobe::UProbeScope},
+    programs::{
+        TracePoint, UProbe,
+        uprobe::{UProbeLinkId, UProbeScope},
+    },
 };
 
 use super::{TracepointProgram, attach_tracepoint, program};
@@ -75,14 +79,23 @@ const NODE_LIBSSL: &[&str] = &[
 /// Processes remembered as inspected, at most.
 const MAX_INSPECTED: usize = 65_536;
 
+/// A library file the probes are attached to.
+struct ProbedFile {
+    /// (device, inode).
+    key: (u64, u64),
+    path: PathBuf,
+    links: Vec<(&'static str, UProbeLinkId)>,
+    /// Processes using it that connected to a watched port; the node's own
+    /// library is kept without them.
+    users: HashSet<u32>,
+    node: bool,
+}
+
 /// The OpenSSL probes and the files they are attached to.
 pub struct TlsProbes {
-    /// (device, inode) of each attached file.
-    files: HashSet<(u64, u64)>,
+    files: Vec<ProbedFile>,
     inspected: HashSet<u32>,
     syscalls_attached: bool,
-    /// Attached file paths, for the `started` line and logs.
-    pub attached: Vec<PathBuf>,
 }
 
 impl TlsProbes {
@@ -96,16 +109,15 @@ impl TlsProbes {
                 .with_context(|| format!("verifier rejected program {name}"))?;
         }
         for tp in &SYSCALLS {
-            let program: &mut aya::programs::TracePoint = program(ebpf, tp.program)?;
+            let program: &mut TracePoint = program(ebpf, tp.program)?;
             program
                 .load()
                 .with_context(|| format!("verifier rejected program {}", tp.program))?;
         }
         Ok(Self {
-            files: HashSet::new(),
+            files: Vec::new(),
             inspected: HashSet::new(),
             syscalls_attached: false,
-            attached: Vec::new(),
         })
     }
 
@@ -119,7 +131,7 @@ impl TlsProbes {
                 .find(|path| path.exists())
         });
         if let Some(path) = found {
-            self.attach_file(ebpf, &path);
+            self.attach_file(ebpf, &path, None);
         }
     }
 
@@ -133,7 +145,7 @@ impl TlsProbes {
             self.inspected.clear();
         }
         let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
-            return; // gone already
+            return; // gone already, or not ours to read (CAP_SYS_PTRACE)
         };
         let libraries: HashSet<&str> = maps
             .lines()
@@ -147,31 +159,77 @@ impl TlsProbes {
             .collect();
         for library in libraries {
             let path = PathBuf::from(format!("/proc/{pid}/root{library}"));
-            self.attach_file(ebpf, &path);
+            self.attach_file(ebpf, &path, Some(pid));
         }
     }
 
-    fn attach_file(&mut self, ebpf: &mut Ebpf, path: &Path) {
+    /// Detaches the libraries whose processes that talked to a watched
+    /// port have all exited (the node's own stays); forgets exited
+    /// processes. Called every `--interval`.
+    pub fn upkeep(&mut self, ebpf: &mut Ebpf) {
+        let alive = |pid: &u32| Path::new(&format!("/proc/{pid}")).exists();
+        self.inspected.retain(alive);
+        for file in &mut self.files {
+            file.users.retain(alive);
+        }
+        let (gone, kept) = std::mem::take(&mut self.files)
+            .into_iter()
+            .partition(|file| !file.node && file.users.is_empty());
+        self.files = kept;
+        for file in gone {
+            for (name, link) in file.links {
+                if let Err(err) =
+                    program::<UProbe>(ebpf, name).and_then(|probe| Ok(probe.detach(link)?))
+                {
+                    tracing::warn!(
+                        "TLS: detaching {name} from {}: {err:#}",
+                        file.path.display()
+                    );
+                }
+            }
+            tracing::info!(
+                "TLS: no longer probing {} (its processes exited)",
+                file.path.display()
+            );
+        }
+    }
+
+    fn attach_file(&mut self, ebpf: &mut Ebpf, path: &Path, user: Option<u32>) {
         let Ok(meta) = std::fs::metadata(path) else {
             return;
         };
-        if !self.files.insert((meta.dev(), meta.ino())) {
+        let key = (meta.dev(), meta.ino());
+        if let Some(file) = self.files.iter_mut().find(|file| file.key == key) {
+            file.users.extend(user);
             return;
         }
-        match attach_probes(ebpf, path, &mut self.syscalls_attached) {
-            Ok(()) => {
-                tracing::info!("TLS: probing {}", path.display());
-                self.attached.push(path.to_path_buf());
-            }
-            Err(err) => tracing::warn!("TLS: cannot probe {}: {err:#}", path.display()),
+        let mut links = Vec::new();
+        let attached = attach_probes(ebpf, path, &mut self.syscalls_attached, &mut links);
+        // Whatever attached is kept (and detached with the file): a library
+        // without the `_ex` calls (OpenSSL 1.1.0) still has the others.
+        match attached {
+            Ok(()) => tracing::info!("TLS: probing {}", path.display()),
+            Err(err) => tracing::warn!("TLS: cannot probe all of {}: {err:#}", path.display()),
         }
+        self.files.push(ProbedFile {
+            key,
+            path: path.to_path_buf(),
+            links,
+            users: user.into_iter().collect(),
+            node: user.is_none(),
+        });
     }
 }
 
-fn attach_probes(ebpf: &mut Ebpf, path: &Path, syscalls_attached: &mut bool) -> anyhow::Result<()> {
+fn attach_probes(
+    ebpf: &mut Ebpf,
+    path: &Path,
+    syscalls_attached: &mut bool,
+    links: &mut Vec<(&'static str, UProbeLinkId)>,
+) -> anyhow::Result<()> {
     if !*syscalls_attached {
         for tp in &SYSCALLS {
-            let program: &mut aya::programs::TracePoint = program(ebpf, tp.program)?;
+            let program: &mut TracePoint = program(ebpf, tp.program)?;
             program
                 .attach(tp.category, tp.name)
                 .with_context(|| format!("attaching to tracepoint {}/{}", tp.category, tp.name))?;
@@ -180,9 +238,10 @@ fn attach_probes(ebpf: &mut Ebpf, path: &Path, syscalls_attached: &mut bool) -> 
     }
     for (name, symbol) in PROBES {
         let probe: &mut UProbe = program(ebpf, name)?;
-        probe
+        let link = probe
             .attach(symbol, path, UProbeScope::AllProcesses)
             .with_context(|| format!("attaching {name} to {symbol}"))?;
+        links.push((name, link));
     }
     Ok(())
 }
