@@ -166,9 +166,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 let mut guard = ready.context("waiting for events")?;
                 drain(guard.get_inner_mut(), &mut pipeline, &mut sink, &mut stats)?;
                 guard.clear_ready();
-                for pid in pipeline.connecting_pids.drain(..) {
-                    probes.inspect_tls(pid);
-                }
+                pipeline.inspect_connecting(&mut probes);
                 sink.flush()?;
             }
             _ = async { stats_timer.as_mut().unwrap().tick().await }, if stats_timer.is_some() => {
@@ -180,9 +178,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             _ = drain_timer.tick() => {
                 health.beat();
                 drain(events.get_mut(), &mut pipeline, &mut sink, &mut stats)?;
-                for pid in pipeline.connecting_pids.drain(..) {
-                    probes.inspect_tls(pid);
-                }
+                pipeline.inspect_connecting(&mut probes);
                 if last_tick.elapsed() >= TICK_INTERVAL {
                     last_tick = std::time::Instant::now();
                     let now = monotonic_ns();
@@ -302,9 +298,9 @@ pub struct Pipeline {
     zones: Zones,
     /// For `/metrics`' info series (events are named by the sink).
     names: kube::Names,
-    /// Processes that connected to a watched port since last taken: their
-    /// TLS library gets probed (`probes::tls`).
-    pub connecting_pids: Vec<u32>,
+    /// Processes that connected to a watched port since the last
+    /// [`Pipeline::inspect_connecting`].
+    connecting_pids: Vec<u32>,
 }
 
 impl Pipeline {
@@ -334,6 +330,14 @@ impl Pipeline {
             zones,
             names: kube::Names::default(),
             connecting_pids: Vec::new(),
+        }
+    }
+
+    /// Has the TLS library of each process that connected to a watched
+    /// port since the last call probed (`probes::tls`).
+    pub fn inspect_connecting(&mut self, probes: &mut Probes) {
+        for pid in self.connecting_pids.drain(..) {
+            probes.inspect_tls(pid);
         }
     }
 

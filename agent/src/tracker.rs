@@ -8,7 +8,7 @@
 //! data arrived.
 
 use rustc_hash::FxHashMap;
-use std::{collections::VecDeque, net::SocketAddr, time::Duration};
+use std::{borrow::Cow, collections::VecDeque, net::SocketAddr, time::Duration};
 
 use agent_common::{
     Closer, ConnectionRole,
@@ -196,17 +196,9 @@ impl Tracker {
         });
         flow.last_ns = segment.ts_ns;
         let stream = usize::from(!segment.requests);
-        let whole = segment.offset == 0 && segment.flags & SEGMENT_LAST != 0;
-        if !whole {
-            // A segment in several records: put it together first.
-            if segment.offset == 0 {
-                flow.assembling[stream].clear();
-            }
-            flow.assembling[stream].extend_from_slice(segment.data);
-            if segment.flags & SEGMENT_LAST == 0 {
-                return;
-            }
-        }
+        let Some(data) = assemble(&mut flow.assembling[stream], segment) else {
+            return;
+        };
         let events = &mut self.events;
         events.resp.clear();
         events.turns.clear();
@@ -221,19 +213,12 @@ impl Tracker {
                 });
             }
         }
-        let assembled;
-        let data: &[u8] = if whole {
-            segment.data
-        } else {
-            assembled = std::mem::take(&mut flow.assembling[stream]);
-            &assembled
-        };
         if segment.len > 0 {
             let matcher = &mut flow.matcher;
             self.retired.gaps += flow.order[stream].push(
                 segment.seq,
                 segment.ts_ns,
-                data,
+                &data,
                 segment.len,
                 &mut |piece| feed(matcher, stream, piece, events),
             );
@@ -385,23 +370,8 @@ impl Tracker {
         }
         let stream = usize::from(!segment.requests);
         let parsers = &mut flow.matcher;
-        let assembling = &mut parsers.plain_assembling[stream];
-        let whole = segment.offset == 0 && segment.flags & SEGMENT_LAST != 0;
-        if !whole {
-            if segment.offset == 0 {
-                assembling.clear();
-            }
-            assembling.extend_from_slice(segment.data);
-            if segment.flags & SEGMENT_LAST == 0 {
-                return;
-            }
-        }
-        let assembled;
-        let data: &[u8] = if whole {
-            segment.data
-        } else {
-            assembled = std::mem::take(assembling);
-            &assembled
+        let Some(data) = assemble(&mut parsers.plain_assembling[stream], segment) else {
+            return;
         };
         let plaintext = match &mut parsers.plaintext {
             Some(matcher) => matcher,
@@ -418,7 +388,7 @@ impl Tracker {
         };
         let events = &mut self.events;
         events.resp.clear();
-        let chunk = Chunk::truncated(segment.ts_ns, data, u64::from(segment.len));
+        let chunk = Chunk::truncated(segment.ts_ns, &data, u64::from(segment.len));
         if segment.requests {
             plaintext.on_request(chunk, &mut events.resp);
         } else {
@@ -601,6 +571,21 @@ impl Flow {
             out.push(exchange);
         }
     }
+}
+
+/// A segment's bytes once its last record is in: borrowed when it came in
+/// one record, else put together in `buffer` (taken from it). `None` while
+/// records of it are still due.
+fn assemble<'a>(buffer: &mut Vec<u8>, segment: &Segment<'a>) -> Option<Cow<'a, [u8]>> {
+    let last = segment.flags & SEGMENT_LAST != 0;
+    if segment.offset == 0 && last {
+        return Some(Cow::Borrowed(segment.data));
+    }
+    if segment.offset == 0 {
+        buffer.clear();
+    }
+    buffer.extend_from_slice(segment.data);
+    last.then(|| Cow::Owned(std::mem::take(buffer)))
 }
 
 /// The parsers of one socket: RESP, or TLS turns when its first bytes are
