@@ -19,7 +19,7 @@ use lab::{
     Agent, Cluster, Fault, LOSS_ALERTS, Lab, Path, Place, RedisServer, Workload,
     clients::{Benchmark, ClientResult, count_delta},
     cluster::key_in_slots,
-    event_timeout, free_port, scaled, serial,
+    event_timeout, free_port, is_endpoint, request_lines, scaled, serial,
 };
 use serde_json::Value;
 
@@ -60,10 +60,6 @@ fn server_delta<T>(
     let result = run()?;
     let after = place.server_command_counts(addr)?;
     Ok((result, without_admin(&count_delta(&before, &after))))
-}
-
-fn is_endpoint(value: &Value, endpoint: SocketAddr) -> bool {
-    value["ip"] == endpoint.ip().to_string() && value["port"] == endpoint.port()
 }
 
 /// What the agent's `latency` lines say about one command, summed over windows.
@@ -140,13 +136,6 @@ fn covers(actual: &BTreeMap<String, u64>, expected: &BTreeMap<String, u64>) -> b
 }
 
 /// The `request` lines of `role` whose server end is `endpoint`.
-fn requests<'a>(events: &'a [Value], endpoint: SocketAddr, role: &str) -> Vec<&'a Value> {
-    events
-        .iter()
-        .filter(|e| e["type"] == "request" && e["role"] == role && is_endpoint(&e["dst"], endpoint))
-        .collect()
-}
-
 fn number(event: &Value, field: &str) -> f64 {
     event[field]
         .as_f64()
@@ -975,7 +964,7 @@ fn error_replies_are_counted_by_type() -> anyhow::Result<()> {
     };
     let from_requests = |events: &[Value], endpoint, role| -> ErrorsByCommand {
         let mut errors = BTreeMap::new();
-        for e in requests(events, endpoint, role) {
+        for e in request_lines(events, endpoint, role) {
             if e["outcome"] == "error" {
                 let key = (
                     e["command"].as_str().unwrap_or("?").to_string(),
@@ -1350,7 +1339,7 @@ fn pushes_and_silenced_requests_are_not_taken_for_replies() -> anyhow::Result<()
     for (stream, want) in expected {
         let port = stream.local_addr()?.port();
         for role in ["client", "server"] {
-            let mut got: Vec<(String, String)> = requests(&events, endpoint, role)
+            let mut got: Vec<(String, String)> = request_lines(&events, endpoint, role)
                 .into_iter()
                 .filter(|e| e["src"]["port"] == port)
                 .map(|e| {
@@ -1422,7 +1411,7 @@ fn a_connection_joined_inside_a_multi_segment_reply_is_matched_from_the_next_bou
         }
     }
     let events = trace.stop()?;
-    let lines: Vec<(String, String)> = requests(&events, endpoint, "client")
+    let lines: Vec<(String, String)> = request_lines(&events, endpoint, "client")
         .into_iter()
         .filter(|e| e["src"]["port"] == port)
         .map(|e| {

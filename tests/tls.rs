@@ -14,7 +14,7 @@ use anyhow::ensure;
 use lab::{
     Agent, Fault, Lab, Path, Place, TlsCert, Workload,
     clients::{Benchmark, count_delta},
-    event_timeout, free_port, serial,
+    event_timeout, free_port, request_lines, serial,
 };
 use serde_json::Value;
 
@@ -23,17 +23,6 @@ struct Endpoint {
     client: &'static str,
     tls: SocketAddr,
     plain: SocketAddr,
-}
-
-fn is_endpoint(value: &Value, endpoint: SocketAddr) -> bool {
-    value["ip"] == endpoint.ip().to_string() && value["port"] == endpoint.port()
-}
-
-fn requests<'a>(events: &'a [Value], endpoint: SocketAddr, role: &str) -> Vec<&'a Value> {
-    events
-        .iter()
-        .filter(|e| e["type"] == "request" && e["role"] == role && is_endpoint(&e["dst"], endpoint))
-        .collect()
 }
 
 /// Turns of clients that wait for each reply: one per command, except
@@ -178,7 +167,7 @@ fn trace_tls_clients(uprobes: bool) -> anyhow::Result<()> {
     let covered = |events: &[Value]| {
         endpoints.iter().all(|endpoint| {
             ["client", "server"].iter().all(|role| {
-                requests(events, endpoint.tls, role).len() as u64
+                request_lines(events, endpoint.tls, role).len() as u64
                     >= turns(&expected[endpoint.client])
             })
         })
@@ -197,7 +186,7 @@ fn trace_tls_clients(uprobes: bool) -> anyhow::Result<()> {
     for endpoint in &endpoints {
         let named_by_client = uprobes && endpoint.client != "ioredis";
         for role in ["client", "server"] {
-            let lines = requests(&events, endpoint.tls, role);
+            let lines = request_lines(&events, endpoint.tls, role);
             let mut seen: BTreeMap<String, u64> = BTreeMap::new();
             for line in &lines {
                 if line["tls"] != true || !(line["outcome"] == "ok" || line["outcome"] == "nil") {
@@ -221,7 +210,7 @@ fn trace_tls_clients(uprobes: bool) -> anyhow::Result<()> {
         }
         if let Some(&client_us) = client_latencies.get(endpoint.client) {
             let agent_us = median(
-                requests(&events, endpoint.tls, "client")
+                request_lines(&events, endpoint.tls, "client")
                     .iter()
                     .filter_map(|e| e["latency_us"].as_f64())
                     .collect(),

@@ -86,14 +86,24 @@ impl ConnectionRetransmits {
     }
 }
 
+/// The kernel's fdinfo text of each descriptor `pid` holds (those closed
+/// while being read are left out).
+pub fn fdinfos(pid: u32) -> anyhow::Result<Vec<String>> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut infos = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| dir.clone())? {
+        if let Ok(info) = std::fs::read_to_string(entry?.path()) {
+            infos.push(info);
+        }
+    }
+    Ok(infos)
+}
+
 /// The files of the uprobe links whose fds `pid` holds, one entry per
 /// link, from the kernel's fdinfo (`event_type: uprobe|uretprobe`, `name`).
 pub fn uprobe_files_held_by(pid: u32) -> anyhow::Result<Vec<String>> {
     let mut files = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
-        let Ok(info) = std::fs::read_to_string(entry?.path()) else {
-            continue; // closed meanwhile
-        };
+    for info in fdinfos(pid)? {
         let field = |name: &str| {
             info.lines()
                 .find_map(|line| line.strip_prefix(name))
@@ -120,10 +130,7 @@ pub fn bpf_objects_held_by(
     pid: u32,
 ) -> anyhow::Result<(BTreeSet<u64>, BTreeSet<u64>, BTreeSet<u64>)> {
     let (mut programs, mut maps, mut links) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
-        let Ok(info) = std::fs::read_to_string(entry?.path()) else {
-            continue; // closed meanwhile
-        };
+    for info in fdinfos(pid)? {
         for line in info.lines() {
             let id = |prefix: &str| {
                 line.strip_prefix(prefix)

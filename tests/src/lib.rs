@@ -132,6 +132,23 @@ pub struct Agent {
     alerts: Vec<Value>,
 }
 
+/// An event's `src`/`dst` object is `endpoint`.
+pub fn is_endpoint(value: &Value, endpoint: std::net::SocketAddr) -> bool {
+    value["ip"] == endpoint.ip().to_string() && value["port"] == endpoint.port()
+}
+
+/// The `request` lines of `role` to `endpoint`.
+pub fn request_lines<'a>(
+    events: &'a [Value],
+    endpoint: std::net::SocketAddr,
+    role: &str,
+) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "request" && e["role"] == role && is_endpoint(&e["dst"], endpoint))
+        .collect()
+}
+
 /// The alerts packet loss on a path rightly raises: retransmits, dropped
 /// SYNs and the connect retries they cause, requests slowed by an RTO.
 pub const LOSS_ALERTS: &[&str] = &[
@@ -357,12 +374,8 @@ impl Agent {
     /// fdinfo of its descriptors; bpftool's own pid lookup is not built in
     /// everywhere).
     fn program_ids(&self) -> anyhow::Result<Vec<u64>> {
-        let fdinfo = PathBuf::from(format!("/proc/{}/fdinfo", self.pid()));
         let mut ids = Vec::new();
-        for entry in std::fs::read_dir(&fdinfo).with_context(|| fdinfo.display().to_string())? {
-            let Ok(text) = std::fs::read_to_string(entry?.path()) else {
-                continue;
-            };
+        for text in kernel::fdinfos(self.pid())? {
             ids.extend(
                 text.lines()
                     .filter_map(|line| line.strip_prefix("prog_id:"))

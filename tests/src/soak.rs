@@ -743,10 +743,7 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 fn map_memory(pid: u32) -> anyhow::Result<u64> {
     let mut seen = BTreeSet::new();
     let mut total = 0;
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
-        let Ok(info) = std::fs::read_to_string(entry?.path()) else {
-            continue; // closed meanwhile
-        };
+    for info in crate::kernel::fdinfos(pid)? {
         let field = |name: &str| {
             info.lines()
                 .find_map(|l| l.strip_prefix(name))
