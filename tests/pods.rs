@@ -275,8 +275,19 @@ fn full_accept_queue_shows_retransmits_on_both_sides() -> anyhow::Result<()> {
 /// (`TCP_INFO` for the client's sockets, `ss -ti` in the server's netns).
 #[test]
 fn retransmits_under_loss_and_reordering_match_the_kernel_per_connection() -> anyhow::Result<()> {
+    // A 4 KiB value: each request and reply spans several segments.
+    assert_retransmits_match_the_kernel(4096, 40)
+}
+
+/// The same with 128 KiB values: the kernel resends several segments in one
+/// packet (a TSO skb) and counts each; so must the agent.
+#[test]
+fn retransmits_of_bulk_transfers_count_every_segment() -> anyhow::Result<()> {
+    assert_retransmits_match_the_kernel(128 * 1024, 8)
+}
+
+fn assert_retransmits_match_the_kernel(value_len: usize, round_trips: usize) -> anyhow::Result<()> {
     const CONNECTIONS: usize = 3;
-    const ROUND_TRIPS: usize = 40;
     let _serial = serial();
     let port = free_port();
     let lab = Lab::builder()
@@ -292,8 +303,7 @@ fn retransmits_under_loss_and_reordering_match_the_kernel_per_connection() -> an
     let mut streams = client.within(|| -> std::io::Result<Vec<TcpStream>> {
         (0..CONNECTIONS).map(|_| TcpStream::connect(addr)).collect()
     })??;
-    // A 4 KiB value: each request and reply spans several segments.
-    let value = vec![b'x'; 4096];
+    let value = vec![b'x'; value_len];
     let mut request = format!("*2\r\n$4\r\nECHO\r\n${}\r\n", value.len()).into_bytes();
     request.extend_from_slice(&value);
     request.extend_from_slice(b"\r\n");
@@ -302,7 +312,7 @@ fn retransmits_under_loss_and_reordering_match_the_kernel_per_connection() -> an
         let path = Path::between(client.ip(), redis.ip(), port).both_ways();
         let _loss = lab.inject(path, Fault::Loss { probability: 0.05 })?;
         let _reorder = lab.inject(path, Fault::reorder(0.05, Duration::from_millis(1)))?;
-        for _ in 0..ROUND_TRIPS {
+        for _ in 0..round_trips {
             for stream in &mut streams {
                 stream.write_all(&request)?;
                 let mut reply = vec![0u8; reply_len];
@@ -320,7 +330,7 @@ fn retransmits_under_loss_and_reordering_match_the_kernel_per_connection() -> an
     let total = agent.assert_close_retransmits(&expected)?;
     assert!(
         total > 0,
-        "5% loss over {ROUND_TRIPS} round trips caused retransmits"
+        "5% loss over {round_trips} round trips caused retransmits"
     );
     agent.stop()?;
     Ok(())

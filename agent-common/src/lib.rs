@@ -394,7 +394,14 @@ pub struct TracepointOffsets {
     pub connect_uservaddr: u16,
     /// `syscalls/sys_enter_{read,write}` `fd` (the same in both).
     pub read_write_fd: u16,
-    pub _pad: u16,
+    /// `tcp/tcp_retransmit_skb` `skbaddr`.
+    pub retransmit_skbaddr: u16,
+    /// `tcp/tcp_retransmit_skb` `err` (6.13+, which also traces failed
+    /// attempts); 0: the field is absent and only sent ones are traced.
+    pub retransmit_err: u16,
+    /// Not a tracepoint field: where `TCP_SKB_CB(skb)->tcp_gso_segs` sits in
+    /// an `sk_buff`, from the kernel's BTF; 0: unknown, one per skb.
+    pub skb_tcp_gso_segs: u16,
 }
 
 /// `Config::flags`: the kernel has `sock/inet_sk_error_report` (5.14+).
@@ -420,8 +427,8 @@ const _: () = assert!(core::mem::size_of::<EventHeader>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowTuple>() == 36);
 const _: () = assert!(core::mem::size_of::<TaskInfo>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 112);
-const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 84);
-const _: () = assert!(core::mem::size_of::<Config>() == 128);
+const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 88);
+const _: () = assert!(core::mem::size_of::<Config>() == 132);
 const _: () = assert!(core::mem::size_of::<resp::RespFlow>() == 56);
 const _: () = assert!(core::mem::size_of::<resp::SegmentEvent>() == 96);
 const _: () = assert!(core::mem::size_of::<resp::SocketEvent>() == 24);
@@ -437,8 +444,13 @@ mod pod {
     unsafe impl aya::Pod for super::resp::RespFlow {}
 }
 
-/// Errno values the kernel reports on failed connects (asm-generic/errno.h).
+/// Errno values the kernel reports on failed connects and retransmits
+/// (asm-generic/errno-base.h, asm-generic/errno.h).
 pub mod errno {
+    pub const EAGAIN: i32 = 11;
+    pub const ENOMEM: i32 = 12;
+    pub const EBUSY: i32 = 16;
+    pub const EINVAL: i32 = 22;
     pub const ENETDOWN: i32 = 100;
     pub const ENETUNREACH: i32 = 101;
     pub const ECONNREFUSED: i32 = 111;

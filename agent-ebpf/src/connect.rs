@@ -29,7 +29,7 @@ use agent_common::{
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid,
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{self as helper, bpf_get_current_cgroup_id, bpf_ktime_get_ns},
     },
     macros::{map, tracepoint},
@@ -312,9 +312,40 @@ fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), i64> {
             offset!(retransmit_dport),
         ],
     )? {
-        connection::retransmitted(&flow);
+        let err_offset = offset!(retransmit_err);
+        if err_offset != 0 && gave_up_before_sending(read::<i32>(ctx, err_offset)?) {
+            return Ok(());
+        }
+        connection::retransmitted(&flow, retransmitted_segments(ctx));
     }
     Ok(())
+}
+
+/// 6.13+ trace failed attempts too. The kernel counts a retransmit in
+/// `tcpi_total_retrans` once it hands the skb to the IP layer, whatever that
+/// returns; these errors come from the checks before it (host queue busy,
+/// no memory, no route, window closed), which count nothing.
+fn gave_up_before_sending(err: i32) -> bool {
+    use errno::{EAGAIN, EBUSY, EHOSTUNREACH, EINVAL, ENOMEM};
+    matches!(-err, EBUSY | EINVAL | ENOMEM | EHOSTUNREACH | EAGAIN)
+}
+
+/// Segments in the retransmitted skb, as the kernel counts them in
+/// `tcpi_total_retrans` (`tcp_skb_pcount`): a TSO skb resent after loss can
+/// hold several. 1 where the layout is unknown or the read fails.
+fn retransmitted_segments(ctx: &TracePointContext) -> u32 {
+    let segs_offset = offset!(skb_tcp_gso_segs);
+    if segs_offset == 0 {
+        return 1;
+    }
+    let Ok(skb) = read::<u64>(ctx, offset!(retransmit_skbaddr)) else {
+        return 1;
+    };
+    // SAFETY: a probe read; a bad address fails the read, nothing else.
+    match unsafe { bpf_probe_read_kernel((skb + u64::from(segs_offset)) as *const u16) } {
+        Ok(segs) if segs > 0 => u32::from(segs),
+        _ => 1,
+    }
 }
 
 /// The 4-tuple at `[saddr_v6, daddr_v6, sport, dport]` offsets, if either

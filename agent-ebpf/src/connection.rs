@@ -123,10 +123,10 @@ pub fn destroy(skaddr: u64, flow: &FlowTuple) {
     let _ = SOCKET_FLOWS.remove(&skaddr);
 }
 
-pub fn retransmitted(flow: &FlowTuple) {
+pub fn retransmitted(flow: &FlowTuple, segments: u32) {
     if let Some(state) = CONNECTIONS.get_ptr_mut(flow) {
         // SAFETY: map value pointer, valid for this program run.
-        unsafe { (*state).counters.retransmits += 1 };
+        unsafe { (*state).counters.retransmits += segments };
     }
 }
 

@@ -4,6 +4,7 @@
 //! observe/detect → sinks.
 
 pub mod aggregate;
+pub mod btf;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -7,7 +7,11 @@ use agent_common::{CONFIG_HAS_ERROR_REPORT, TracepointOffsets};
 use anyhow::Context as _;
 
 use super::TracepointProgram;
-use crate::tracefs::{TracefsError, TracepointFormat};
+use crate::{
+    btf::{self, Btf},
+    preflight::VMLINUX_BTF,
+    tracefs::{TracefsError, TracepointFormat},
+};
 
 pub const PROGRAMS: &[TracepointProgram] = &[
     TracepointProgram {
@@ -94,7 +98,17 @@ pub fn resolve(tracefs: &Path) -> anyhow::Result<Layout> {
     offsets.retransmit_dport = retransmit.offset("dport", 2)?;
     offsets.retransmit_saddr_v6 = retransmit.offset("saddr_v6", 16)?;
     offsets.retransmit_daddr_v6 = retransmit.offset("daddr_v6", 16)?;
+    offsets.retransmit_skbaddr = retransmit.offset("skbaddr", 8)?;
+    offsets.retransmit_err = retransmit.offset("err", 4).unwrap_or(0);
     available.push("tcp_retransmit_skb");
+    // Segments per retransmitted skb, to count as the kernel does.
+    match Btf::from_file(Path::new(VMLINUX_BTF)).and_then(|btf| btf::skb_tcp_gso_segs(&btf)) {
+        Ok(offset) => offsets.skb_tcp_gso_segs = offset,
+        Err(error) => tracing::warn!(
+            "{:#}: data retransmits are counted per packet sent, not per segment",
+            anyhow::Error::from(error)
+        ),
+    }
 
     let reset = read("tcp", "tcp_receive_reset")?;
     offsets.receive_reset_skaddr = reset.offset("skaddr", 8)?;
