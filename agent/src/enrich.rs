@@ -27,7 +27,7 @@ pub struct Enricher {
     cgroups: HashMap<u32, (Instant, Option<String>)>,
     cgroup_paths: CgroupPaths,
     /// Cgroup id → workload, for the hot path (one lookup per request).
-    workloads: HashMap<u64, Workload>,
+    workloads: rustc_hash::FxHashMap<u64, Workload>,
 }
 
 /// Cgroup v2 id → path below the cgroup2 mount (the id is the directory's

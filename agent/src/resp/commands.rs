@@ -430,46 +430,57 @@ pub(super) static CONTAINERS: &[(&str, &[&str])] = &[
 /// The longest name in either table; longer arguments are not commands.
 const MAX_NAME: usize = 32;
 
-/// Case-insensitive lookup of a known name; `None` for anything else.
-/// Every request's name goes through here: a hash map, not a binary search
-/// of string comparisons (which was a tenth of the agent's CPU).
-fn find(table: &'static [&'static str], word: &[u8]) -> Option<&'static str> {
-    type Index = std::collections::HashMap<&'static [u8], &'static str, rustc_hash::FxBuildHasher>;
-    static INDEXES: std::sync::OnceLock<Vec<(usize, Index)>> = std::sync::OnceLock::new();
+/// Names by their uppercase bytes. Every request's name goes through here:
+/// hash maps, not binary searches of string comparisons (which were a tenth,
+/// then a fifth, of the agent's CPU).
+type Index<V> = std::collections::HashMap<&'static [u8], V, rustc_hash::FxBuildHasher>;
+
+struct Indexes {
+    /// Every command, with its subcommands' index if it is a container.
+    commands: Index<(&'static str, Option<Index<&'static str>>)>,
+}
+
+fn indexes() -> &'static Indexes {
+    static INDEXES: std::sync::OnceLock<Indexes> = std::sync::OnceLock::new();
+    INDEXES.get_or_init(|| {
+        let subcommands = |name: &str| {
+            let i = CONTAINERS.binary_search_by(|(c, _)| (*c).cmp(name)).ok()?;
+            Some(
+                CONTAINERS[i]
+                    .1
+                    .iter()
+                    .map(|sub| (sub.as_bytes(), *sub))
+                    .collect(),
+            )
+        };
+        Indexes {
+            commands: COMMANDS
+                .iter()
+                .map(|name| (name.as_bytes(), (*name, subcommands(name))))
+                .collect(),
+        }
+    })
+}
+
+/// Case-insensitive lookup of `word` in `index`; `None` for anything else.
+fn find<'i, V>(index: &'i Index<V>, word: &[u8]) -> Option<&'i V> {
     let mut upper = [0u8; MAX_NAME];
     let upper = upper.get_mut(..word.len())?;
     for (u, b) in upper.iter_mut().zip(word) {
         *u = b.to_ascii_uppercase();
     }
-    let indexes = INDEXES.get_or_init(|| {
-        std::iter::once(COMMANDS)
-            .chain(CONTAINERS.iter().map(|(_, subs)| *subs))
-            .map(|names| {
-                let index = names.iter().map(|name| (name.as_bytes(), *name)).collect();
-                (names.as_ptr() as usize, index)
-            })
-            .collect()
-    });
-    let key = table.as_ptr() as usize;
-    match indexes.iter().find(|(table, _)| *table == key) {
-        Some((_, index)) => index.get(&*upper).copied(),
-        // A table not indexed (tests): search it.
-        None => table
-            .binary_search_by(|name| name.as_bytes().cmp(upper))
-            .ok()
-            .map(|i| table[i]),
-    }
+    index.get(&*upper)
 }
 
 /// The command named by a request's first two arguments: `None` when the
 /// first is not a known command. A container with a missing or unknown
 /// subcommand is reported by its own name.
 pub(super) fn lookup(arg0: &[u8], arg1: Option<&[u8]>) -> Option<super::Command> {
-    let name = find(COMMANDS, arg0)?;
-    let sub = CONTAINERS
-        .binary_search_by(|(container, _)| container.cmp(&name))
-        .ok()
-        .and_then(|i| arg1.and_then(|arg1| find(CONTAINERS[i].1, arg1)));
+    let (name, subs) = find(&indexes().commands, arg0)?;
+    let sub = subs
+        .as_ref()
+        .zip(arg1)
+        .and_then(|(subs, arg1)| find(subs, arg1).copied());
     Some(super::Command { name, sub })
 }
 
