@@ -534,10 +534,12 @@ impl Flow {
                     ConnectionRole::Server => {
                         // Service starts at Redis' first read after the
                         // request arrived.
+                        // Reads are in time order (one socket's reads are
+                        // serialised by its lock): the first at or after.
+                        let first = self.reads.partition_point(|&read| read < m.sent_ts_ns);
                         exchange.read_delay_ns = self
                             .reads
-                            .iter()
-                            .find(|&&read| read >= m.sent_ts_ns)
+                            .get(first)
                             .map(|read| read - m.sent_ts_ns)
                             .filter(|&delay| delay <= latency);
                         out.push(exchange);
