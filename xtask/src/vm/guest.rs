@@ -210,7 +210,9 @@ pub fn boot(
         .arg(kernel.vmlinuz())
         .arg("-initrd")
         .arg(initramfs)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        // Warnings reach the console (a soft lockup's stack is one); the
+        // boot's notices do not.
+        .args(["-append", "console=ttyS0 panic=-1 loglevel=5"])
         .arg("-fsdev")
         .arg("local,id=root,path=/,security_model=none,readonly=on,multidevs=remap")
         .args([
