@@ -131,8 +131,89 @@ fn data_retransmits_are_counted_per_connection() -> anyhow::Result<()> {
         stream.set_nodelay(true)?;
         streams.push(stream);
     }
+    round_trips_under_loss(redis.port, &mut streams, ROUND_TRIPS)?;
+    let expected = streams
+        .iter()
+        .map(|stream| ConnectionRetransmits::read(stream, None, redis.port))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    drop(streams);
+
+    let total = agent.assert_close_retransmits(&expected)?;
+    assert!(
+        total > 0,
+        "10% loss over {ROUND_TRIPS} round trips caused retransmits"
+    );
+    agent.stop()?;
+    Ok(())
+}
+
+/// Connections that retransmitted before the agent started: their `close`
+/// counts only the retransmits since, per side, by the kernel's counters
+/// read when the agent started and at the end.
+#[test]
+fn retransmits_of_connections_open_before_the_agent_count_from_its_start() -> anyhow::Result<()> {
+    const CONNECTIONS: usize = 3;
+    const ROUND_TRIPS: usize = 40;
+    let redis = RedisServer::start()?;
+    let mut streams = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, redis.port))?;
+        stream.set_nodelay(true)?;
+        streams.push(stream);
+    }
+    let read_all = |streams: &[TcpStream]| {
+        streams
+            .iter()
+            .map(|stream| ConnectionRetransmits::read(stream, None, redis.port))
+            .collect::<anyhow::Result<Vec<_>>>()
+    };
+    // Loss until every socket has retransmitted: a base to leave out.
+    let mut before = read_all(&streams)?;
+    for _ in 0..10 {
+        if before.iter().all(|c| c.client > 0 && c.server > 0) {
+            break;
+        }
+        round_trips_under_loss(redis.port, &mut streams, ROUND_TRIPS)?;
+        before = read_all(&streams)?;
+    }
+    anyhow::ensure!(
+        before.iter().all(|c| c.client > 0 && c.server > 0),
+        "every socket retransmitted before the agent started: {before:?}"
+    );
+
+    let mut agent = Agent::start(&[redis.port], &[])?;
+    agent.expect_alerts(LOSS_ALERTS);
+    round_trips_under_loss(redis.port, &mut streams, ROUND_TRIPS)?;
+    let after = read_all(&streams)?;
+    drop(streams);
+    let since_start: Vec<ConnectionRetransmits> = before
+        .iter()
+        .zip(&after)
+        .map(|(before, after)| ConnectionRetransmits {
+            client_port: after.client_port,
+            client: after.client - before.client,
+            server: after.server - before.server,
+        })
+        .collect();
+    let total = agent.assert_close_retransmits(&since_start)?;
+    assert!(
+        total > 0,
+        "10% loss over {ROUND_TRIPS} round trips caused retransmits"
+    );
+    agent.stop()?;
+    Ok(())
+}
+
+/// `round_trips` PINGs on each stream with 10% of the packets dropped both
+/// ways (the client's SYNs spared), then one clean round trip each: after
+/// it nothing is left to resend.
+fn round_trips_under_loss(
+    port: u16,
+    streams: &mut [TcpStream],
+    round_trips: usize,
+) -> anyhow::Result<()> {
     {
-        let port = redis.port.to_string();
+        let port = port.to_string();
         let loss = [
             "-m",
             "statistic",
@@ -151,28 +232,15 @@ fn data_retransmits_are_counted_per_connection() -> anyhow::Result<()> {
         let to_client = [&["-p", "tcp", "--sport", port.as_str()][..], &loss[..]].concat();
         let _to_server = FirewallRule::insert(false, "INPUT", &to_server)?;
         let _to_client = FirewallRule::insert(false, "INPUT", &to_client)?;
-        for _ in 0..ROUND_TRIPS {
-            for stream in &mut streams {
+        for _ in 0..round_trips {
+            for stream in streams.iter_mut() {
                 ping(stream)?;
             }
         }
     }
-    // Loss is over: one more round trip each, then nothing is left to resend.
-    for stream in &mut streams {
+    for stream in streams.iter_mut() {
         ping(stream)?;
     }
-    let expected = streams
-        .iter()
-        .map(|stream| ConnectionRetransmits::read(stream, None, redis.port))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    drop(streams);
-
-    let total = agent.assert_close_retransmits(&expected)?;
-    assert!(
-        total > 0,
-        "10% loss over {ROUND_TRIPS} round trips caused retransmits"
-    );
-    agent.stop()?;
     Ok(())
 }
 

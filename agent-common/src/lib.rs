@@ -252,18 +252,26 @@ impl Closer {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnectionCounters {
-    /// `tcp/tcp_retransmit_skb` on this socket after the handshake, in packets.
+    /// Segments this socket retransmitted: its `tcp_sock.total_retrans`
+    /// (what `tcpi_total_retrans` reports) less [`Self::retransmits_base`],
+    /// refreshed at every `tcp/tcp_retransmit_skb` and at close.
     pub retransmits: u32,
     /// `tcp/tcp_receive_reset` on this socket.
     pub resets_received: u32,
     /// `tcp/tcp_send_reset` on this socket.
     pub resets_sent: u32,
-    pub _pad: u32,
+    /// The socket's `total_retrans` that is not this connection's to report:
+    /// the SYNs a client resent (its connect event has them); for a seeded
+    /// connection, those before the agent saw its first retransmit.
+    pub retransmits_base: u32,
 }
 
 /// `ConnectionState::flags`: the entry was seeded by userspace at start from
 /// a socket already open (its establishment time is unknown).
 pub const CONNECTION_SEEDED: u8 = 1 << 0;
+/// `ConnectionState::flags`: `counters.retransmits_base` is not known yet
+/// (a seeded entry): the first retransmit sets it.
+pub const CONNECTION_RETRANSMITS_BASE_UNKNOWN: u8 = 1 << 1;
 
 /// An established connection to or from a watched port, keyed by its
 /// [`FlowTuple`] as seen from this socket (so both ends on one node differ).
@@ -402,6 +410,10 @@ pub struct TracepointOffsets {
     /// Not a tracepoint field: where `TCP_SKB_CB(skb)->tcp_gso_segs` sits in
     /// an `sk_buff`, from the kernel's BTF; 0: unknown, one per skb.
     pub skb_tcp_gso_segs: u16,
+    /// Not a tracepoint field: `tcp_sock.total_retrans` in a socket, from the
+    /// kernel's BTF; 0: unknown, retransmits are counted per tracepoint run.
+    pub tcp_sock_total_retrans: u16,
+    pub _pad: u16,
 }
 
 /// `Config::flags`: the kernel has `sock/inet_sk_error_report` (5.14+).
@@ -427,8 +439,8 @@ const _: () = assert!(core::mem::size_of::<EventHeader>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowTuple>() == 36);
 const _: () = assert!(core::mem::size_of::<TaskInfo>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 112);
-const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 88);
-const _: () = assert!(core::mem::size_of::<Config>() == 132);
+const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 92);
+const _: () = assert!(core::mem::size_of::<Config>() == 136);
 const _: () = assert!(core::mem::size_of::<resp::RespFlow>() == 56);
 const _: () = assert!(core::mem::size_of::<resp::SegmentEvent>() == 96);
 const _: () = assert!(core::mem::size_of::<resp::SocketEvent>() == 24);

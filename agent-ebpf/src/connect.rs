@@ -316,7 +316,8 @@ fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), i64> {
         if err_offset != 0 && gave_up_before_sending(read::<i32>(ctx, err_offset)?) {
             return Ok(());
         }
-        connection::retransmitted(&flow, retransmitted_segments(ctx));
+        let skaddr: u64 = read(ctx, offset!(retransmit_skaddr))?;
+        connection::retransmitted(&flow, skaddr, retransmitted_segments(ctx));
     }
     Ok(())
 }

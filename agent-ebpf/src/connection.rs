@@ -11,13 +11,20 @@
 //! kernels, hence the small `skaddr → tuple` side map.
 
 use agent_common::{
-    CloseEvent, Closer, ConnectionCounters, ConnectionRole, ConnectionState, EventHeader,
-    EventKind, FlowTuple, MAX_CONNECTIONS, MAX_CONNECTS_IN_FLIGHT, StatId, SynAckRetransmitEvent,
-    TaskInfo,
+    CONNECTION_RETRANSMITS_BASE_UNKNOWN, CloseEvent, Closer, ConnectionCounters, ConnectionRole,
+    ConnectionState, EventHeader, EventKind, FlowTuple, MAX_CONNECTIONS, MAX_CONNECTS_IN_FLIGHT,
+    StatId, SynAckRetransmitEvent, TaskInfo,
 };
-use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
+use aya_ebpf::{
+    helpers::{bpf_probe_read_kernel, generated::bpf_ktime_get_ns},
+    macros::map,
+    maps::LruHashMap,
+};
 
-use crate::maps::{BPF_F_NO_COMMON_LRU, EVENTS, count, submit_flags};
+use crate::{
+    maps::{BPF_F_NO_COMMON_LRU, EVENTS, count, submit_flags},
+    offset,
+};
 
 pub const TCP_ESTABLISHED: i32 = 1;
 pub const TCP_FIN_WAIT1: i32 = 4;
@@ -48,6 +55,14 @@ pub fn open(skaddr: u64, flow: &FlowTuple, family: u16, role: ConnectionRole, ta
         if let Some(synacks) = SYNACK_RETRANSMITS.get_ptr(flow).map(|p| unsafe { *p }) {
             counters.retransmits = synacks;
             let _ = SYNACK_RETRANSMITS.remove(flow);
+        }
+    }
+    if let Some(total) = total_retransmits(skaddr) {
+        match role {
+            // The SYNs resent are the connect event's, not this connection's.
+            ConnectionRole::Client => counters.retransmits_base = total,
+            // The kernel starts an accepted socket at its SYN-ACKs resent.
+            ConnectionRole::Server => counters.retransmits = total,
         }
     }
     // At most five arguments in a BPF call: the time is taken here.
@@ -90,9 +105,11 @@ pub fn leave_established(flow: &FlowTuple, new_state: i32) {
 /// Transition to CLOSE: report the connection and forget it.
 #[inline(never)]
 pub fn close(skaddr: u64, flow: &FlowTuple, now: u64) {
-    let Some(state) = CONNECTIONS.get_ptr(flow) else {
+    let Some(state) = CONNECTIONS.get_ptr_mut(flow) else {
         return;
     };
+    // SAFETY: map value pointer, valid for this program run.
+    refresh_retransmits(unsafe { &mut *state }, skaddr, 0);
     if let Some(mut entry) = EVENTS.reserve::<CloseEvent>(0) {
         let event = entry.as_mut_ptr();
         // SAFETY: `event` is a reserved ring buffer slot; `state` a map value
@@ -123,11 +140,51 @@ pub fn destroy(skaddr: u64, flow: &FlowTuple) {
     let _ = SOCKET_FLOWS.remove(&skaddr);
 }
 
-pub fn retransmitted(flow: &FlowTuple, segments: u32) {
+/// The socket sent a retransmit of `segments` (where the kernel's count
+/// cannot be read, the tracepoint's own count).
+pub fn retransmitted(flow: &FlowTuple, skaddr: u64, segments: u32) {
     if let Some(state) = CONNECTIONS.get_ptr_mut(flow) {
         // SAFETY: map value pointer, valid for this program run.
-        unsafe { (*state).counters.retransmits += segments };
+        let state = unsafe { &mut *state };
+        if !refresh_retransmits(state, skaddr, segments) {
+            state.counters.retransmits += segments;
+        }
     }
+}
+
+/// Takes the retransmits from the kernel's own count, `total_retrans`, which
+/// a missed or failed tracepoint run cannot skew; `segments` were just sent
+/// (0 at close), which is how a seeded entry learns its base. False where
+/// the count cannot be read.
+fn refresh_retransmits(state: &mut ConnectionState, skaddr: u64, segments: u32) -> bool {
+    let Some(total) = total_retransmits(skaddr) else {
+        return false;
+    };
+    let counters = &mut state.counters;
+    if state.flags & CONNECTION_RETRANSMITS_BASE_UNKNOWN != 0 {
+        if segments == 0 {
+            // Closed before any retransmit we saw: nothing to report.
+            return true;
+        }
+        counters.retransmits_base = total.saturating_sub(counters.retransmits + segments);
+        state.flags &= !CONNECTION_RETRANSMITS_BASE_UNKNOWN;
+    }
+    let count = total.saturating_sub(counters.retransmits_base);
+    if count > counters.retransmits {
+        counters.retransmits = count;
+    }
+    true
+}
+
+/// `tcp_sock.total_retrans` of the socket at `skaddr`, where the kernel's
+/// BTF told its offset.
+fn total_retransmits(skaddr: u64) -> Option<u32> {
+    let offset = offset!(tcp_sock_total_retrans);
+    if offset == 0 {
+        return None;
+    }
+    // SAFETY: a probe read; a bad address fails the read, nothing else.
+    unsafe { bpf_probe_read_kernel((skaddr + u64::from(offset)) as *const u32) }.ok()
 }
 
 pub fn reset_received(flow: &FlowTuple) {

@@ -207,6 +207,13 @@ pub fn skb_tcp_gso_segs(btf: &Btf) -> Result<u16, BtfError> {
     u16::try_from(offset).map_err(|_| BtfError::Malformed("offset beyond 64 KiB"))
 }
 
+/// Where the programs find the kernel's own retransmit count of a socket:
+/// `tcp_sock.total_retrans`, behind `tcpi_total_retrans`.
+pub fn tcp_sock_total_retrans(btf: &Btf) -> Result<u16, BtfError> {
+    let offset = btf.member_offset("tcp_sock", "total_retrans")?;
+    u16::try_from(offset).map_err(|_| BtfError::Malformed("offset beyond 64 KiB"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,9 +310,10 @@ mod tests {
     }
 
     /// The running kernel's BTF, where it exists: the offsets are within
-    /// their structs (`cb` is 48 bytes, `tcp_gso_segs` near its start).
+    /// their structs (`cb` is 48 bytes, `tcp_gso_segs` near its start;
+    /// `tcp_sock` begins with an `inet_connection_sock` of 1 KiB and more).
     #[test]
-    fn reads_this_kernels_skb_layout() {
+    fn reads_this_kernels_skb_and_socket_layout() {
         let path = Path::new(crate::preflight::VMLINUX_BTF);
         if !path.exists() {
             return;
@@ -316,5 +324,10 @@ mod tests {
         assert!((1..256).contains(&cb), "sk_buff.cb at {cb}");
         assert!((8..48).contains(&segs), "tcp_skb_cb.tcp_gso_segs at {segs}");
         assert_eq!(u32::from(skb_tcp_gso_segs(&btf).unwrap()), cb + segs);
+        let total_retrans = tcp_sock_total_retrans(&btf).unwrap();
+        assert!(
+            (1024..8192).contains(&total_retrans),
+            "tcp_sock.total_retrans at {total_retrans}"
+        );
     }
 }

@@ -101,9 +101,26 @@ pub fn resolve(tracefs: &Path) -> anyhow::Result<Layout> {
     offsets.retransmit_skbaddr = retransmit.offset("skbaddr", 8)?;
     offsets.retransmit_err = retransmit.offset("err", 4).unwrap_or(0);
     available.push("tcp_retransmit_skb");
-    // Segments per retransmitted skb, to count as the kernel does.
-    match Btf::from_file(Path::new(VMLINUX_BTF)).and_then(|btf| btf::skb_tcp_gso_segs(&btf)) {
-        Ok(offset) => offsets.skb_tcp_gso_segs = offset,
+    // The kernel's own count of a socket's retransmits, and the segments per
+    // retransmitted skb where that count cannot be read (a seeded
+    // connection's first retransmit).
+    match Btf::from_file(Path::new(VMLINUX_BTF)) {
+        Ok(btf) => {
+            match btf::tcp_sock_total_retrans(&btf) {
+                Ok(offset) => offsets.tcp_sock_total_retrans = offset,
+                Err(error) => tracing::warn!(
+                    "{:#}: data retransmits are counted per tracepoint run",
+                    anyhow::Error::from(error)
+                ),
+            }
+            match btf::skb_tcp_gso_segs(&btf) {
+                Ok(offset) => offsets.skb_tcp_gso_segs = offset,
+                Err(error) => tracing::warn!(
+                    "{:#}: data retransmits are counted per packet sent, not per segment",
+                    anyhow::Error::from(error)
+                ),
+            }
+        }
         Err(error) => tracing::warn!(
             "{:#}: data retransmits are counted per packet sent, not per segment",
             anyhow::Error::from(error)

@@ -5,8 +5,8 @@
 use std::{net::SocketAddr, path::Path};
 
 use agent_common::{
-    AF_INET, AF_INET6, COMM_LEN, CONNECTION_SEEDED, Closer, ConnectionCounters, ConnectionRole,
-    ConnectionState, FlowTuple, TaskInfo,
+    AF_INET, AF_INET6, COMM_LEN, CONNECTION_RETRANSMITS_BASE_UNKNOWN, CONNECTION_SEEDED, Closer,
+    ConnectionCounters, ConnectionRole, ConnectionState, FlowTuple, TaskInfo,
 };
 
 use crate::procfs;
@@ -51,7 +51,8 @@ pub fn seeds(
                 family: if socket.ipv6 { AF_INET6 } else { AF_INET },
                 role: role as u8,
                 closer: Closer::Unknown as u8,
-                flags: CONNECTION_SEEDED,
+                // Its retransmits before the agent are not counted.
+                flags: CONNECTION_SEEDED | CONNECTION_RETRANSMITS_BASE_UNKNOWN,
                 _pad: [0; 3],
             };
             Some((flow, state))
