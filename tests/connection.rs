@@ -132,10 +132,7 @@ fn data_retransmits_are_counted_per_connection() -> anyhow::Result<()> {
         streams.push(stream);
     }
     round_trips_under_loss(redis.port, &mut streams, ROUND_TRIPS)?;
-    let expected = streams
-        .iter()
-        .map(|stream| ConnectionRetransmits::read(stream, None, redis.port))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let expected = ConnectionRetransmits::read_all(&streams, None, redis.port)?;
     drop(streams);
 
     let total = agent.assert_close_retransmits(&expected)?;
@@ -161,12 +158,8 @@ fn retransmits_of_connections_open_before_the_agent_count_from_its_start() -> an
         stream.set_nodelay(true)?;
         streams.push(stream);
     }
-    let read_all = |streams: &[TcpStream]| {
-        streams
-            .iter()
-            .map(|stream| ConnectionRetransmits::read(stream, None, redis.port))
-            .collect::<anyhow::Result<Vec<_>>>()
-    };
+    let read_all =
+        |streams: &[TcpStream]| ConnectionRetransmits::read_all(streams, None, redis.port);
     // Loss until every socket has retransmitted: a base to leave out.
     let mut before = read_all(&streams)?;
     for _ in 0..10 {

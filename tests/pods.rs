@@ -321,10 +321,7 @@ fn assert_retransmits_match_the_kernel(value_len: usize, round_trips: usize) -> 
             }
         }
     }
-    let expected = streams
-        .iter()
-        .map(|stream| ConnectionRetransmits::read(stream, Some(redis.netns()), port))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let expected = ConnectionRetransmits::read_all(&streams, Some(redis.netns()), port)?;
     drop(streams);
 
     let total = agent.assert_close_retransmits(&expected)?;

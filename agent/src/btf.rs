@@ -202,15 +202,19 @@ impl Btf {
 /// Where the programs find a retransmitted skb's segment count:
 /// `TCP_SKB_CB(skb)->tcp_gso_segs`, i.e. `skb->cb` + `tcp_skb_cb.tcp_gso_segs`.
 pub fn skb_tcp_gso_segs(btf: &Btf) -> Result<u16, BtfError> {
-    let offset =
-        btf.member_offset("sk_buff", "cb")? + btf.member_offset("tcp_skb_cb", "tcp_gso_segs")?;
-    u16::try_from(offset).map_err(|_| BtfError::Malformed("offset beyond 64 KiB"))
+    offset_u16(
+        btf.member_offset("sk_buff", "cb")? + btf.member_offset("tcp_skb_cb", "tcp_gso_segs")?,
+    )
 }
 
 /// Where the programs find the kernel's own retransmit count of a socket:
 /// `tcp_sock.total_retrans`, behind `tcpi_total_retrans`.
 pub fn tcp_sock_total_retrans(btf: &Btf) -> Result<u16, BtfError> {
-    let offset = btf.member_offset("tcp_sock", "total_retrans")?;
+    offset_u16(btf.member_offset("tcp_sock", "total_retrans")?)
+}
+
+/// The programs take offsets as u16 (kernel structs stay well below 64 KiB).
+fn offset_u16(offset: u32) -> Result<u16, BtfError> {
     u16::try_from(offset).map_err(|_| BtfError::Malformed("offset beyond 64 KiB"))
 }
 

@@ -84,6 +84,18 @@ impl ConnectionRetransmits {
             server: ss_total_retransmits(server_netns, server_port, client_port)?,
         })
     }
+
+    /// [`ConnectionRetransmits::read`] for each of `streams`.
+    pub fn read_all(
+        streams: &[TcpStream],
+        server_netns: Option<&Netns>,
+        server_port: u16,
+    ) -> anyhow::Result<Vec<Self>> {
+        streams
+            .iter()
+            .map(|stream| Self::read(stream, server_netns, server_port))
+            .collect()
+    }
 }
 
 /// The kernel's fdinfo text of each descriptor `pid` holds (those closed

@@ -104,28 +104,25 @@ pub fn resolve(tracefs: &Path) -> anyhow::Result<Layout> {
     // The kernel's own count of a socket's retransmits, and the segments per
     // retransmitted skb where that count cannot be read (a seeded
     // connection's first retransmit).
-    match Btf::from_file(Path::new(VMLINUX_BTF)) {
-        Ok(btf) => {
-            match btf::tcp_sock_total_retrans(&btf) {
-                Ok(offset) => offsets.tcp_sock_total_retrans = offset,
-                Err(error) => tracing::warn!(
-                    "{:#}: data retransmits are counted per tracepoint run",
-                    anyhow::Error::from(error)
-                ),
-            }
-            match btf::skb_tcp_gso_segs(&btf) {
-                Ok(offset) => offsets.skb_tcp_gso_segs = offset,
-                Err(error) => tracing::warn!(
-                    "{:#}: data retransmits are counted per packet sent, not per segment",
-                    anyhow::Error::from(error)
-                ),
-            }
-        }
-        Err(error) => tracing::warn!(
-            "{:#}: data retransmits are counted per packet sent, not per segment",
-            anyhow::Error::from(error)
-        ),
-    }
+    let btf = Btf::from_file(Path::new(VMLINUX_BTF)).map_err(anyhow::Error::from);
+    let find = |finder: fn(&Btf) -> Result<u16, btf::BtfError>, without: &str| {
+        let found = match &btf {
+            Ok(btf) => finder(btf).map_err(anyhow::Error::from),
+            Err(error) => Err(anyhow::anyhow!("{error:#}")),
+        };
+        found.unwrap_or_else(|error| {
+            tracing::warn!("{error:#}: {without}");
+            0
+        })
+    };
+    offsets.tcp_sock_total_retrans = find(
+        btf::tcp_sock_total_retrans,
+        "data retransmits are counted per tracepoint run",
+    );
+    offsets.skb_tcp_gso_segs = find(
+        btf::skb_tcp_gso_segs,
+        "data retransmits are counted per packet sent, not per segment",
+    );
 
     let reset = read("tcp", "tcp_receive_reset")?;
     offsets.receive_reset_skaddr = reset.offset("skaddr", 8)?;
