@@ -186,7 +186,7 @@ impl Aggregator {
     /// new pods must not grow the overflow itself).
     fn series(&mut self, mut key: Key, op: impl FnOnce() -> String) -> &mut Accumulator {
         let mut op = Some(op);
-        if !self.current.contains_key(&key) && self.current.len() >= self.max_series {
+        if self.current.len() >= self.max_series && !self.current.contains_key(&key) {
             self.overflowed += 1;
             key.1 = 0;
             key.3 = OTHER_OP;
