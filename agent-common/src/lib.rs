@@ -20,6 +20,9 @@ pub const MAX_CONNECTIONS: u32 = 65_536;
 /// Default size of the event ring buffer, in bytes (a power of two, page aligned).
 pub const DEFAULT_RING_BUFFER_BYTES: u32 = 1 << 24;
 
+/// Event rings (maps `EVENTS_0`…): CPU `n` writes to ring `n % EVENT_RINGS`.
+pub const EVENT_RINGS: u32 = 8;
+
 /// Kind of an event in the ring buffer; the first field of every event.
 /// Values are stable: the decoder in userspace matches on them.
 #[repr(u32)]

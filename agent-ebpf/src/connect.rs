@@ -39,7 +39,7 @@ use aya_ebpf::{
 
 use crate::{
     connection::{self, TCP_ESTABLISHED},
-    maps::{BPF_F_NO_COMMON_LRU, EVENTS, config_flags, count, is_watched_port, submit_flags},
+    maps::{BPF_F_NO_COMMON_LRU, config_flags, count, events, is_watched_port, submit_flags},
     offset,
 };
 
@@ -522,7 +522,7 @@ fn try_tcp_destroy_sock(ctx: &TracePointContext) -> Result<(), i64> {
 
 #[inline(never)]
 fn emit(state: &ConnectState, end_ns: u64, outcome: ConnectOutcome, answer: SynAnswer, error: i32) {
-    let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
+    let Some(mut entry) = events().reserve::<ConnectEvent>(0) else {
         count(StatId::RingBufferFull);
         return;
     };

@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{BPF_F_NO_COMMON_LRU, EVENTS, count, submit_flags},
+    maps::{BPF_F_NO_COMMON_LRU, count, events, submit_flags},
     offset,
 };
 
@@ -110,7 +110,7 @@ pub fn close(skaddr: u64, flow: &FlowTuple, now: u64) {
     };
     // SAFETY: map value pointer, valid for this program run.
     refresh_retransmits(unsafe { &mut *state }, skaddr, 0);
-    if let Some(mut entry) = EVENTS.reserve::<CloseEvent>(0) {
+    if let Some(mut entry) = events().reserve::<CloseEvent>(0) {
         let event = entry.as_mut_ptr();
         // SAFETY: `event` is a reserved ring buffer slot; `state` a map value
         // valid for this program run.
@@ -213,7 +213,7 @@ pub fn synack_retransmitted(flow: &FlowTuple, family: u16, now: u64) {
             let _ = SYNACK_RETRANSMITS.insert(flow, &1, 0);
         }
     }
-    let Some(mut entry) = EVENTS.reserve::<SynAckRetransmitEvent>(0) else {
+    let Some(mut entry) = events().reserve::<SynAckRetransmitEvent>(0) else {
         count(StatId::RingBufferFull);
         return;
     };

@@ -1,8 +1,11 @@
 //! Maps and load-time settings shared by all programs.
 
-use agent_common::{Config, DEFAULT_RING_BUFFER_BYTES, MAX_WATCHED_PORTS, STAT_COUNT, StatId};
+use agent_common::{
+    Config, DEFAULT_RING_BUFFER_BYTES, EVENT_RINGS, MAX_WATCHED_PORTS, STAT_COUNT, StatId,
+};
 use aya_ebpf::{
     Global,
+    helpers::generated::bpf_get_smp_processor_id,
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
@@ -19,9 +22,45 @@ pub static CONFIG: Global<Config> = Global::new(
     unsafe { core::mem::zeroed() },
 );
 
-/// Events to userspace. Its size is set by userspace at load time.
+/// Events to userspace: one ring per CPU (CPU number modulo
+/// [`EVENT_RINGS`]), so programs running on different CPUs never contend for
+/// a ring's lock and positions (that contention was half of the programs'
+/// time with two busy CPUs). Userspace merges the rings by time and sets
+/// their sizes at load time.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
+static EVENTS_0: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
+#[map]
+static EVENTS_1: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
+#[map]
+static EVENTS_2: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
+#[map]
+static EVENTS_3: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
+#[map]
+static EVENTS_4: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
+#[map]
+static EVENTS_5: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
+#[map]
+static EVENTS_6: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
+#[map]
+static EVENTS_7: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
+const _: () = assert!(EVENT_RINGS == 8);
+
+/// This CPU's event ring. The same for a whole program run: programs run
+/// with migration disabled.
+#[inline(always)]
+pub fn events() -> &'static RingBuf {
+    // SAFETY: helper without arguments.
+    match unsafe { bpf_get_smp_processor_id() } % EVENT_RINGS {
+        0 => &EVENTS_0,
+        1 => &EVENTS_1,
+        2 => &EVENTS_2,
+        3 => &EVENTS_3,
+        4 => &EVENTS_4,
+        5 => &EVENTS_5,
+        6 => &EVENTS_6,
+        _ => &EVENTS_7,
+    }
+}
 
 /// Per-CPU counters indexed by [`StatId`]: every drop is counted here.
 #[map]
@@ -68,7 +107,7 @@ pub fn submit_flags() -> u64 {
     // SAFETY: volatile read of a field of a static.
     let threshold =
         unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*config_ptr()).wakeup_bytes)) };
-    if EVENTS.query(BPF_RB_AVAIL_DATA) >= u64::from(threshold) {
+    if events().query(BPF_RB_AVAIL_DATA) >= u64::from(threshold) {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

@@ -31,7 +31,7 @@ use aya_ebpf::{
 
 use crate::{
     connection::CONNECTIONS,
-    maps::{BPF_F_NO_COMMON_LRU, EVENTS, count, is_watched_port, submit_flags},
+    maps::{BPF_F_NO_COMMON_LRU, count, events, is_watched_port, submit_flags},
     offset,
 };
 
@@ -413,7 +413,7 @@ pub(crate) fn send(record: &mut Record) -> bool {
     // SAFETY: `record` is `size` bytes of readable map memory.
     let ret = unsafe {
         bpf_ringbuf_output(
-            core::ptr::from_ref(&EVENTS).cast_mut().cast(),
+            core::ptr::from_ref(events()).cast_mut().cast(),
             core::ptr::from_mut(record).cast(),
             size & 0x3fff,
             submit_flags(),
@@ -520,7 +520,7 @@ fn socket_event(kind: EventKind, cookie: u64) {
         },
         cookie,
     };
-    if EVENTS
+    if events()
         .output::<SocketEvent>(&event, submit_flags())
         .is_err()
     {

@@ -19,6 +19,7 @@ pub mod preflight;
 pub mod probes;
 pub mod procfs;
 pub mod resp;
+pub mod rings;
 pub mod run;
 pub mod sinks;
 pub mod tls;

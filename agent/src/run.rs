@@ -30,6 +30,7 @@ use crate::{
     preflight,
     probes::{KernelStats, LoadOptions, Probes, connection, resp::PacketHook},
     procfs,
+    rings::{self, EventRings},
     sinks::{
         json::{JsonSink, Started, Stats},
         metrics::Metrics,
@@ -76,7 +77,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(mount) => mount.clone(),
         None => procfs::cgroup2_root().map_err(|e| kernel.explain(e))?,
     };
-    let (mut probes, ring) = Probes::load(&LoadOptions {
+    let (mut probes, rings) = Probes::load(&LoadOptions {
         ports: &ports,
         ring_buffer_bytes: cli.ring_buffer_kib * 1024,
         tracefs: &kernel.tracefs,
@@ -154,11 +155,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut window_start = std::time::Instant::now();
     let mut last_tick = std::time::Instant::now();
     let mut stats = Stats::default();
-    // SAFETY: the ring buffer owns its fd, which stays open and the same until
-    // the AsyncFd (and the ring buffer inside it) is dropped.
-    let mut events = unsafe { AsyncFd::register(ring) }
+    let rings = EventRings::new(rings).context("polling the event rings")?;
+    // SAFETY: `EventRings` owns its epoll fd, which stays open and the same
+    // until the AsyncFd (and the rings inside it) is dropped.
+    let mut events = unsafe { AsyncFd::register(rings) }
         .map_err(std::io::Error::from)
-        .context("polling the event ring buffer")?;
+        .context("polling the event rings")?;
 
     let result: anyhow::Result<()> = loop {
         tokio::select! {
@@ -209,7 +211,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     // Whatever is still queued, the last partial window, the final counters.
-    drain(events.get_mut(), &mut pipeline, &mut sink, &mut stats)?;
+    drain_all(events.get_mut(), &mut pipeline, &mut sink, &mut stats)?;
     pipeline.tracker.flush(&mut pipeline.exchanges);
     pipeline.write_exchanges(&mut sink).map_err(output_error)?;
     pipeline
@@ -528,17 +530,40 @@ impl Pipeline {
 }
 
 /// Writes every queued event; a closed stdout ends the agent quietly.
+/// The records of the rings that are settled (see [`EventRings`]) through
+/// the pipeline.
 fn drain<W: Write>(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    rings: &mut EventRings,
     pipeline: &mut Pipeline,
     sink: &mut JsonSink<W>,
     stats: &mut Stats,
 ) -> anyhow::Result<()> {
-    while let Some(record) = ring.next() {
-        pipeline
-            .record(&record, sink, stats)
-            .map_err(output_error)?;
-    }
+    let settled_before = monotonic_ns().saturating_sub(rings::SETTLE_NS);
+    drain_before(rings, settled_before, pipeline, sink, stats)
+}
+
+/// Every record of the rings through the pipeline (at exit).
+fn drain_all<W: Write>(
+    rings: &mut EventRings,
+    pipeline: &mut Pipeline,
+    sink: &mut JsonSink<W>,
+    stats: &mut Stats,
+) -> anyhow::Result<()> {
+    drain_before(rings, u64::MAX, pipeline, sink, stats)
+}
+
+fn drain_before<W: Write>(
+    rings: &mut EventRings,
+    settled_before: u64,
+    pipeline: &mut Pipeline,
+    sink: &mut JsonSink<W>,
+    stats: &mut Stats,
+) -> anyhow::Result<()> {
+    rings
+        .drain(settled_before, |record| {
+            pipeline.record(record, sink, stats)
+        })
+        .map_err(output_error)?;
     pipeline.write_exchanges(sink).map_err(output_error)?;
     Ok(())
 }

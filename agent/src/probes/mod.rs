@@ -7,7 +7,7 @@ pub mod tls;
 
 use std::path::Path;
 
-use agent_common::{Config, ConnectionState, FlowTuple, STAT_COUNT, StatId};
+use agent_common::{Config, ConnectionState, EVENT_RINGS, FlowTuple, STAT_COUNT, StatId};
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
@@ -71,20 +71,32 @@ pub struct KernelStats {
 
 impl Probes {
     /// Loads and attaches everything; returns the probes and their event ring buffer.
-    pub fn load(options: &LoadOptions<'_>) -> anyhow::Result<(Self, RingBuf<MapData>)> {
+    pub fn load(options: &LoadOptions<'_>) -> anyhow::Result<(Self, Vec<RingBuf<MapData>>)> {
         let layout = connect::resolve(options.tracefs)?;
+        let rings = event_rings_used();
+        let ring_bytes = ring_bytes(options.ring_buffer_bytes, rings);
         let mut config = Config {
             port_count: options.ports.len() as u32,
             flags: layout.flags,
             offsets: layout.offsets,
-            wakeup_bytes: options.ring_buffer_bytes / 4,
+            wakeup_bytes: ring_bytes / 4,
             ..Default::default()
         };
         config.ports[..options.ports.len()].copy_from_slice(options.ports);
 
-        let mut ebpf = EbpfLoader::new()
-            .override_global("CONFIG", &config, true)
-            .map_max_entries("EVENTS", options.ring_buffer_bytes)
+        let ring_names: Vec<String> = (0..EVENT_RINGS).map(|i| format!("EVENTS_{i}")).collect();
+        let mut loader = EbpfLoader::new();
+        loader.override_global("CONFIG", &config, true);
+        for (index, name) in ring_names.iter().enumerate() {
+            // A CPU number beyond the CPUs this node can have never picks it.
+            let bytes = if (index as u32) < rings {
+                ring_bytes
+            } else {
+                MIN_RING_BYTES
+            };
+            loader.map_max_entries(name, bytes);
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF programs into the kernel")?;
 
@@ -139,8 +151,15 @@ impl Probes {
             }
         }
 
-        let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)
-            .context("map EVENTS is not a ring buffer")?;
+        let events = ring_names[..rings as usize]
+            .iter()
+            .map(|name| {
+                let map = ebpf
+                    .take_map(name)
+                    .with_context(|| format!("map {name} missing"))?;
+                RingBuf::try_from(map).with_context(|| format!("map {name} is not a ring buffer"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").context("map STATS missing")?)
             .context("map STATS is not a per-CPU array")?;
         let connections = HashMap::try_from(
@@ -269,4 +288,40 @@ where
         .with_context(|| format!("program {name} missing from the eBPF object"))?
         .try_into()
         .with_context(|| format!("program {name} has an unexpected type"))
+}
+
+/// The smallest ring the kernel takes: one page.
+const MIN_RING_BYTES: u32 = 4096;
+
+/// Rings the programs can write to here: one per possible CPU, up to
+/// [`EVENT_RINGS`] (beyond, CPUs share them).
+fn event_rings_used() -> u32 {
+    let cpus = aya::util::nr_cpus().map_or(EVENT_RINGS as usize, |n| n.max(1));
+    (cpus as u32).min(EVENT_RINGS)
+}
+
+/// Each ring's size: `total_bytes` (`--ring-buffer-kib`) shared by `rings`,
+/// a power of two and at least a page.
+fn ring_bytes(total_bytes: u32, rings: u32) -> u32 {
+    let share = total_bytes / rings.max(1);
+    if share < MIN_RING_BYTES {
+        MIN_RING_BYTES
+    } else {
+        1 << share.ilog2()
+    }
+}
+
+#[cfg(test)]
+mod ring_size_tests {
+    use super::*;
+
+    #[test]
+    fn rings_share_the_size_in_powers_of_two_of_at_least_a_page() {
+        assert_eq!(ring_bytes(8 << 20, 1), 8 << 20);
+        assert_eq!(ring_bytes(8 << 20, 2), 4 << 20);
+        assert_eq!(ring_bytes(8 << 20, 3), 2 << 20);
+        assert_eq!(ring_bytes(8 << 20, 8), 1 << 20);
+        assert_eq!(ring_bytes(4096, 2), 4096);
+        assert!(event_rings_used() >= 1 && event_rings_used() <= EVENT_RINGS);
+    }
 }
