@@ -28,6 +28,9 @@ use aya::maps::{MapData, RingBuf};
 /// younger than this at a read wait for the next one.
 pub const SETTLE_NS: u64 = 10_000_000;
 
+/// Bytes read from a ring before what was read is handed on.
+const BATCH_BYTES: usize = 256 * 1024;
+
 /// Offset of `EventHeader::ts_ns` in every record.
 const TS_OFFSET: usize = std::mem::offset_of!(EventHeader, ts_ns);
 
@@ -46,19 +49,25 @@ impl Pending {
         self.records.get(self.next).map(|&(key, _, _)| key)
     }
 
-    /// Forgets what was handed on.
+    /// Forgets what was handed on: all of it at once when nothing waits,
+    /// else only once it is most of the buffer, so that records waiting to
+    /// settle are not moved at every read.
     fn compact(&mut self) {
         if self.next == self.records.len() {
             self.records.clear();
             self.bytes.clear();
-        } else if self.next > 0 {
-            let from = self.records[self.next].1;
-            self.bytes.drain(..from);
-            self.records.drain(..self.next);
-            for record in &mut self.records {
-                record.1 -= from;
-                record.2 -= from;
-            }
+            self.next = 0;
+            return;
+        }
+        let from = self.records[self.next].1;
+        if from < self.bytes.len() / 2 {
+            return;
+        }
+        self.bytes.drain(..from);
+        self.records.drain(..self.next);
+        for record in &mut self.records {
+            record.1 -= from;
+            record.2 -= from;
         }
         self.next = 0;
     }
@@ -116,14 +125,34 @@ impl EventRings {
             }
             return Ok(());
         }
-        for (index, ring) in self.rings.iter_mut().enumerate() {
-            let first_new = self.merge.held(index);
-            while let Some(record) = ring.next() {
-                self.merge.push(index, &record);
+        // In batches that stay in the CPU's cache between copy and use.
+        loop {
+            let mut bound = settled_before;
+            let mut more = false;
+            for (index, ring) in self.rings.iter_mut().enumerate() {
+                let first_new = self.merge.held(index);
+                let mut taken = 0;
+                let mut last_ts = 0;
+                while taken < BATCH_BYTES
+                    && let Some(record) = ring.next()
+                {
+                    taken += record.len();
+                    last_ts = record_ts(&record);
+                    self.merge.push(index, &record);
+                }
+                self.merge.seal(index, first_new);
+                if taken >= BATCH_BYTES {
+                    // The rest of this ring is no older than its last record
+                    // read, but for records on their way meanwhile.
+                    more = true;
+                    bound = bound.min(last_ts.saturating_sub(SETTLE_NS));
+                }
             }
-            self.merge.seal(index, first_new);
+            self.merge.deliver(bound, &mut deliver)?;
+            if !more {
+                return Ok(());
+            }
         }
-        self.merge.deliver(settled_before, deliver)
     }
 }
 
@@ -155,8 +184,10 @@ impl Merge {
     /// already covers the records up to the new ones: stop at the first that
     /// the new ones do not lower.
     fn seal(&mut self, index: usize, first_new: usize) {
+        let pending = &mut self.pending[index];
         let mut earliest = u64::MAX;
-        for (position, record) in self.pending[index].records.iter_mut().enumerate().rev() {
+        let waiting = pending.records.iter_mut().enumerate().skip(pending.next);
+        for (position, record) in waiting.rev() {
             if position < first_new && record.0 <= earliest {
                 break;
             }
