@@ -1,19 +1,33 @@
-//! The kernel's per-CPU event rings, read as one stream in time order.
+//! The kernel's per-CPU event rings, read as one stream in causal order.
 //!
 //! Programs write to their CPU's ring (`EVENTS_<cpu % EVENT_RINGS>`), so the
 //! pipeline gets several streams. It needs one in causal order: a request's
 //! egress record before its reply's ingress record, which another CPU may
-//! write. Every record starts with an [`EventHeader`] whose `ts_ns` the
-//! program took before writing it, so the rings are merged by time. Two
-//! details make that exact:
-//! - within a ring, records are in reservation order, and a program
-//!   interrupted between taking its time and reserving lands after the
-//!   interrupt's records: a record's merge key is the earliest time of it and
-//!   every later record of its ring, which keeps each ring's order and still
-//!   puts a record before anything another ring wrote after it;
-//! - a record may be on its way (time taken, not yet committed) while the
-//!   rings are read: only records older than [`SETTLE_NS`] before the read
-//!   are handed on, the rest wait for the next read.
+//! write. One shared ring gave that order by construction (records in the
+//! order they were reserved); the merge rebuilds it from the `ts_ns` every
+//! record's [`EventHeader`] carries:
+//! - a record's merge key is the latest time of it and every record before it
+//!   in its ring. That is never after the record was reserved (each of those
+//!   times was taken before its own reservation, which came first), keeps
+//!   each ring's order, and is before the time of anything the record's event
+//!   caused (a program takes its time after its cause happened). A record
+//!   that carries an earlier time than when it was written — a program
+//!   interrupted before reserving, a TLS call stamped with its start — thus
+//!   sorts where it was written, as in one shared ring; sorting by its own
+//!   time would pull the records before it in its ring ahead of their causes
+//!   in other rings;
+//! - a read hands on only records keyed before the time it started, less
+//!   [`SETTLE_NS`]. A record still on its way (time taken, not yet
+//!   committed) when its ring was looked at can then be overtaken only by
+//!   records of events it did not cause: whatever it caused happens after its
+//!   program returned, so it is stamped after the read began and waits for
+//!   the next read. (One shared ring orders such unrelated records by
+//!   reservation, just as loosely.) [`SETTLE_NS`] only covers the clocks of
+//!   two CPUs disagreeing slightly.
+//!
+//! Records are handed on where they lie in the rings' shared memory, never
+//! copied: a ring's next record is looked at (and left) to learn its key,
+//! and taken only when it is the earliest.
 
 use std::{
     io,
@@ -23,53 +37,36 @@ use std::{
 use agent_common::EventHeader;
 use aya::maps::{MapData, RingBuf};
 
-/// How long a record can be on its way, from the time its program took to
-/// its commit: a program run plus the interrupts it may sit through. Records
-/// younger than this at a read wait for the next one.
-pub const SETTLE_NS: u64 = 10_000_000;
-
-/// Bytes read from a ring before what was read is handed on.
-const BATCH_BYTES: usize = 256 * 1024;
+/// Margin for the clocks of two CPUs (see the module's text): records keyed
+/// later than this before a read began wait for the next one.
+pub const SETTLE_NS: u64 = 1_000_000;
 
 /// Offset of `EventHeader::ts_ns` in every record.
 const TS_OFFSET: usize = std::mem::offset_of!(EventHeader, ts_ns);
 
-/// Records read from one ring, not yet handed on.
-#[derive(Default)]
-struct Pending {
-    bytes: Vec<u8>,
-    /// (merge key, start, end) in ring order; keys never decrease.
-    records: Vec<(u64, usize, usize)>,
-    /// Records before this one were handed on.
-    next: usize,
+/// A stream of records that can show its next one without taking it.
+trait Source {
+    /// The time in the next record's header, the record left in place.
+    fn peek_ts(&mut self) -> Option<u64>;
+    /// Hands the next record to `deliver` and takes it out.
+    fn take(&mut self, deliver: &mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<()>;
 }
 
-impl Pending {
-    fn head_key(&self) -> Option<u64> {
-        self.records.get(self.next).map(|&(key, _, _)| key)
+impl Source for RingBuf<MapData> {
+    fn peek_ts(&mut self) -> Option<u64> {
+        let record = self.next()?;
+        let ts = record_ts(&record);
+        // Not dropped: a dropped item is consumed, a forgotten one stays
+        // the ring's next (the item holds no resource).
+        std::mem::forget(record);
+        Some(ts)
     }
 
-    /// Forgets what was handed on: all of it at once when nothing waits,
-    /// else only once it is most of the buffer, so that records waiting to
-    /// settle are not moved at every read.
-    fn compact(&mut self) {
-        if self.next == self.records.len() {
-            self.records.clear();
-            self.bytes.clear();
-            self.next = 0;
-            return;
+    fn take(&mut self, deliver: &mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
+        match self.next() {
+            Some(record) => deliver(&record),
+            None => Ok(()),
         }
-        let from = self.records[self.next].1;
-        if from < self.bytes.len() / 2 {
-            return;
-        }
-        self.bytes.drain(..from);
-        self.records.drain(..self.next);
-        for record in &mut self.records {
-            record.1 -= from;
-            record.2 -= from;
-        }
-        self.next = 0;
     }
 }
 
@@ -111,8 +108,8 @@ impl EventRings {
         })
     }
 
-    /// Reads every ring, then hands `deliver` the records older than
-    /// `settled_before` (all of them with `u64::MAX`), in time order.
+    /// Hands `deliver` the records keyed before `settled_before`, in key
+    /// order.
     pub fn drain(
         &mut self,
         settled_before: u64,
@@ -125,109 +122,56 @@ impl EventRings {
             }
             return Ok(());
         }
-        // In batches that stay in the CPU's cache between copy and use.
-        loop {
-            let mut bound = settled_before;
-            let mut more = false;
-            for (index, ring) in self.rings.iter_mut().enumerate() {
-                let first_new = self.merge.held(index);
-                let mut taken = 0;
-                let mut last_ts = 0;
-                while taken < BATCH_BYTES
-                    && let Some(record) = ring.next()
-                {
-                    taken += record.len();
-                    last_ts = record_ts(&record);
-                    self.merge.push(index, &record);
-                }
-                self.merge.seal(index, first_new);
-                if taken >= BATCH_BYTES {
-                    // The rest of this ring is no older than its last record
-                    // read, but for records on their way meanwhile.
-                    more = true;
-                    bound = bound.min(last_ts.saturating_sub(SETTLE_NS));
-                }
-            }
-            self.merge.deliver(bound, &mut deliver)?;
-            if !more {
-                return Ok(());
-            }
-        }
+        self.merge
+            .deliver(&mut self.rings, settled_before, &mut deliver)
     }
 }
 
-/// Records of several rings put in one order (see the module's text).
+/// Several rings' records put in one order (see the module's text).
 struct Merge {
-    pending: Vec<Pending>,
+    /// Per ring: the key of its last record taken (keys never decrease in
+    /// a ring), and its next record's key once looked at.
+    last_key: Vec<u64>,
+    head_key: Vec<Option<u64>>,
 }
 
 impl Merge {
     fn new(rings: usize) -> Self {
         Self {
-            pending: (0..rings).map(|_| Pending::default()).collect(),
+            last_key: vec![0; rings],
+            head_key: vec![None; rings],
         }
     }
 
-    /// Takes the next record of ring `index`; [`Merge::seal`] after the
-    /// last of a read.
-    fn push(&mut self, index: usize, record: &[u8]) {
-        let pending = &mut self.pending[index];
-        let start = pending.bytes.len();
-        pending.bytes.extend_from_slice(record);
-        pending
-            .records
-            .push((record_ts(record), start, pending.bytes.len()));
-    }
-
-    /// Keys of ring `index` after a read that began with record `first_new`:
-    /// the earliest time of a record and all after it. An older record's key
-    /// already covers the records up to the new ones: stop at the first that
-    /// the new ones do not lower.
-    fn seal(&mut self, index: usize, first_new: usize) {
-        let pending = &mut self.pending[index];
-        let mut earliest = u64::MAX;
-        let waiting = pending.records.iter_mut().enumerate().skip(pending.next);
-        for (position, record) in waiting.rev() {
-            if position < first_new && record.0 <= earliest {
-                break;
-            }
-            earliest = earliest.min(record.0);
-            record.0 = earliest;
-        }
-    }
-
-    /// Records of ring `index` held (for [`Merge::seal`]).
-    fn held(&self, index: usize) -> usize {
-        self.pending[index].records.len()
-    }
-
-    /// Hands on, by key, every record whose key is before `settled_before`.
-    fn deliver(
+    /// Takes records from `sources` in key order while the earliest is keyed
+    /// before `settled_before`.
+    fn deliver<S: Source>(
         &mut self,
+        sources: &mut [S],
         settled_before: u64,
-        mut deliver: impl FnMut(&[u8]) -> io::Result<()>,
+        deliver: &mut dyn FnMut(&[u8]) -> io::Result<()>,
     ) -> io::Result<()> {
         loop {
             let mut best: Option<(usize, u64)> = None;
-            for (index, pending) in self.pending.iter().enumerate() {
-                if let Some(key) = pending.head_key()
+            for (index, source) in sources.iter_mut().enumerate() {
+                let head = &mut self.head_key[index];
+                if head.is_none() {
+                    *head = source.peek_ts().map(|ts| ts.max(self.last_key[index]));
+                }
+                if let Some(key) = *head
                     && key < settled_before
                     && best.is_none_or(|(_, best_key)| key < best_key)
                 {
                     best = Some((index, key));
                 }
             }
-            let Some((index, _)) = best else { break };
-            let pending = &mut self.pending[index];
-            let (_, start, end) = pending.records[pending.next];
-            pending.next += 1;
-            if let Err(err) = deliver(&pending.bytes[start..end]) {
-                self.pending.iter_mut().for_each(Pending::compact);
-                return Err(err);
-            }
+            let Some((index, key)) = best else {
+                return Ok(());
+            };
+            self.last_key[index] = key;
+            self.head_key[index] = None;
+            sources[index].take(deliver)?;
         }
-        self.pending.iter_mut().for_each(Pending::compact);
-        Ok(())
     }
 }
 
@@ -247,72 +191,116 @@ fn record_ts(record: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
+
     use super::*;
 
-    /// A record: a header with `ts` and one byte naming it.
-    fn record(ts: u64, name: u8) -> Vec<u8> {
-        let mut bytes = vec![0u8; TS_OFFSET];
-        bytes.extend_from_slice(&ts.to_ne_bytes());
-        bytes.push(name);
-        bytes
+    /// A ring in memory.
+    #[derive(Default)]
+    struct Queue(VecDeque<Vec<u8>>);
+
+    impl Source for Queue {
+        fn peek_ts(&mut self) -> Option<u64> {
+            self.0.front().map(|record| record_ts(record))
+        }
+
+        fn take(&mut self, deliver: &mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
+            match self.0.pop_front() {
+                Some(record) => deliver(&record),
+                None => Ok(()),
+            }
+        }
     }
 
-    fn read(merge: &mut Merge, index: usize, records: &[Vec<u8>]) {
-        let first_new = merge.held(index);
-        records.iter().for_each(|r| merge.push(index, r));
-        merge.seal(index, first_new);
+    struct Rings {
+        queues: Vec<Queue>,
+        merge: Merge,
     }
 
-    fn delivered(merge: &mut Merge, settled_before: u64) -> Vec<u8> {
-        let mut names = Vec::new();
-        merge
-            .deliver(settled_before, |r| {
-                names.push(*r.last().unwrap());
-                Ok(())
-            })
-            .unwrap();
-        names
+    impl Rings {
+        fn new(rings: usize) -> Self {
+            Self {
+                queues: (0..rings).map(|_| Queue::default()).collect(),
+                merge: Merge::new(rings),
+            }
+        }
+
+        /// Ring `index` gets records of these times, named by one byte each.
+        fn write(&mut self, index: usize, records: &[(u64, u8)]) {
+            for &(ts, name) in records {
+                let mut bytes = vec![0u8; TS_OFFSET];
+                bytes.extend_from_slice(&ts.to_ne_bytes());
+                bytes.push(name);
+                self.queues[index].0.push_back(bytes);
+            }
+        }
+
+        fn delivered(&mut self, settled_before: u64) -> Vec<u8> {
+            let mut names = Vec::new();
+            self.merge
+                .deliver(&mut self.queues, settled_before, &mut |r| {
+                    names.push(*r.last().unwrap());
+                    Ok(())
+                })
+                .unwrap();
+            names
+        }
     }
 
     #[test]
     fn rings_are_merged_by_time() {
-        let mut merge = Merge::new(2);
-        read(&mut merge, 0, &[record(10, b'a'), record(30, b'c')]);
-        read(&mut merge, 1, &[record(20, b'b'), record(40, b'd')]);
-        assert_eq!(delivered(&mut merge, u64::MAX), b"abcd");
+        let mut rings = Rings::new(2);
+        rings.write(0, &[(10, b'a'), (30, b'c')]);
+        rings.write(1, &[(20, b'b'), (40, b'd')]);
+        assert_eq!(rings.delivered(u64::MAX), b"abcd");
     }
 
     /// A program interrupted between taking its time (100) and writing: the
-    /// interrupt's record (250) is first in the ring. A record of another
-    /// ring at 200 still goes after both: the late one caused it.
+    /// interrupt's record (250) is first in the ring, and both sort at 250,
+    /// where they were written. A record another ring wrote at 200 goes
+    /// before them: nothing written later on another CPU can have caused it.
     #[test]
-    fn a_record_written_late_in_its_ring_keeps_its_ring_order_and_goes_first() {
-        let mut merge = Merge::new(2);
-        read(&mut merge, 0, &[record(250, b'x'), record(100, b'r')]);
-        read(&mut merge, 1, &[record(200, b'p')]);
-        assert_eq!(delivered(&mut merge, u64::MAX), b"xrp");
+    fn a_record_written_late_in_its_ring_sorts_where_it_was_written() {
+        let mut rings = Rings::new(2);
+        rings.write(0, &[(250, b'x'), (100, b'r')]);
+        rings.write(1, &[(200, b'p')]);
+        assert_eq!(rings.delivered(u64::MAX), b"pxr");
     }
 
-    /// Records younger than the settle point wait; one read later can
-    /// still go before them.
+    /// The failure sorting by a record's own time had: a TLS write's
+    /// plaintext, stamped with the call's start (100) but written at its end,
+    /// after a reply (105) another program wrote on that CPU meanwhile; the
+    /// reply's request arrived at 102 on the other CPU. The request must
+    /// still go first.
+    #[test]
+    fn a_late_stamped_record_does_not_pull_its_ring_ahead_of_causes_elsewhere() {
+        let mut rings = Rings::new(2);
+        rings.write(0, &[(105, b'y'), (100, b't')]);
+        rings.write(1, &[(102, b'q')]);
+        assert_eq!(rings.delivered(u64::MAX), b"qyt");
+    }
+
+    /// Records keyed after the settle point stay in their ring; a record
+    /// written later elsewhere can still go before them.
     #[test]
     fn unsettled_records_wait_for_the_next_read() {
-        let mut merge = Merge::new(2);
-        read(&mut merge, 0, &[record(10, b'a'), record(50, b'c')]);
-        assert_eq!(delivered(&mut merge, 40), b"a");
-        read(&mut merge, 1, &[record(45, b'b')]);
-        assert_eq!(delivered(&mut merge, 60), b"bc");
-        assert_eq!(delivered(&mut merge, u64::MAX), b"");
+        let mut rings = Rings::new(2);
+        rings.write(0, &[(10, b'a'), (50, b'c')]);
+        assert_eq!(rings.delivered(40), b"a");
+        rings.write(1, &[(45, b'b')]);
+        assert_eq!(rings.delivered(60), b"bc");
+        assert_eq!(rings.delivered(u64::MAX), b"");
     }
 
-    /// A new record with an earlier time lowers the keys of the ones read
-    /// before it in its ring, which then wait with it.
+    /// A ring's keys keep rising across reads, also after its earlier
+    /// records were handed on.
     #[test]
-    fn a_late_record_holds_back_the_earlier_ones_of_its_ring() {
-        let mut merge = Merge::new(2);
-        read(&mut merge, 0, &[record(50, b'x')]);
-        read(&mut merge, 1, &[record(45, b'p')]);
-        read(&mut merge, 0, &[record(40, b'r')]);
-        assert_eq!(delivered(&mut merge, u64::MAX), b"xrp");
+    fn keys_keep_rising_across_reads() {
+        let mut rings = Rings::new(2);
+        rings.write(0, &[(50, b'x')]);
+        assert_eq!(rings.delivered(60), b"x");
+        rings.write(0, &[(40, b'r')]);
+        rings.write(1, &[(45, b'p')]);
+        assert_eq!(rings.delivered(u64::MAX), b"pr");
     }
 }

@@ -542,14 +542,15 @@ fn drain<W: Write>(
     drain_before(rings, settled_before, pipeline, sink, stats)
 }
 
-/// Every record of the rings through the pipeline (at exit).
+/// Every record written until now through the pipeline (at exit; the
+/// programs, still attached, may keep writing).
 fn drain_all<W: Write>(
     rings: &mut EventRings,
     pipeline: &mut Pipeline,
     sink: &mut JsonSink<W>,
     stats: &mut Stats,
 ) -> anyhow::Result<()> {
-    drain_before(rings, u64::MAX, pipeline, sink, stats)
+    drain_before(rings, monotonic_ns(), pipeline, sink, stats)
 }
 
 fn drain_before<W: Write>(
