@@ -24,10 +24,11 @@ pub struct Cli {
     #[arg(long, value_delimiter = ',', default_value = "6379", value_parser = parse_port)]
     pub ports: Vec<u16>,
 
-    /// Size of the kernel-to-agent event ring buffer, in KiB (a power of two,
-    /// at least 4). Events that do not fit are dropped and counted. The
-    /// default holds a few hundred milliseconds of RESP capture on a busy
-    /// node: the agent may be descheduled that long on a loaded 2-core node.
+    /// Size of the kernel-to-agent event ring buffers, in KiB (a power of
+    /// two, at least 4), shared by the rings (one per CPU, up to 8). Events
+    /// that do not fit are dropped and counted. The default holds a few
+    /// hundred milliseconds of RESP capture on a busy node: the agent may be
+    /// descheduled that long on a loaded 2-core node.
     #[arg(long, default_value_t = 8192, value_parser = parse_ring_buffer_kib)]
     pub ring_buffer_kib: u32,
 

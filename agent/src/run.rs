@@ -504,7 +504,7 @@ impl Pipeline {
                 self.observe(&Observer::request(&exchange, workload, &self.zones));
             } else if let Some(metrics) = &mut self.metrics {
                 let workload = self.enricher.workload_of_cgroup(exchange.cgroup_id);
-                metrics.record_exchange(&exchange, || workload.key);
+                metrics.record_exchange(&exchange, || workload.key.clone());
             }
             if self.emit_all || allowed {
                 self.enricher.exchange(&mut exchange);
@@ -521,7 +521,10 @@ impl Pipeline {
             return;
         };
         metrics.set_open_connections(gauges, |gauge| {
-            self.enricher.workload_of_cgroup(gauge.key.cgroup_id).key
+            self.enricher
+                .workload_of_cgroup(gauge.key.cgroup_id)
+                .key
+                .clone()
         });
         metrics.set_agent_stats(stats);
         metrics.end_window(std::time::Instant::now());

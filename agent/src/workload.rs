@@ -5,9 +5,13 @@
 
 use std::sync::Arc;
 
-/// Who made a connection or a request, as far as the node can tell.
+/// Who made a connection or a request, as far as the node can tell. One
+/// shared allocation: every request's observation carries a clone.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Workload {
+pub struct Workload(Arc<Identity>);
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity {
     /// Stable, human-readable identity used to group series and alerts:
     /// `pod:<uid>` when the cgroup names a pod, else `cgroup:<path>`, else
     /// `comm:<name>`, else `unknown`.
@@ -32,13 +36,29 @@ impl Workload {
             (None, None, Some(comm)) if !comm.is_empty() => format!("comm:{comm}").into(),
             _ => "unknown".into(),
         };
-        Self {
+        Self(Arc::new(Identity {
             key,
             pod_uid: pod.as_ref().map(|p| Arc::from(p.uid.as_str())),
             container_id: pod.and_then(|p| p.container_id).map(Arc::from),
             cgroup: cgroup.map(Arc::from),
             comm: comm.filter(|c| !c.is_empty()).map(Arc::from),
-        }
+        }))
+    }
+}
+
+#[cfg(test)]
+impl Workload {
+    pub fn with_pod_uid(mut self, uid: &str) -> Self {
+        Arc::make_mut(&mut self.0).pod_uid = Some(uid.into());
+        self
+    }
+}
+
+impl std::ops::Deref for Workload {
+    type Target = Identity;
+
+    fn deref(&self) -> &Identity {
+        &self.0
     }
 }
 

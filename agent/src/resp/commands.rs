@@ -484,6 +484,47 @@ pub(super) fn lookup(arg0: &[u8], arg1: Option<&[u8]>) -> Option<super::Command>
     Some(super::Command { name, sub })
 }
 
+/// The last plain (not container) command a connection named, by its bytes
+/// as sent: a client mostly repeats its commands (a pipeline of `GET`s), and
+/// comparing a few bytes is cheaper than the index.
+#[derive(Debug, Default)]
+pub(super) struct LastName {
+    bytes: [u8; 16],
+    len: usize,
+    command: Option<super::Command>,
+}
+
+/// [`lookup`], answered from `last` when `arg0` is its bytes.
+pub(super) fn lookup_again(
+    last: &mut LastName,
+    arg0: &[u8],
+    arg1: Option<&[u8]>,
+) -> Option<super::Command> {
+    if let Some(command) = last.command
+        && last.len == arg0.len()
+        && last.bytes[..last.len] == *arg0
+    {
+        return Some(command);
+    }
+    let (name, subs) = find(&indexes().commands, arg0)?;
+    let command = match subs {
+        Some(subs) => super::Command {
+            name,
+            sub: arg1.and_then(|arg1| find(subs, arg1).copied()),
+        },
+        None => {
+            let command = super::Command { name, sub: None };
+            if let Some(bytes) = last.bytes.get_mut(..arg0.len()) {
+                bytes.copy_from_slice(arg0);
+                last.len = arg0.len();
+                last.command = Some(command);
+            }
+            command
+        }
+    };
+    Some(command)
+}
+
 /// The command named by fixed-size copies of the first two arguments
 /// (NUL-padded, at most `len` bytes kept): names cut at `len` bytes are
 /// completed from the table when only one command starts so.
@@ -511,6 +552,28 @@ pub(crate) fn lookup_kept(arg0: &[u8], arg1: &[u8], len: usize) -> Option<super:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeated_name_is_answered_from_the_last_one_containers_never() {
+        let mut last = LastName::default();
+        for (arg0, arg1) in [
+            (&b"get"[..], None),
+            (b"get", None),
+            (b"GET", None),
+            (b"client", Some(&b"setname"[..])),
+            (b"client", Some(b"getname")),
+            (b"client", None),
+            (b"get", None),
+            (b"GETT", None),
+            (b"get", None),
+        ] {
+            assert_eq!(
+                lookup_again(&mut last, arg0, arg1),
+                lookup(arg0, arg1),
+                "{arg0:?}"
+            );
+        }
+    }
 
     #[test]
     fn kept_names_are_completed_when_unambiguous() {

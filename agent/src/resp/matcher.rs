@@ -266,6 +266,7 @@ struct Core {
     patterns: u64,
     shard_channels: u64,
     stats: Stats,
+    last_name: commands::LastName,
 }
 
 impl Core {
@@ -283,6 +284,7 @@ impl Core {
             patterns: 0,
             shard_channels: 0,
             stats: Stats::default(),
+            last_name: commands::LastName::default(),
         }
     }
 
@@ -292,7 +294,7 @@ impl Core {
             _ => None,
         };
         let command = arg(0)
-            .and_then(|arg0| commands::lookup(arg0, arg(1)))
+            .and_then(|arg0| commands::lookup_again(&mut self.last_name, arg0, arg(1)))
             .unwrap_or(Command::UNKNOWN);
         let args = frame.count.saturating_sub(1);
         let special = if let Some(family) = Family::of_command(command) {

@@ -965,8 +965,7 @@ mod tests {
     #[test]
     fn alert_workloads_and_stats_carry_the_api_state() {
         use crate::detect::testing::{pod, redis};
-        let mut workload = pod(1);
-        workload.pod_uid = Some(UID.into());
+        let workload = pod(1).with_pod_uid(UID);
         let mut sink = JsonSink::new(Vec::new(), Clock::new(), "node-1").with_names(names());
         let alert = Alert {
             kind: "syn_drops",
