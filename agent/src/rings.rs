@@ -109,18 +109,18 @@ impl EventRings {
     }
 
     /// Hands `deliver` the records keyed before `settled_before`, in key
-    /// order.
+    /// order; true when later ones were left waiting.
     pub fn drain(
         &mut self,
         settled_before: u64,
         mut deliver: impl FnMut(&[u8]) -> io::Result<()>,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         if let [ring] = self.rings.as_mut_slice() {
             // One ring: its order is the order, nothing to merge.
             while let Some(record) = ring.next() {
                 deliver(&record)?;
             }
-            return Ok(());
+            return Ok(false);
         }
         self.merge
             .deliver(&mut self.rings, settled_before, &mut deliver)
@@ -144,13 +144,13 @@ impl Merge {
     }
 
     /// Takes records from `sources` in key order while the earliest is keyed
-    /// before `settled_before`.
+    /// before `settled_before`; true when records were left.
     fn deliver<S: Source>(
         &mut self,
         sources: &mut [S],
         settled_before: u64,
         deliver: &mut dyn FnMut(&[u8]) -> io::Result<()>,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         loop {
             let mut best: Option<(usize, u64)> = None;
             for (index, source) in sources.iter_mut().enumerate() {
@@ -166,7 +166,7 @@ impl Merge {
                 }
             }
             let Some((index, key)) = best else {
-                return Ok(());
+                return Ok(self.head_key.iter().any(Option::is_some));
             };
             self.last_key[index] = key;
             self.head_key[index] = None;
@@ -237,12 +237,14 @@ mod tests {
 
         fn delivered(&mut self, settled_before: u64) -> Vec<u8> {
             let mut names = Vec::new();
-            self.merge
+            let waiting = self
+                .merge
                 .deliver(&mut self.queues, settled_before, &mut |r| {
                     names.push(*r.last().unwrap());
                     Ok(())
                 })
                 .unwrap();
+            assert_eq!(waiting, self.queues.iter().any(|q| !q.0.is_empty()));
             names
         }
     }

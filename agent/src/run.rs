@@ -134,6 +134,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // The kernel wakes us only when the ring buffer fills up (see
     // `Config::wakeup_bytes`); below that, events wait at most this long.
     let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
+    // Records too young to hand on at a read are read again shortly, not
+    // at the next tick (see `rings`).
+    let mut redrain_at: Option<tokio::time::Instant> = None;
+    let redrain_time =
+        || tokio::time::Instant::now() + std::time::Duration::from_nanos(2 * rings::SETTLE_NS);
     drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut gauge_timer = tokio::time::interval(cli.interval);
     gauge_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -166,7 +171,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         tokio::select! {
             ready = events.readable_mut() => {
                 let mut guard = ready.context("waiting for events")?;
-                drain(guard.get_inner_mut(), &mut pipeline, &mut sink, &mut stats)?;
+                if drain(guard.get_inner_mut(), &mut pipeline, &mut sink, &mut stats)? {
+                    redrain_at.get_or_insert_with(redrain_time);
+                }
                 guard.clear_ready();
                 pipeline.inspect_connecting(&mut probes);
                 sink.flush()?;
@@ -177,9 +184,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 sink.stats(&pipeline.stats(stats, kernel).with_lines_dropped(lines_dropped))?;
                 sink.flush()?;
             }
+            _ = async { tokio::time::sleep_until(redrain_at.unwrap()).await }, if redrain_at.is_some() => {
+                redrain_at = None;
+                if drain(events.get_mut(), &mut pipeline, &mut sink, &mut stats)? {
+                    redrain_at = Some(redrain_time());
+                }
+                pipeline.inspect_connecting(&mut probes);
+                sink.flush()?;
+            }
             _ = drain_timer.tick() => {
                 health.beat();
-                drain(events.get_mut(), &mut pipeline, &mut sink, &mut stats)?;
+                if drain(events.get_mut(), &mut pipeline, &mut sink, &mut stats)? {
+                    redrain_at.get_or_insert_with(redrain_time);
+                }
                 pipeline.inspect_connecting(&mut probes);
                 if last_tick.elapsed() >= TICK_INTERVAL {
                     last_tick = std::time::Instant::now();
@@ -532,15 +549,15 @@ impl Pipeline {
     }
 }
 
-/// Writes every queued event; a closed stdout ends the agent quietly.
-/// The records of the rings that are settled (see [`EventRings`]) through
-/// the pipeline.
+/// The settled records of the rings (see [`EventRings`]) through the
+/// pipeline; true when younger ones wait. A closed stdout ends the agent
+/// quietly.
 fn drain<W: Write>(
     rings: &mut EventRings,
     pipeline: &mut Pipeline,
     sink: &mut JsonSink<W>,
     stats: &mut Stats,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let settled_before = monotonic_ns().saturating_sub(rings::SETTLE_NS);
     drain_before(rings, settled_before, pipeline, sink, stats)
 }
@@ -553,7 +570,7 @@ fn drain_all<W: Write>(
     sink: &mut JsonSink<W>,
     stats: &mut Stats,
 ) -> anyhow::Result<()> {
-    drain_before(rings, monotonic_ns(), pipeline, sink, stats)
+    drain_before(rings, monotonic_ns(), pipeline, sink, stats).map(|_| ())
 }
 
 fn drain_before<W: Write>(
@@ -562,14 +579,14 @@ fn drain_before<W: Write>(
     pipeline: &mut Pipeline,
     sink: &mut JsonSink<W>,
     stats: &mut Stats,
-) -> anyhow::Result<()> {
-    rings
+) -> anyhow::Result<bool> {
+    let waiting = rings
         .drain(settled_before, |record| {
             pipeline.record(record, sink, stats)
         })
         .map_err(output_error)?;
     pipeline.write_exchanges(sink).map_err(output_error)?;
-    Ok(())
+    Ok(waiting)
 }
 
 fn output_error(err: std::io::Error) -> anyhow::Error {
