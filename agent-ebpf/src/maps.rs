@@ -25,8 +25,8 @@ pub static CONFIG: Global<Config> = Global::new(
 /// Events to userspace: one ring per CPU (CPU number modulo
 /// [`EVENT_RINGS`]), so programs running on different CPUs never contend for
 /// a ring's lock and positions (that contention was half of the programs'
-/// time with two busy CPUs). Userspace merges the rings by time and sets
-/// their sizes at load time.
+/// time with two busy CPUs). Userspace merges the rings into one causal
+/// order (`agent/src/rings.rs`) and sets their sizes at load time.
 #[map]
 static EVENTS_0: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
 #[map]

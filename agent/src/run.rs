@@ -134,12 +134,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // The kernel wakes us only when the ring buffer fills up (see
     // `Config::wakeup_bytes`); below that, events wait at most this long.
     let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
+    drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Records too young to hand on at a read are read again shortly, not
     // at the next tick (see `rings`).
     let mut redrain_at: Option<tokio::time::Instant> = None;
     let redrain_time =
         || tokio::time::Instant::now() + std::time::Duration::from_nanos(2 * rings::SETTLE_NS);
-    drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut gauge_timer = tokio::time::interval(cli.interval);
     gauge_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     gauge_timer.reset();

@@ -476,12 +476,17 @@ fn find<'i, V>(index: &'i Index<V>, word: &[u8]) -> Option<&'i V> {
 /// first is not a known command. A container with a missing or unknown
 /// subcommand is reported by its own name.
 pub(super) fn lookup(arg0: &[u8], arg1: Option<&[u8]>) -> Option<super::Command> {
+    lookup_entry(arg0, arg1).map(|(command, _)| command)
+}
+
+/// [`lookup`], and whether the command is a container.
+fn lookup_entry(arg0: &[u8], arg1: Option<&[u8]>) -> Option<(super::Command, bool)> {
     let (name, subs) = find(&indexes().commands, arg0)?;
     let sub = subs
         .as_ref()
         .zip(arg1)
         .and_then(|(subs, arg1)| find(subs, arg1).copied());
-    Some(super::Command { name, sub })
+    Some((super::Command { name, sub }, subs.is_some()))
 }
 
 /// The last plain (not container) command a connection named, by its bytes
@@ -506,22 +511,12 @@ pub(super) fn lookup_again(
     {
         return Some(command);
     }
-    let (name, subs) = find(&indexes().commands, arg0)?;
-    let command = match subs {
-        Some(subs) => super::Command {
-            name,
-            sub: arg1.and_then(|arg1| find(subs, arg1).copied()),
-        },
-        None => {
-            let command = super::Command { name, sub: None };
-            if let Some(bytes) = last.bytes.get_mut(..arg0.len()) {
-                bytes.copy_from_slice(arg0);
-                last.len = arg0.len();
-                last.command = Some(command);
-            }
-            command
-        }
-    };
+    let (command, container) = lookup_entry(arg0, arg1)?;
+    if !container && let Some(bytes) = last.bytes.get_mut(..arg0.len()) {
+        bytes.copy_from_slice(arg0);
+        last.len = arg0.len();
+        last.command = Some(command);
+    }
     Some(command)
 }
 
