@@ -255,7 +255,8 @@ fn leave(ctx: &RetProbeContext, calls: &LruHashMap<u64, SslCall>, ex: bool, stre
     let _ = calls.remove(&pid_tgid);
     let ret: i64 = ctx.ret();
     let len = if ex {
-        if ret != 1 || call.count_ptr == 0 {
+        // `int`: the upper half of the register is not the callee's.
+        if ret as i32 != 1 || call.count_ptr == 0 {
             return;
         }
         // SAFETY: the caller's `size_t *`, read as user memory.

@@ -2,6 +2,7 @@
 
 pub mod connect;
 pub mod connection;
+mod openssl;
 pub mod resp;
 pub mod tls;
 

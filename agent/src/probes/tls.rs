@@ -10,6 +10,8 @@
 //! that never talks to a watched port pays a trap per call and leaves
 //! (its fds are not watched sockets). A container's library is detached once
 //! the processes that connected to a watched port with it have exited.
+//! Where in a file the probes go (the public calls, or OpenSSL's internal
+//! functions where a probe costs one trap less): `openssl.rs`.
 
 use std::{
     collections::HashSet,
@@ -26,7 +28,7 @@ use aya::{
     },
 };
 
-use super::{TracepointProgram, attach_tracepoint, program};
+use super::{TracepointProgram, attach_tracepoint, openssl, program};
 
 pub const CONNECT: TracepointProgram = TracepointProgram {
     program: "tls_connect_enter",
@@ -53,7 +55,8 @@ const SYSCALLS: [TracepointProgram; 2] = [
     },
 ];
 
-/// (program, symbol): entries and returns of the four calls.
+/// (program, symbol): entries and returns of the four public calls, for
+/// files whose internal calls are not found.
 const PROBES: [(&str, &str); 8] = [
     ("ssl_write", "SSL_write"),
     ("ssl_write_return", "SSL_write"),
@@ -235,6 +238,32 @@ fn attach_probes(
                 .with_context(|| format!("attaching to tracepoint {}/{}", tp.category, tp.name))?;
         }
         *syscalls_attached = true;
+    }
+    // Read once per file; a file that cannot be read is attached by
+    // symbol (and fails there with a clearer error).
+    let internal = std::fs::read(path)
+        .ok()
+        .and_then(|data| openssl::find(&data));
+    if let Some(calls) = internal {
+        tracing::info!(
+            "TLS: {}: probing OpenSSL's internal write and read (file offsets {:#x}, {:#x}; see probes/openssl.rs)",
+            path.display(),
+            calls.write,
+            calls.read
+        );
+        for (name, offset) in [
+            ("ssl_write_ex", calls.write),
+            ("ssl_write_ex_return", calls.write),
+            ("ssl_read_ex", calls.read),
+            ("ssl_read_ex_return", calls.read),
+        ] {
+            let probe: &mut UProbe = program(ebpf, name)?;
+            let link = probe
+                .attach(offset, path, UProbeScope::AllProcesses)
+                .with_context(|| format!("attaching {name} at file offset {offset:#x}"))?;
+            links.push((name, link));
+        }
+        return Ok(());
     }
     for (name, symbol) in PROBES {
         let probe: &mut UProbe = program(ebpf, name)?;

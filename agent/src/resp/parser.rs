@@ -315,7 +315,7 @@ impl Parser {
     /// `None` to step.
     fn whole_line(&mut self, data: &[u8], out: &mut dyn FnMut(Event<'_>)) -> Option<usize> {
         match self.state {
-            State::Crlf { seen: 0 } if data.starts_with(b"\r\n") => {
+            State::Crlf { seen: 0 } if crlf_at(data, 0) => {
                 self.frame.bytes += 2;
                 self.chunk_start = false;
                 self.state = State::Header;
@@ -325,7 +325,7 @@ impl Parser {
             State::Header => {
                 let window = &data[1..data.len().min(MAX_LINE + 3)];
                 let end = window.iter().position(|&b| b == b'\r' || b == b'\n')?;
-                if window.get(end..end + 2) != Some(b"\r\n".as_slice()) || end > MAX_LINE {
+                if !crlf_at(window, end) || end > MAX_LINE {
                     return None;
                 }
                 self.step(data[0], out);
@@ -372,7 +372,7 @@ impl Parser {
             let len = whole_number(data, &mut at).filter(|&n| n <= MAX_REQUEST_BULK as u64)?;
             let end = at.checked_add(usize::try_from(len).ok()?)?;
             let value = data.get(at..end)?;
-            if data.get(end..end + 2) != Some(b"\r\n".as_slice()) {
+            if !crlf_at(data, end) {
                 return None;
             }
             if let Some(elem) = elems.get_mut(i as usize) {
@@ -965,12 +965,19 @@ fn is_name_byte(b: u8) -> bool {
 }
 
 /// A RESP integer: optional `-`, then digits, fitting an i64.
+/// `\r\n` at `at` in `data`. Two byte compares: a slice compare would
+/// call `memcmp` (5% of the agent's CPU with `-P 16`).
+#[inline]
+fn crlf_at(data: &[u8], at: usize) -> bool {
+    data.get(at) == Some(&b'\r') && data.get(at + 1) == Some(&b'\n')
+}
+
 /// Digits (1 to 18: no overflow, within [`MAX_LINE`]) and CRLF at `*at`,
 /// which moves past them; `None` for anything else, a sign included.
 fn whole_number(data: &[u8], at: &mut usize) -> Option<u64> {
     let digits = data.get(*at..)?;
     let len = digits.iter().take(19).position(|b| !b.is_ascii_digit())?;
-    if len == 0 || len > 18 || digits.get(len..len + 2) != Some(b"\r\n".as_slice()) {
+    if len == 0 || len > 18 || !crlf_at(digits, len) {
         return None;
     }
     let n = digits[..len]
