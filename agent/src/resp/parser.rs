@@ -964,7 +964,6 @@ fn is_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'|')
 }
 
-/// A RESP integer: optional `-`, then digits, fitting an i64.
 /// `\r\n` at `at` in `data`. Two byte compares: a slice compare would
 /// call `memcmp` (5% of the agent's CPU with `-P 16`).
 #[inline]
@@ -987,6 +986,7 @@ fn whole_number(data: &[u8], at: &mut usize) -> Option<u64> {
     Some(n)
 }
 
+/// A RESP integer: optional `-`, then digits, fitting an i64.
 fn parse_i64(line: &[u8]) -> Option<i64> {
     let (negative, digits) = match line.split_first() {
         Some((b'-', rest)) => (true, rest),
