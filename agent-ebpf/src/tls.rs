@@ -175,25 +175,33 @@ fn note_fd(ctx: &TracePointContext, calls: &LruHashMap<u64, SslCall>) {
 
 #[uprobe]
 pub fn ssl_write(ctx: ProbeContext) -> u32 {
-    enter(&ctx, &SSL_WRITES, false);
+    enter(&ctx, &SSL_WRITES, None);
     0
 }
 
 #[uprobe]
 pub fn ssl_write_ex(ctx: ProbeContext) -> u32 {
-    enter(&ctx, &SSL_WRITES, true);
+    enter(&ctx, &SSL_WRITES, Some(3));
+    0
+}
+
+/// OpenSSL 3.3+'s `ssl_write_internal(ssl, buf, num, flags, &written)`
+/// (`agent/src/probes/openssl.rs`); returns through `ssl_write_ex_return`.
+#[uprobe]
+pub fn ssl_write_ex2(ctx: ProbeContext) -> u32 {
+    enter(&ctx, &SSL_WRITES, Some(4));
     0
 }
 
 #[uprobe]
 pub fn ssl_read(ctx: ProbeContext) -> u32 {
-    enter(&ctx, &SSL_READS, false);
+    enter(&ctx, &SSL_READS, None);
     0
 }
 
 #[uprobe]
 pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
-    enter(&ctx, &SSL_READS, true);
+    enter(&ctx, &SSL_READS, Some(3));
     0
 }
 
@@ -222,16 +230,16 @@ pub fn ssl_read_ex_return(ctx: RetProbeContext) -> u32 {
 }
 
 /// `SSL_write(ssl, buf, num)`, `SSL_write_ex(ssl, buf, num, &written)`, and
-/// the same for reads.
+/// the same for reads; `count_arg`: which argument is the `size_t *` of
+/// an `_ex` form.
 #[inline(always)]
-fn enter(ctx: &ProbeContext, calls: &LruHashMap<u64, SslCall>, ex: bool) {
+fn enter(ctx: &ProbeContext, calls: &LruHashMap<u64, SslCall>, count_arg: Option<usize>) {
     let (Some(ssl), Some(buf)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
         return;
     };
-    let count_ptr = if ex {
-        ctx.arg::<u64>(3).unwrap_or(0)
-    } else {
-        0
+    let count_ptr = match count_arg {
+        Some(n) => ctx.arg::<u64>(n).unwrap_or(0),
+        None => 0,
     };
     let call = SslCall {
         ssl,

@@ -15,13 +15,17 @@
 //! of the `_ex` calls, so the `_ex` programs serve.
 //!
 //! Internal functions have no symbols. They are taken only when the code
-//! says so without doubt: `SSL_write_ex` must be a thin wrapper
-//! (`[endbr64] sub $n,%rsp; call F`, its arguments passed on untouched),
-//! `SSL_write` must call the same `F`, and `F` must begin with a `push`
-//! (after an optional `endbr64`, which moves nothing on the stack, so a
-//! return probe there still finds the return address on top). Any other
-//! build (OpenSSL 1.1, 3.2's five-argument `ssl_write_internal`, LTO,
-//! another architecture) keeps the public calls.
+//! says so without doubt, each direction on its own: an `_ex` call must be a
+//! thin wrapper (`[endbr64] sub $n,%rsp; call F`, its arguments passed on
+//! untouched), the plain call (`SSL_write`) must call the same `F`, and `F`
+//! must begin with a `push` (after an optional `endbr64`, which moves
+//! nothing on the stack, so a return probe there still finds the return
+//! address on top). OpenSSL 3.3+ (Debian 13's 3.5) writes through
+//! `SSL_write_ex2(ssl, buf, num, flags, &written)`: there the wrapper is
+//! `SSL_write_ex2`, `F` takes the count's pointer as its fifth argument,
+//! and `SSL_write_ex` must be the forwarder to it
+//! (`mov %rcx,%r8; xor %ecx,%ecx; jmp`). Any other build (OpenSSL 1.1,
+//! LTO, another architecture) keeps the public calls of that direction.
 
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
@@ -29,30 +33,60 @@ use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
 /// Bytes looked at from a wrapper's start.
 const WRAPPER_BYTES: usize = 16;
+/// OpenSSL 3.3+'s `SSL_write_ex`: `mov %rcx,%r8; xor %ecx,%ecx` (flags 0),
+/// then a `jmp`/`call` to `SSL_write_ex2`.
+const WRITE_EX_FORWARDER: [u8; 5] = [0x49, 0x89, 0xc8, 0x31, 0xc9];
 
-/// File offsets of the internal functions to probe.
+/// An internal function to probe, and where its count goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InternalCall {
+    /// File offset of the probed instruction.
+    pub offset: u64,
+    /// The argument (from 0) that is the `size_t *` of the bytes moved.
+    pub count_arg: u8,
+}
+
+/// What was found per direction; `None`: probe the public calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct InternalCalls {
-    pub write: u64,
-    pub read: u64,
+    pub write: Option<InternalCall>,
+    pub read: Option<InternalCall>,
 }
 
-/// The internal write and read functions of the ELF file `data`, or `None`
-/// when they cannot be told for certain.
-pub fn find(data: &[u8]) -> Option<InternalCalls> {
-    let file = object::File::parse(data).ok()?;
+/// The internal write and read functions of the ELF file `data`, each
+/// where it can be told for certain.
+pub fn find(data: &[u8]) -> InternalCalls {
+    let Ok(file) = object::File::parse(data) else {
+        return InternalCalls::default();
+    };
     if file.architecture() != object::Architecture::X86_64 {
-        return None;
+        return InternalCalls::default();
     }
-    Some(InternalCalls {
-        write: internal(&file, "SSL_write_ex", "SSL_write")?,
-        read: internal(&file, "SSL_read_ex", "SSL_read")?,
-    })
+    let write = internal(&file, "SSL_write_ex", "SSL_write", 3).or_else(|| {
+        let (_, forwarder) = function(&file, "SSL_write_ex")?;
+        let at = if forwarder.starts_with(&ENDBR64) {
+            4
+        } else {
+            0
+        };
+        let jumps = matches!(forwarder.get(at + 5), Some(0xe9 | 0xe8));
+        (forwarder.get(at..at + 5)? == WRITE_EX_FORWARDER && jumps)
+            .then(|| internal(&file, "SSL_write_ex2", "SSL_write", 4))?
+    });
+    InternalCalls {
+        write,
+        read: internal(&file, "SSL_read_ex", "SSL_read", 3),
+    }
 }
 
-/// The file offset to probe the function that `wrapper` (an `_ex` call)
-/// passes its arguments to and `other` calls too.
-fn internal(file: &object::File<'_>, wrapper: &str, other: &str) -> Option<u64> {
+/// The internal function that `wrapper` passes its arguments to and
+/// `other` calls too, with its count's argument.
+fn internal(
+    file: &object::File<'_>,
+    wrapper: &str,
+    other: &str,
+    count_arg: u8,
+) -> Option<InternalCall> {
     let (wrapper_address, wrapper_code) = function(file, wrapper)?;
     let target = wrapper_target(wrapper_code.get(..WRAPPER_BYTES)?, wrapper_address)?;
     let (other_address, other_code) = function(file, other)?;
@@ -68,7 +102,10 @@ fn internal(file: &object::File<'_>, wrapper: &str, other: &str) -> Option<u64> 
         .get(usize::try_from(target - section.address()).ok()?..)?;
     let entry = push_entry(code)?;
     let (section_offset, _) = section.file_range()?;
-    Some(section_offset + (target - section.address()) + entry)
+    Some(InternalCall {
+        offset: section_offset + (target - section.address()) + entry,
+        count_arg,
+    })
 }
 
 /// Address and code of the exported function `name`.
@@ -142,7 +179,7 @@ mod tests {
 
     #[test]
     fn a_wrapper_that_moves_arguments_is_not_taken() {
-        // 3.2's `SSL_write_ex`: `mov %rcx,%r8; xor %ecx,%ecx; jmp SSL_write_ex2`.
+        // 3.3+'s `SSL_write_ex`: `mov %rcx,%r8; xor %ecx,%ecx; jmp SSL_write_ex2`.
         let code = [0x49, 0x89, 0xc8, 0x31, 0xc9, 0xe9, 0x00, 0x01, 0x00, 0x00];
         assert_eq!(wrapper_target(&code, 0x1000), None);
     }
@@ -163,10 +200,21 @@ mod tests {
         assert_eq!(push_entry(&[0x49, 0x56]), None);
     }
 
+    /// Debian 13's libssl 3.5: `SSL_write_ex2` at 0x3ee60 calls
+    /// `ssl_write_internal` at 0x3e8f0 (endbr64 first).
+    #[test]
+    fn openssl_3_5_write_wrapper_gives_its_callee() {
+        let code = [
+            0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x83, 0xec, 0x08, 0xe8, 0x83, 0xfa, 0xff, 0xff, 0x31,
+            0xd2, 0x85,
+        ];
+        assert_eq!(wrapper_target(&code, 0x3ee60), Some(0x3e8f0));
+    }
+
     #[test]
     fn garbage_is_no_elf() {
-        assert_eq!(find(b"not an ELF file"), None);
-        assert_eq!(find(&[]), None);
+        assert_eq!(find(b"not an ELF file"), InternalCalls::default());
+        assert_eq!(find(&[]), InternalCalls::default());
     }
 
     /// This machine's OpenSSL (Debian 12's 3.0) is found; skipped where it
@@ -177,7 +225,9 @@ mod tests {
         let Ok(data) = std::fs::read(path) else {
             return;
         };
-        let calls = find(&data).expect("internal calls found");
-        assert_ne!(calls.write, calls.read);
+        let calls = find(&data);
+        let (write, read) = (calls.write.expect("write"), calls.read.expect("read"));
+        assert_ne!(write.offset, read.offset);
+        assert_eq!((write.count_arg, read.count_arg), (3, 3));
     }
 }

@@ -55,18 +55,22 @@ const SYSCALLS: [TracepointProgram; 2] = [
     },
 ];
 
-/// (program, symbol): entries and returns of the four public calls, for
-/// files whose internal calls are not found.
-const PROBES: [(&str, &str); 8] = [
+/// (program, symbol): entries and returns of the public calls of one
+/// direction, for files whose internal call of it is not found.
+const WRITE_PROBES: [(&str, &str); 4] = [
     ("ssl_write", "SSL_write"),
     ("ssl_write_return", "SSL_write"),
     ("ssl_write_ex", "SSL_write_ex"),
     ("ssl_write_ex_return", "SSL_write_ex"),
+];
+const READ_PROBES: [(&str, &str); 4] = [
     ("ssl_read", "SSL_read"),
     ("ssl_read_return", "SSL_read"),
     ("ssl_read_ex", "SSL_read_ex"),
     ("ssl_read_ex_return", "SSL_read_ex"),
 ];
+/// Programs loaded but attached only to internal calls.
+const INTERNAL_ONLY: [&str; 1] = ["ssl_write_ex2"];
 
 /// Where distributions keep libssl, tried under `/proc/1/root` (the node's
 /// filesystem, from a container with the host's PID namespace) and `/`.
@@ -105,7 +109,11 @@ impl TlsProbes {
     /// Loads the programs and attaches the `connect()` tracepoint.
     pub fn load(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
         attach_tracepoint(ebpf, &CONNECT)?;
-        for (name, _) in PROBES {
+        let names = WRITE_PROBES
+            .iter()
+            .chain(&READ_PROBES)
+            .map(|(name, _)| *name);
+        for name in names.chain(INTERNAL_ONLY) {
             let probe: &mut UProbe = program(ebpf, name)?;
             probe
                 .load()
@@ -242,35 +250,47 @@ fn attach_probes(
     // Read once per file; a file that cannot be read is attached by
     // symbol (and fails there with a clearer error).
     let internal = std::fs::read(path)
-        .ok()
-        .and_then(|data| openssl::find(&data));
-    if let Some(calls) = internal {
+        .map(|data| openssl::find(&data))
+        .unwrap_or_default();
+    let directions = [
+        (
+            "write",
+            internal.write,
+            &WRITE_PROBES,
+            "ssl_write_ex_return",
+        ),
+        ("read", internal.read, &READ_PROBES, "ssl_read_ex_return"),
+    ];
+    for (direction, internal, public, return_program) in directions {
+        let Some(call) = internal else {
+            for &(name, symbol) in public {
+                let probe: &mut UProbe = program(ebpf, name)?;
+                let link = probe
+                    .attach(symbol, path, UProbeScope::AllProcesses)
+                    .with_context(|| format!("attaching {name} to {symbol}"))?;
+                links.push((name, link));
+            }
+            continue;
+        };
+        // The `_ex` entry program that reads the count's pointer from
+        // the right argument.
+        let entry = match (direction, call.count_arg) {
+            ("write", 4) => "ssl_write_ex2",
+            ("write", _) => "ssl_write_ex",
+            _ => "ssl_read_ex",
+        };
         tracing::info!(
-            "TLS: {}: probing OpenSSL's internal write and read (file offsets {:#x}, {:#x}; see probes/openssl.rs)",
+            "TLS: {}: probing OpenSSL's internal {direction} call (file offset {:#x}; see probes/openssl.rs)",
             path.display(),
-            calls.write,
-            calls.read
+            call.offset,
         );
-        for (name, offset) in [
-            ("ssl_write_ex", calls.write),
-            ("ssl_write_ex_return", calls.write),
-            ("ssl_read_ex", calls.read),
-            ("ssl_read_ex_return", calls.read),
-        ] {
+        for name in [entry, return_program] {
             let probe: &mut UProbe = program(ebpf, name)?;
             let link = probe
-                .attach(offset, path, UProbeScope::AllProcesses)
-                .with_context(|| format!("attaching {name} at file offset {offset:#x}"))?;
+                .attach(call.offset, path, UProbeScope::AllProcesses)
+                .with_context(|| format!("attaching {name} at file offset {:#x}", call.offset))?;
             links.push((name, link));
         }
-        return Ok(());
-    }
-    for (name, symbol) in PROBES {
-        let probe: &mut UProbe = program(ebpf, name)?;
-        let link = probe
-            .attach(symbol, path, UProbeScope::AllProcesses)
-            .with_context(|| format!("attaching {name} to {symbol}"))?;
-        links.push((name, link));
     }
     Ok(())
 }
