@@ -215,11 +215,18 @@ impl TlsProbes {
             return;
         }
         let mut links = Vec::new();
-        let attached = attach_probes(ebpf, path, &mut self.syscalls_attached, &mut links);
+        let mut placed = Vec::new();
+        let attached = attach_probes(
+            ebpf,
+            path,
+            &mut self.syscalls_attached,
+            &mut links,
+            &mut placed,
+        );
         // Whatever attached is kept (and detached with the file): a library
         // without the `_ex` calls (OpenSSL 1.1.0) still has the others.
         match attached {
-            Ok(()) => tracing::info!("TLS: probing {}", path.display()),
+            Ok(()) => tracing::info!("TLS: probing {} ({})", path.display(), placed.join("; ")),
             Err(err) => tracing::warn!("TLS: cannot probe all of {}: {err:#}", path.display()),
         }
         self.files.push(ProbedFile {
@@ -237,6 +244,7 @@ fn attach_probes(
     path: &Path,
     syscalls_attached: &mut bool,
     links: &mut Vec<(&'static str, UProbeLinkId)>,
+    placed: &mut Vec<String>,
 ) -> anyhow::Result<()> {
     if !*syscalls_attached {
         for tp in &SYSCALLS {
@@ -263,6 +271,7 @@ fn attach_probes(
     ];
     for (direction, internal, public, return_program) in directions {
         let Some(call) = internal else {
+            placed.push(format!("{direction}s: the public calls"));
             for &(name, symbol) in public {
                 let probe: &mut UProbe = program(ebpf, name)?;
                 let link = probe
@@ -279,11 +288,10 @@ fn attach_probes(
             ("write", _) => "ssl_write_ex",
             _ => "ssl_read_ex",
         };
-        tracing::info!(
-            "TLS: {}: probing OpenSSL's internal {direction} call (file offset {:#x}; see probes/openssl.rs)",
-            path.display(),
-            call.offset,
-        );
+        placed.push(format!(
+            "{direction}s: OpenSSL's internal call at file offset {:#x}",
+            call.offset
+        ));
         for name in [entry, return_program] {
             let probe: &mut UProbe = program(ebpf, name)?;
             let link = probe
