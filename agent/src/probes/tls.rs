@@ -269,15 +269,21 @@ fn attach_probes(
         ),
         ("read", internal.read, &READ_PROBES, "ssl_read_ex_return"),
     ];
+    // A probe that does not attach (OpenSSL 1.1.0 has no `_ex` calls)
+    // does not keep the others from attaching.
+    let mut failed = Vec::new();
     for (direction, internal, public, return_program) in directions {
         let Some(call) = internal else {
             placed.push(format!("{direction}s: the public calls"));
             for &(name, symbol) in public {
                 let probe: &mut UProbe = program(ebpf, name)?;
-                let link = probe
-                    .attach(symbol, path, UProbeScope::AllProcesses)
-                    .with_context(|| format!("attaching {name} to {symbol}"))?;
-                links.push((name, link));
+                match probe.attach(symbol, path, UProbeScope::AllProcesses) {
+                    Ok(link) => links.push((name, link)),
+                    Err(err) => failed.push(format!(
+                        "{name} on {symbol}: {:#}",
+                        anyhow::Error::from(err)
+                    )),
+                }
             }
             continue;
         };
@@ -294,11 +300,16 @@ fn attach_probes(
         ));
         for name in [entry, return_program] {
             let probe: &mut UProbe = program(ebpf, name)?;
-            let link = probe
-                .attach(call.offset, path, UProbeScope::AllProcesses)
-                .with_context(|| format!("attaching {name} at file offset {:#x}", call.offset))?;
-            links.push((name, link));
+            match probe.attach(call.offset, path, UProbeScope::AllProcesses) {
+                Ok(link) => links.push((name, link)),
+                Err(err) => failed.push(format!(
+                    "{name} at file offset {:#x}: {:#}",
+                    call.offset,
+                    anyhow::Error::from(err)
+                )),
+            }
         }
     }
+    anyhow::ensure!(failed.is_empty(), "attaching {}", failed.join(", "));
     Ok(())
 }
