@@ -31,8 +31,6 @@ use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
 /// `endbr64`, first in functions of builds with control-flow protection.
 const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
-/// Bytes looked at from a wrapper's start.
-const WRAPPER_BYTES: usize = 16;
 /// OpenSSL 3.3+'s `SSL_write_ex`: `mov %rcx,%r8; xor %ecx,%ecx` (flags 0),
 /// then a `jmp`/`call` to `SSL_write_ex2`.
 const WRITE_EX_FORWARDER: [u8; 5] = [0x49, 0x89, 0xc8, 0x31, 0xc9];
@@ -64,13 +62,7 @@ pub fn find(data: &[u8]) -> InternalCalls {
     }
     let write = internal(&file, "SSL_write_ex", "SSL_write", 3).or_else(|| {
         let (_, forwarder) = function(&file, "SSL_write_ex")?;
-        let at = if forwarder.starts_with(&ENDBR64) {
-            4
-        } else {
-            0
-        };
-        let jumps = matches!(forwarder.get(at + 5), Some(0xe9 | 0xe8));
-        (forwarder.get(at..at + 5)? == WRITE_EX_FORWARDER && jumps)
+        forwards_to_write_ex2(forwarder)
             .then(|| internal(&file, "SSL_write_ex2", "SSL_write", 4))?
     });
     InternalCalls {
@@ -88,7 +80,7 @@ fn internal(
     count_arg: u8,
 ) -> Option<InternalCall> {
     let (wrapper_address, wrapper_code) = function(file, wrapper)?;
-    let target = wrapper_target(wrapper_code.get(..WRAPPER_BYTES)?, wrapper_address)?;
+    let target = wrapper_target(wrapper_code, wrapper_address)?;
     let (other_address, other_code) = function(file, other)?;
     if !calls(other_code, other_address, target) {
         return None;
@@ -124,11 +116,24 @@ fn function<'data>(file: &object::File<'data>, name: &str) -> Option<(u64, &'dat
 /// `address`): the call's target. Nothing before the call touches the
 /// argument registers, so the target gets the wrapper's arguments.
 fn wrapper_target(code: &[u8], address: u64) -> Option<u64> {
-    let at = if code.starts_with(&ENDBR64) { 4 } else { 0 };
+    let at = past_endbr64(code);
     if code.get(at..at + 3)? != [0x48, 0x83, 0xec] {
         return None;
     }
     call_target(code, at + 4, address)
+}
+
+/// OpenSSL 3.3+'s `SSL_write_ex` (`code`): `[endbr64] mov %rcx,%r8; xor
+/// %ecx,%ecx` then a `jmp` or `call` (to `SSL_write_ex2`).
+fn forwards_to_write_ex2(code: &[u8]) -> bool {
+    let at = past_endbr64(code);
+    code.get(at..at + 5) == Some(&WRITE_EX_FORWARDER[..])
+        && matches!(code.get(at + 5), Some(0xe9 | 0xe8))
+}
+
+/// Where a function's code starts past an `endbr64`.
+fn past_endbr64(code: &[u8]) -> usize {
+    if code.starts_with(&ENDBR64) { 4 } else { 0 }
 }
 
 /// The target of a `call rel32` at `code[at]`, if there is one.
@@ -150,7 +155,7 @@ fn calls(code: &[u8], address: u64, target: u64) -> bool {
 /// (`push %reg`, `push %r8`…`%r15`), past an `endbr64`; `None` when it
 /// does not start so.
 fn push_entry(code: &[u8]) -> Option<u64> {
-    let at = if code.starts_with(&ENDBR64) { 4 } else { 0 };
+    let at = past_endbr64(code);
     match code.get(at..)? {
         [0x50..=0x57, ..] | [0x41, 0x50..=0x57, ..] => Some(at as u64),
         _ => None,
@@ -182,6 +187,20 @@ mod tests {
         // 3.3+'s `SSL_write_ex`: `mov %rcx,%r8; xor %ecx,%ecx; jmp SSL_write_ex2`.
         let code = [0x49, 0x89, 0xc8, 0x31, 0xc9, 0xe9, 0x00, 0x01, 0x00, 0x00];
         assert_eq!(wrapper_target(&code, 0x1000), None);
+        // Debian 13's, at 0x3ee90, is that forwarder.
+        let mut debian13 = ENDBR64.to_vec();
+        debian13.extend_from_slice(&[0x49, 0x89, 0xc8, 0x31, 0xc9, 0xe9, 0x02, 0x70, 0xfe, 0xff]);
+        assert!(forwards_to_write_ex2(&debian13));
+        assert!(!forwards_to_write_ex2(&SSL_WRITE_EX));
+    }
+
+    #[test]
+    fn a_short_wrapper_is_read_whole() {
+        // `sub $8,%rsp; call F; add $8,%rsp; ret`: 14 bytes.
+        let code = [
+            0x48, 0x83, 0xec, 0x08, 0xe8, 0x87, 0xfb, 0xff, 0xff, 0x48, 0x83, 0xc4, 0x08, 0xc3,
+        ];
+        assert_eq!(wrapper_target(&code, 0x35a10), Some(0x355a0));
     }
 
     #[test]
