@@ -55,22 +55,43 @@ const SYSCALLS: [TracepointProgram; 2] = [
     },
 ];
 
-/// (program, symbol): entries and returns of the public calls of one
-/// direction, for files whose internal call of it is not found.
-const WRITE_PROBES: [(&str, &str); 4] = [
-    ("ssl_write", "SSL_write"),
-    ("ssl_write_return", "SSL_write"),
-    ("ssl_write_ex", "SSL_write_ex"),
-    ("ssl_write_ex_return", "SSL_write_ex"),
+/// The programs of one direction of `SSL_*` calls.
+struct Direction {
+    name: &'static str,
+    /// (program, symbol): entries and returns of the public calls, for
+    /// files whose internal call is not found.
+    public: [(&'static str, &'static str); 4],
+    /// (argument holding the count's pointer, entry program) for the
+    /// internal call (`openssl::InternalCall::count_arg`).
+    internal_entries: &'static [(u8, &'static str)],
+    /// The internal call's return program.
+    internal_return: &'static str,
+}
+
+const DIRECTIONS: [Direction; 2] = [
+    Direction {
+        name: "write",
+        public: [
+            ("ssl_write", "SSL_write"),
+            ("ssl_write_return", "SSL_write"),
+            ("ssl_write_ex", "SSL_write_ex"),
+            ("ssl_write_ex_return", "SSL_write_ex"),
+        ],
+        internal_entries: &[(3, "ssl_write_ex"), (4, "ssl_write_ex2")],
+        internal_return: "ssl_write_ex_return",
+    },
+    Direction {
+        name: "read",
+        public: [
+            ("ssl_read", "SSL_read"),
+            ("ssl_read_return", "SSL_read"),
+            ("ssl_read_ex", "SSL_read_ex"),
+            ("ssl_read_ex_return", "SSL_read_ex"),
+        ],
+        internal_entries: &[(3, "ssl_read_ex")],
+        internal_return: "ssl_read_ex_return",
+    },
 ];
-const READ_PROBES: [(&str, &str); 4] = [
-    ("ssl_read", "SSL_read"),
-    ("ssl_read_return", "SSL_read"),
-    ("ssl_read_ex", "SSL_read_ex"),
-    ("ssl_read_ex_return", "SSL_read_ex"),
-];
-/// Programs loaded but attached only to internal calls.
-const INTERNAL_ONLY: [&str; 1] = ["ssl_write_ex2"];
 
 /// Where distributions keep libssl, tried under `/proc/1/root` (the node's
 /// filesystem, from a container with the host's PID namespace) and `/`.
@@ -109,11 +130,17 @@ impl TlsProbes {
     /// Loads the programs and attaches the `connect()` tracepoint.
     pub fn load(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
         attach_tracepoint(ebpf, &CONNECT)?;
-        let names = WRITE_PROBES
-            .iter()
-            .chain(&READ_PROBES)
-            .map(|(name, _)| *name);
-        for name in names.chain(INTERNAL_ONLY) {
+        let mut names: Vec<&str> = Vec::new();
+        for direction in &DIRECTIONS {
+            let public = direction.public.iter().map(|(name, _)| *name);
+            let internal = direction.internal_entries.iter().map(|(_, name)| *name);
+            for name in public.chain(internal) {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        for name in names {
             let probe: &mut UProbe = program(ebpf, name)?;
             probe
                 .load()
@@ -260,22 +287,13 @@ fn attach_probes(
     let internal = std::fs::read(path)
         .map(|data| openssl::find(&data))
         .unwrap_or_default();
-    let directions = [
-        (
-            "write",
-            internal.write,
-            &WRITE_PROBES,
-            "ssl_write_ex_return",
-        ),
-        ("read", internal.read, &READ_PROBES, "ssl_read_ex_return"),
-    ];
     // A probe that does not attach (OpenSSL 1.1.0 has no `_ex` calls)
     // does not keep the others from attaching.
     let mut failed = Vec::new();
-    for (direction, internal, public, return_program) in directions {
+    for (direction, internal) in DIRECTIONS.iter().zip([internal.write, internal.read]) {
         let Some(call) = internal else {
-            placed.push(format!("{direction}s: the public calls"));
-            for &(name, symbol) in public {
+            placed.push(format!("{}s: the public calls", direction.name));
+            for &(name, symbol) in &direction.public {
                 let probe: &mut UProbe = program(ebpf, name)?;
                 match probe.attach(symbol, path, UProbeScope::AllProcesses) {
                     Ok(link) => links.push((name, link)),
@@ -287,18 +305,24 @@ fn attach_probes(
             }
             continue;
         };
-        // The `_ex` entry program that reads the count's pointer from
-        // the right argument.
-        let entry = match (direction, call.count_arg) {
-            ("write", 4) => "ssl_write_ex2",
-            ("write", _) => "ssl_write_ex",
-            _ => "ssl_read_ex",
+        // The `_ex` entry program that reads the count's pointer from the
+        // right argument.
+        let Some(&(_, entry)) = direction
+            .internal_entries
+            .iter()
+            .find(|(count_arg, _)| *count_arg == call.count_arg)
+        else {
+            failed.push(format!(
+                "no {} program takes the count from argument {}",
+                direction.name, call.count_arg
+            ));
+            continue;
         };
         placed.push(format!(
-            "{direction}s: OpenSSL's internal call at file offset {:#x}",
-            call.offset
+            "{}s: OpenSSL's internal call at file offset {:#x}",
+            direction.name, call.offset
         ));
-        for name in [entry, return_program] {
+        for name in [entry, direction.internal_return] {
             let probe: &mut UProbe = program(ebpf, name)?;
             match probe.attach(call.offset, path, UProbeScope::AllProcesses) {
                 Ok(link) => links.push((name, link)),
