@@ -261,11 +261,7 @@ impl Drop for RemoveDir {
 /// fdinfo of the agent's links shows.
 #[test]
 fn a_private_libssl_is_probed_while_its_client_lives() -> anyhow::Result<()> {
-    let cert = TlsCert::new(std::net::Ipv4Addr::LOCALHOST.into())?;
-    let tls_port = free_port();
-    let args = cert.server_args(tls_port);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _server = lab::RedisServer::start_with(&args)?;
+    let (cert, tls_port, _server) = local_tls_server()?;
     let private = std::env::temp_dir().join(format!("resptrace-libssl-{}", std::process::id()));
     std::fs::create_dir_all(&private)?;
     let _cleanup = RemoveDir(private.clone());
@@ -288,22 +284,13 @@ fn a_private_libssl_is_probed_while_its_client_lives() -> anyhow::Result<()> {
     );
 
     // Three PINGs a second apart: the first connect gets the library probed.
-    let mut client = std::process::Command::new("redis-cli")
-        .args(["-p", &tls_port.to_string(), "--tls", "--cacert"])
-        .arg(cert.ca())
-        .args(["-r", "3", "-i", "1", "PING"])
+    let mut client = pings(std::process::Command::new("redis-cli"), &cert, tls_port, 3)
         .env("LD_LIBRARY_PATH", &private)
-        .stdout(std::process::Stdio::null())
         .spawn()?;
     let attached = lab::wait_until(lab::scaled(Duration::from_secs(10)), || {
         probes_on(&marker).is_ok_and(|n| n > 0)
     });
-    let named = agent.wait_for(event_timeout(), |e| {
-        e["type"] == "request"
-            && e["role"] == "client"
-            && e["command"] == "PING"
-            && e["tls"] == true
-    });
+    let named = agent.wait_for(event_timeout(), a_named_tls_ping);
     ensure!(client.wait()?.success(), "redis-cli failed");
     ensure!(attached, "no probe on {marker} while its client ran");
     named?;
@@ -335,11 +322,7 @@ fn openssl_3_5_is_probed_at_its_internal_calls() -> anyhow::Result<()> {
         "SSL_write/read(_ex) and SSL_write_ex2 not all in {}: {public:?}",
         libs.display()
     );
-    let cert = TlsCert::new(std::net::Ipv4Addr::LOCALHOST.into())?;
-    let tls_port = free_port();
-    let args = cert.server_args(tls_port);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _server = lab::RedisServer::start_with(&args)?;
+    let (cert, tls_port, _server) = local_tls_server()?;
     let mut agent = Agent::start(&[tls_port], &["--emit", "all", "--interval", "500ms"])?;
     let pid = agent.pid();
     let marker = libs.display().to_string();
@@ -353,25 +336,18 @@ fn openssl_3_5_is_probed_at_its_internal_calls() -> anyhow::Result<()> {
 
     // PINGs a second apart: the first connect gets the library probed.
     let redis_cli = which("redis-cli")?;
-    let mut client = std::process::Command::new(libs.join("ld-linux-x86-64.so.2"))
+    let mut loader = std::process::Command::new(libs.join("ld-linux-x86-64.so.2"));
+    loader
         .arg("--library-path")
         .arg(format!("{}:/lib/x86_64-linux-gnu", libs.display()))
-        .arg(&redis_cli)
-        .args(["-p", &tls_port.to_string(), "--tls", "--cacert"])
-        .arg(cert.ca())
-        .args(["-r", "4", "-i", "1", "PING"])
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
+        .arg(&redis_cli);
+    let mut client = pings(loader, &cert, tls_port, 4).spawn()?;
     let placed = lab::wait_until(lab::scaled(Duration::from_secs(10)), || {
         probes_on_libssl().len() == 4
     });
     let probes = probes_on_libssl();
     let named = agent.wait_for(event_timeout(), |e| {
-        e["type"] == "request"
-            && e["role"] == "client"
-            && e["command"] == "PING"
-            && e["tls"] == true
-            && e["outcome"] == "ok"
+        a_named_tls_ping(e) && e["outcome"] == "ok"
     });
     ensure!(client.wait()?.success(), "redis-cli failed");
     ensure!(placed, "not 4 probes on {marker}'s libssl: {probes:?}");
@@ -388,6 +364,38 @@ fn openssl_3_5_is_probed_at_its_internal_calls() -> anyhow::Result<()> {
     named?;
     agent.stop()?;
     Ok(())
+}
+
+/// A TLS-only redis-server on 127.0.0.1: its certificate, port and guard.
+fn local_tls_server() -> anyhow::Result<(TlsCert, u16, lab::RedisServer)> {
+    let cert = TlsCert::new(std::net::Ipv4Addr::LOCALHOST.into())?;
+    let tls_port = free_port();
+    let args = cert.server_args(tls_port);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = lab::RedisServer::start_with(&args)?;
+    Ok((cert, tls_port, server))
+}
+
+/// `redis_cli` (a redis-cli command line so far) sending `count` PINGs a
+/// second apart over TLS to `port`: the first connect gets the client's
+/// library probed, the later PINGs come named.
+fn pings(
+    mut redis_cli: std::process::Command,
+    cert: &TlsCert,
+    port: u16,
+    count: u32,
+) -> std::process::Command {
+    redis_cli
+        .args(["-p", &port.to_string(), "--tls", "--cacert"])
+        .arg(cert.ca())
+        .args(["-r", &count.to_string(), "-i", "1", "PING"])
+        .stdout(std::process::Stdio::null());
+    redis_cli
+}
+
+/// A client's PING named from a TLS connection's plaintext.
+fn a_named_tls_ping(e: &Value) -> bool {
+    e["type"] == "request" && e["role"] == "client" && e["command"] == "PING" && e["tls"] == true
 }
 
 /// File offsets of the public write and read calls of a libssl: `objdump
