@@ -502,9 +502,9 @@ impl Pipeline {
     /// Aggregates the finished exchanges and writes those that get a line.
     pub fn write_exchanges<W: Write>(&mut self, sink: &mut JsonSink<W>) -> std::io::Result<()> {
         // Taken out (and put back, keeping its allocation) so the loop can
-        // use `self`.
-        // Walked in place, not drained: an exchange is a few hundred bytes
-        // and moving each out cost 5% of the agent's CPU with `-P 16`.
+        // use `self`; walked in place, not drained: an exchange is a few
+        // hundred bytes and moving each out cost 5% of the agent's CPU with
+        // `-P 16`.
         let mut exchanges = std::mem::take(&mut self.exchanges);
         let written = self.write_each(&mut exchanges, sink);
         exchanges.clear();
