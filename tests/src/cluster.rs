@@ -81,47 +81,24 @@ impl<'a> Cluster<'a> {
                 slots.start() <= slots.end() && *slots.end() < SLOTS,
                 "slot range {slots:?}"
             );
-            let cluster_port = match place {
-                Place::Here => free_port(),
-                Place::Host(_) => 17000 + index as u16,
+            // On 127.0.0.1 a port free when chosen can still be taken before
+            // the node binds it (the node then exits): a node that does not
+            // take its slots is started again on other ports.
+            let attempts = match place {
+                Place::Here => 3,
+                Place::Host(_) => 1,
             };
-            let config = cluster.dir.join(format!("nodes-{index}.conf"));
-            let cluster_port_arg = cluster_port.to_string();
-            let mut args = vec![
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                config.to_str().context("non-UTF-8 temp dir")?,
-                "--cluster-port",
-                &cluster_port_arg,
-            ];
-            args.extend_from_slice(extra_args);
-            let (addr, server) = match place {
-                Place::Here => {
-                    let server = RedisServer::start_with(&args)?;
-                    let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, server.port);
-                    (addr, Server::Here(server))
-                }
-                Place::Host(host) => {
-                    let port = 7000 + index as u16;
-                    let server = host.start_redis_with(port, &args)?;
-                    (SocketAddrV4::new(host.ip(), port), Server::Lab(server))
+            let mut attempt = 0;
+            let node = loop {
+                attempt += 1;
+                match cluster.start_node(index, attempt, slots, extra_args) {
+                    Err(e) if attempt < attempts => {
+                        eprintln!("cluster node {index}, attempt {attempt}: {e:#}");
+                    }
+                    result => break result?,
                 }
             };
-            let addr = SocketAddr::V4(addr);
-            let _: String = place.query(
-                addr,
-                redis::cmd("CLUSTER")
-                    .arg("ADDSLOTSRANGE")
-                    .arg(slots.start())
-                    .arg(slots.end()),
-            )?;
-            cluster.nodes.push(Node {
-                addr,
-                slots: slots.clone(),
-                cluster_port,
-                _server: server,
-            });
+            cluster.nodes.push(node);
         }
         let first = cluster.nodes[0].addr;
         for node in &cluster.nodes[1..] {
@@ -136,6 +113,58 @@ impl<'a> Cluster<'a> {
         }
         cluster.wait_converged()?;
         Ok(cluster)
+    }
+
+    /// Starts node `index` with `slots` (its `attempt`-th try: a config
+    /// file of its own) and gives it its slots.
+    fn start_node(
+        &self,
+        index: usize,
+        attempt: u32,
+        slots: &RangeInclusive<u16>,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Node> {
+        let cluster_port = match self.place {
+            Place::Here => free_port(),
+            Place::Host(_) => 17000 + index as u16,
+        };
+        let config = self.dir.join(format!("nodes-{index}-{attempt}.conf"));
+        let cluster_port_arg = cluster_port.to_string();
+        let mut args = vec![
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            config.to_str().context("non-UTF-8 temp dir")?,
+            "--cluster-port",
+            &cluster_port_arg,
+        ];
+        args.extend_from_slice(extra_args);
+        let (addr, server) = match self.place {
+            Place::Here => {
+                let server = RedisServer::start_with(&args)?;
+                let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, server.port);
+                (addr, Server::Here(server))
+            }
+            Place::Host(host) => {
+                let port = 7000 + index as u16;
+                let server = host.start_redis_with(port, &args)?;
+                (SocketAddrV4::new(host.ip(), port), Server::Lab(server))
+            }
+        };
+        let addr = SocketAddr::V4(addr);
+        let _: String = self.place.query(
+            addr,
+            redis::cmd("CLUSTER")
+                .arg("ADDSLOTSRANGE")
+                .arg(slots.start())
+                .arg(slots.end()),
+        )?;
+        Ok(Node {
+            addr,
+            slots: slots.clone(),
+            cluster_port,
+            _server: server,
+        })
     }
 
     fn wait_converged(&self) -> anyhow::Result<()> {

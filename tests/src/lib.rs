@@ -83,10 +83,33 @@ pub fn agent_binary() -> PathBuf {
         })
 }
 
-/// A TCP port nothing listens on right now.
+/// A TCP port nothing uses right now, on 127.0.0.1 and ::1, each call in a
+/// process a different one. Chosen below the kernel's ephemeral range: a
+/// port from that range, free when asked, can become the local port of any
+/// parallel test's outgoing connection before it is bound (CI lost a
+/// cluster node to its bus port that way).
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(32768);
+    let span = 10_000.min(ephemeral_low.saturating_sub(1024)).max(1);
+    let base = ephemeral_low - span;
+    // Start where another test binary (another pid) is unlikely to be.
+    let start = u64::from(std::process::id()) * 7919;
+    for _ in 0..span {
+        let port = (base + (start + CALLS.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        let v4_free = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok();
+        let v6_taken = matches!(
+            TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, port)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse
+        );
+        if v4_free && !v6_taken {
+            return port;
+        }
+    }
+    panic!("no free TCP port in {base}..{ephemeral_low}");
 }
 
 /// Polls `condition` until it holds or `timeout` passes.
@@ -581,10 +604,15 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .context("starting redis-server (run `cargo xtask setup`)")?;
-        let server = Self { child, port };
+        let mut server = Self { child, port };
+        let mut exited = None;
         let ready = wait_until(scaled(Duration::from_secs(10)), || {
-            TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok()
+            exited = server.child.try_wait().ok().flatten();
+            exited.is_some() || TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok()
         });
+        if let Some(status) = exited {
+            bail!("redis-server on port {port} exited at start ({status}): a port taken?");
+        }
         anyhow::ensure!(ready, "redis-server did not listen on port {port}");
         Ok(server)
     }
