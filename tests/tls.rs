@@ -73,7 +73,7 @@ fn tls_turns_are_counted_and_timed_without_plaintext() -> anyhow::Result<()> {
 /// libssl (redis-cli, redis-benchmark, redis-py) have every command named
 /// and counted exactly in role `client`, timed like the client times it;
 /// ioredis (Node's own OpenSSL, over memory BIOs) and the server's side stay
-/// exact turns.
+/// exact turns. No syscall tracepoint is attached for it.
 #[test]
 fn tls_commands_are_named_from_the_clients_openssl() -> anyhow::Result<()> {
     trace_tls_clients(true)
@@ -180,9 +180,20 @@ fn trace_tls_clients(uprobes: bool) -> anyhow::Result<()> {
             Err(e) => return Err(e),
         }
     }
+    // Held while the commands were named: no syscall tracepoint, which would
+    // put every syscall of every process on the node on the kernel's slow
+    // path (the programs' own tracepoints show this kernel lists them).
+    let tracepoints = lab::kernel::tracepoints_held_by(agent.pid())?;
     events.extend(agent.stop()?);
 
     let mut failures = Vec::new();
+    if uprobes {
+        ensure!(
+            tracepoints.iter().any(|tp| tp == "tcp_rcv_space_adjust")
+                && !tracepoints.iter().any(|tp| tp.starts_with("sys_")),
+            "tracepoints held while naming TLS commands: {tracepoints:?}"
+        );
+    }
     for endpoint in &endpoints {
         let named_by_client = uprobes && endpoint.client != "ioredis";
         for role in ["client", "server"] {
@@ -312,16 +323,18 @@ fn a_private_libssl_is_probed_while_its_client_lives() -> anyhow::Result<()> {
 /// commands are named from the plaintext, and while it runs its library
 /// carries exactly one entry and one return probe per direction, none on
 /// a public call's entry (those begin with an instruction the kernel
-/// single-steps; docs/design.md). Public entries from binutils.
+/// single-steps; docs/design.md), and the handshake's pair on
+/// `SSL_do_handshake` (once per connection). Public entries from binutils.
 #[test]
 fn openssl_3_5_is_probed_at_its_internal_calls() -> anyhow::Result<()> {
     let libs = lab::clients::openssl_3_5_libs()?;
     let public = public_entries(&libs.join("libssl.so.3"))?;
     ensure!(
-        public.len() == 5,
-        "SSL_write/read(_ex) and SSL_write_ex2 not all in {}: {public:?}",
+        public.len() == 6,
+        "SSL_write/read(_ex), SSL_write_ex2 and SSL_do_handshake not all in {}: {public:?}",
         libs.display()
     );
+    let handshake = public["SSL_do_handshake"];
     let (cert, tls_port, _server) = local_tls_server()?;
     let mut agent = Agent::start(&[tls_port], &["--emit", "all", "--interval", "500ms"])?;
     let pid = agent.pid();
@@ -343,15 +356,21 @@ fn openssl_3_5_is_probed_at_its_internal_calls() -> anyhow::Result<()> {
         .arg(&redis_cli);
     let mut client = pings(loader, &cert, tls_port, 4).spawn()?;
     let placed = lab::wait_until(lab::scaled(Duration::from_secs(10)), || {
-        probes_on_libssl().len() == 4
+        probes_on_libssl().len() == 6
     });
     let probes = probes_on_libssl();
     let named = agent.wait_for(event_timeout(), |e| {
         a_named_tls_ping(e) && e["outcome"] == "ok"
     });
     ensure!(client.wait()?.success(), "redis-cli failed");
-    ensure!(placed, "not 4 probes on {marker}'s libssl: {probes:?}");
-    let on_public: Vec<_> = probes
+    ensure!(placed, "not 6 probes on {marker}'s libssl: {probes:?}");
+    let (on_handshake, calls): (Vec<_>, Vec<_>) =
+        probes.iter().partition(|probe| probe.offset == handshake);
+    ensure!(
+        on_handshake.len() == 2 && on_handshake.iter().filter(|probe| probe.ret).count() == 1,
+        "not an entry and a return probe on SSL_do_handshake: {probes:?}"
+    );
+    let on_public: Vec<_> = calls
         .iter()
         .filter(|probe| public.values().any(|&entry| entry == probe.offset))
         .collect();
@@ -359,8 +378,8 @@ fn openssl_3_5_is_probed_at_its_internal_calls() -> anyhow::Result<()> {
         on_public.is_empty(),
         "probes on public entries {on_public:?} (public: {public:?})"
     );
-    let returns = probes.iter().filter(|probe| probe.ret).count();
-    ensure!(returns == 2, "{returns} return probes of 4: {probes:?}");
+    let returns = calls.iter().filter(|probe| probe.ret).count();
+    ensure!(returns == 2, "{returns} return probes of 4: {calls:?}");
     named?;
     agent.stop()?;
     Ok(())
@@ -398,7 +417,7 @@ fn a_named_tls_ping(e: &Value) -> bool {
     e["type"] == "request" && e["role"] == "client" && e["command"] == "PING" && e["tls"] == true
 }
 
-/// File offsets of the public write and read calls of a libssl: `objdump
+/// File offsets of the public write, read and handshake calls of a libssl: `objdump
 /// -T` addresses, less `.text`'s address-to-offset difference (`readelf`).
 fn public_entries(libssl: &FilePath) -> anyhow::Result<BTreeMap<String, u64>> {
     let hex = |s: &str| u64::from_str_radix(s, 16).ok();
@@ -425,6 +444,7 @@ fn public_entries(libssl: &FilePath) -> anyhow::Result<BTreeMap<String, u64>> {
         "SSL_write_ex",
         "SSL_read_ex",
         "SSL_write_ex2",
+        "SSL_do_handshake",
     ];
     Ok(String::from_utf8_lossy(&symbols.stdout)
         .lines()

@@ -400,11 +400,6 @@ pub struct TracepointOffsets {
     pub error_report_protocol: u16,
     pub error_report_saddr_v6: u16,
     pub error_report_daddr_v6: u16,
-    /// `syscalls/sys_enter_connect` `fd`, `uservaddr`; 0: no TLS plaintext.
-    pub connect_fd: u16,
-    pub connect_uservaddr: u16,
-    /// `syscalls/sys_enter_{read,write}` `fd` (the same in both).
-    pub read_write_fd: u16,
     /// `tcp/tcp_retransmit_skb` `skbaddr`.
     pub retransmit_skbaddr: u16,
     /// `tcp/tcp_retransmit_skb` `err` (6.13+, which also traces failed
@@ -416,7 +411,7 @@ pub struct TracepointOffsets {
     /// Not a tracepoint field: `tcp_sock.total_retrans` in a socket, from the
     /// kernel's BTF; 0: unknown, retransmits are counted per tracepoint run.
     pub tcp_sock_total_retrans: u16,
-    pub _pad: u16,
+    pub _pad: [u16; 2],
 }
 
 /// `Config::flags`: the kernel has `sock/inet_sk_error_report` (5.14+).
@@ -442,8 +437,8 @@ const _: () = assert!(core::mem::size_of::<EventHeader>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowTuple>() == 36);
 const _: () = assert!(core::mem::size_of::<TaskInfo>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 112);
-const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 92);
-const _: () = assert!(core::mem::size_of::<Config>() == 136);
+const _: () = assert!(core::mem::size_of::<TracepointOffsets>() == 88);
+const _: () = assert!(core::mem::size_of::<Config>() == 132);
 const _: () = assert!(core::mem::size_of::<resp::RespFlow>() == 56);
 const _: () = assert!(core::mem::size_of::<resp::SegmentEvent>() == 96);
 const _: () = assert!(core::mem::size_of::<resp::SocketEvent>() == 24);

@@ -62,6 +62,9 @@ pub struct RespFlow {
 
 pub const FLOW_SENT_SEQ: u8 = 1;
 pub const FLOW_FROM_START: u8 = 1 << 2;
+/// The client's first bytes were a TLS record: its reads are where the
+/// TLS probes learn which `SSL *` is this connection.
+pub const FLOW_TLS: u8 = 1 << 3;
 
 /// One record of a segment's payload; `captured` bytes follow it.
 #[repr(C)]

@@ -239,7 +239,6 @@ fn on_syn_sent(ctx: &TracePointContext, skaddr: u64, now: u64) -> Result<(), i64
     if CONNECTS.insert(&skaddr, state, 0).is_err() {
         count(StatId::ConnectMapFull);
     }
-    crate::tls::connecting(skaddr);
     Ok(())
 }
 

@@ -14,9 +14,10 @@
 use agent_common::{
     CONNECTION_SEEDED, EventHeader, EventKind, FlowTuple, StatId,
     resp::{
-        CHUNK_BYTES, FLOW_FROM_START, FLOW_SENT_SEQ, MAX_CHUNKS, MAX_RESP_FLOWS, ROLE_CLIENT,
-        ROLE_SERVER, RespFlow, SEGMENT_FIN, SEGMENT_FROM_START, SEGMENT_LAST, SEGMENT_RST,
-        SEGMENT_VIA_LISTENER, STREAM_REPLIES, STREAM_REQUESTS, SegmentEvent, SocketEvent,
+        CHUNK_BYTES, FLOW_FROM_START, FLOW_SENT_SEQ, FLOW_TLS, MAX_CHUNKS, MAX_RESP_FLOWS,
+        ROLE_CLIENT, ROLE_SERVER, RespFlow, SEGMENT_FIN, SEGMENT_FROM_START, SEGMENT_LAST,
+        SEGMENT_RST, SEGMENT_VIA_LISTENER, STREAM_REPLIES, STREAM_REQUESTS, SegmentEvent,
+        SocketEvent,
     },
 };
 use aya_ebpf::{
@@ -43,7 +44,7 @@ const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
 
 #[map]
-static RESP_FLOWS: LruHashMap<u64, RespFlow> =
+pub(crate) static RESP_FLOWS: LruHashMap<u64, RespFlow> =
     LruHashMap::with_max_entries(MAX_RESP_FLOWS, BPF_F_NO_COMMON_LRU);
 
 /// A record being built: header, then payload.
@@ -269,6 +270,14 @@ fn on_segment(ctx: &SkBuffContext, egress: bool) -> Option<()> {
     // SAFETY: map value pointer, valid for this program run; one socket's
     // segments in one direction are serialised by the socket.
     let flow = unsafe { &mut *flow };
+    if egress && flow.role == ROLE_CLIENT && flow.flags & FLOW_SENT_SEQ == 0 && len > 0 {
+        // The client's first bytes: a TLS record begins with its content
+        // type (20–23), a RESP request never does.
+        let mut first = [0u8; 1];
+        if load(ctx, payload, &mut first) && (20..=23).contains(&first[0]) {
+            flow.flags |= FLOW_TLS;
+        }
+    }
     let requests = egress == (role == ROLE_CLIENT);
     let mut start = payload;
     let mut fresh = len;
@@ -504,7 +513,11 @@ fn on_app_read(ctx: &TracePointContext) -> Option<()> {
     // here, so "the first read after new data" cannot be told apart from a
     // read of older data racing with an arrival on another CPU (that lost
     // the later read and blamed the next round trip on the application).
-    RESP_FLOWS.get_ptr(&cookie)?;
+    let flow = RESP_FLOWS.get_ptr(&cookie)?;
+    // SAFETY: map value pointer, valid for this program run.
+    if unsafe { (*flow).flags } & FLOW_TLS != 0 {
+        crate::tls::note_read(cookie);
+    }
     socket_event(EventKind::AppRead, cookie);
     Some(())
 }

@@ -2,20 +2,22 @@
 //!
 //! User-space probes on `SSL_write`/`SSL_read` (and their `_ex` forms)
 //! see each call's plaintext; the connection it belongs to is found without
-//! reading any OpenSSL struct:
-//! - a socket BIO does `write`/`read` on its fd inside the call: the
-//!   `syscalls/sys_enter_{write,read}` programs note that fd on the calling
-//!   thread's pending call, and `SSL_FDS` remembers it per `SSL *` for calls
-//!   served from OpenSSL's own buffer;
-//! - `connect()` to a watched port records `(process, fd) → socket`
-//!   (`syscalls/sys_enter_connect`, then the SYN_SENT transition on the same
-//!   thread, `connect.rs`), and `SOCKET_FLOWS` gives the socket's tuple.
+//! reading any OpenSSL struct and without a syscall tracepoint (one would put
+//! every syscall of every process on the node on the kernel's slow path):
+//! - a TLS connection's reads (`tcp/tcp_rcv_space_adjust`, in the reading
+//!   thread, `resp.rs`) name the `SSL *` call under way on that thread:
+//!   the handshake's (`SSL_do_handshake`, also under `SSL_connect`), which
+//!   reads the server's answer before any request is written, or a
+//!   `SSL_read`/`SSL_write` doing the handshake or reading itself;
+//! - `SSL_SOCKETS` remembers the connection per `SSL *` for calls that do
+//!   not read (writes, reads served from OpenSSL's own buffer), and the
+//!   connection's `RESP_FLOWS` entry gives its tuple.
 //!
 //! The plaintext goes to userspace as `SegmentEvent`s flagged
 //! `SEGMENT_PLAINTEXT`, in call order, where the RESP matcher takes them
 //! instead of the ciphertext. A call whose connection is not known (a
-//! memory BIO as Node's, a socket connected before the agent) is counted
-//! and left to the wire's turns.
+//! memory BIO as Node's; a connection the agent did not see start and that
+//! has not read since) is counted and left to the wire's turns.
 //!
 //! Fail open: probes only read the caller's memory.
 
@@ -31,24 +33,19 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_probe_read_user,
         generated::{bpf_ktime_get_ns, bpf_probe_read_user as probe_read_user},
     },
-    macros::{map, tracepoint, uprobe, uretprobe},
+    macros::{map, uprobe, uretprobe},
     maps::LruHashMap,
-    programs::{ProbeContext, RetProbeContext, TracePointContext},
+    programs::{ProbeContext, RetProbeContext},
 };
 
 use crate::{
-    connection::SOCKET_FLOWS,
-    maps::{count, is_watched_port},
-    offset,
-    resp::{chunk_len, nested, record, send},
+    maps::count,
+    resp::{RESP_FLOWS, chunk_len, nested, record, send},
 };
-
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
 
 /// Calls in progress, by thread.
 const MAX_CALLS: u32 = 16_384;
-/// `SSL *` → fd, and `(process, fd)` → socket.
+/// `SSL *` → connection.
 const MAX_SESSIONS: u32 = 65_536;
 
 #[repr(C)]
@@ -59,9 +56,8 @@ struct SslCall {
     /// `SSL_*_ex`: where the library writes the byte count.
     count_ptr: u64,
     start_ns: u64,
-    /// The fd a syscall inside the call used; -1 until one did.
-    fd: i32,
-    _pad: u32,
+    /// The socket cookie of a connection the call read from; 0 until one.
+    cookie: u64,
 }
 
 #[repr(C)]
@@ -72,103 +68,66 @@ struct SessionKey {
     ssl: u64,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct FdKey {
-    pub tgid: u32,
-    pub fd: u32,
-}
-
 #[map]
 static SSL_WRITES: LruHashMap<u64, SslCall> = LruHashMap::with_max_entries(MAX_CALLS, 0);
 
 #[map]
 static SSL_READS: LruHashMap<u64, SslCall> = LruHashMap::with_max_entries(MAX_CALLS, 0);
 
+/// `(process, SSL *)` → the socket cookie of its connection.
 #[map]
-static SSL_FDS: LruHashMap<SessionKey, u32> = LruHashMap::with_max_entries(MAX_SESSIONS, 0);
+static SSL_SOCKETS: LruHashMap<SessionKey, u64> = LruHashMap::with_max_entries(MAX_SESSIONS, 0);
 
-/// `(process, fd)` → socket address (`skaddr`), from `connect()`.
+/// Threads inside `SSL_do_handshake` → the `SSL *`.
 #[map]
-pub static FD_SOCKETS: LruHashMap<FdKey, u64> = LruHashMap::with_max_entries(MAX_SESSIONS, 0);
+static HANDSHAKES: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_CALLS, 0);
 
-/// Threads inside `connect()` to a watched port → the fd.
-#[map]
-pub static CONNECTING: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX_CALLS, 0);
+// ---- the connection of a call ----------------------------------------------
 
-// ---- connect() -------------------------------------------------------------
-
-#[tracepoint]
-pub fn tls_connect_enter(ctx: TracePointContext) -> u32 {
-    let _ = on_connect_enter(&ctx);
-    0
-}
-
-fn on_connect_enter(ctx: &TracePointContext) -> Option<()> {
-    let (fd_at, addr_at) = (offset!(connect_fd), offset!(connect_uservaddr));
-    // SAFETY: bounded by the tracepoint record.
-    let fd: u64 = unsafe { ctx.read_at(fd_at as usize) }.ok()?;
-    let addr: u64 = unsafe { ctx.read_at(addr_at as usize) }.ok()?;
-    // sockaddr_in and sockaddr_in6 (UAPI): family, then the port in
-    // network order.
-    let head: [u8; 4] = unsafe { bpf_probe_read_user(addr as *const [u8; 4]) }.ok()?;
-    let family = u16::from_ne_bytes([head[0], head[1]]);
-    if !(family == AF_INET || family == AF_INET6)
-        || !is_watched_port(u16::from_be_bytes([head[2], head[3]]))
-    {
-        return None;
-    }
-    CONNECTING
-        .insert(&bpf_get_current_pid_tgid(), &(fd as u32), 0)
-        .ok()
-}
-
-/// SYN_SENT on a thread inside `connect()`: its fd is this socket.
+/// A TLS connection's socket (`cookie`) was read by the current thread
+/// (`resp.rs`; the read returned data): the `SSL *` call under way on this
+/// thread is that connection's.
 #[inline(always)]
-pub fn connecting(skaddr: u64) {
+pub fn note_read(cookie: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: map value pointer, valid for this program run.
-    let Some(fd) = CONNECTING.get_ptr(&pid_tgid).map(|p| unsafe { *p }) else {
-        return;
+    let call = match SSL_READS.get_ptr_mut(&pid_tgid) {
+        Some(call) => Some(call),
+        None => SSL_WRITES.get_ptr_mut(&pid_tgid),
     };
-    let _ = CONNECTING.remove(&pid_tgid);
-    let key = FdKey {
-        tgid: (pid_tgid >> 32) as u32,
-        fd,
-    };
-    let _ = FD_SOCKETS.insert(&key, &skaddr, 0);
-}
-
-// ---- the fd of a call ------------------------------------------------------
-
-#[tracepoint]
-pub fn tls_write_enter(ctx: TracePointContext) -> u32 {
-    note_fd(&ctx, &SSL_WRITES);
-    0
-}
-
-#[tracepoint]
-pub fn tls_read_enter(ctx: TracePointContext) -> u32 {
-    note_fd(&ctx, &SSL_READS);
-    0
-}
-
-#[inline(always)]
-fn note_fd(ctx: &TracePointContext, calls: &LruHashMap<u64, SslCall>) {
-    let Some(call) = calls.get_ptr_mut(&bpf_get_current_pid_tgid()) else {
-        return;
-    };
-    let fd_at = offset!(read_write_fd);
-    // SAFETY: bounded by the tracepoint record.
-    let Ok(fd) = (unsafe { ctx.read_at::<u64>(fd_at as usize) }) else {
-        return;
-    };
-    // SAFETY: map value pointer, valid for this program run.
-    unsafe {
-        if (*call).fd < 0 {
-            (*call).fd = fd as i32;
+    if let Some(call) = call {
+        // SAFETY: map value pointer, valid for this program run.
+        unsafe {
+            if (*call).cookie == 0 {
+                (*call).cookie = cookie;
+            }
         }
+        return;
     }
+    // SAFETY: map value pointer, valid for this program run.
+    if let Some(ssl) = HANDSHAKES.get_ptr(&pid_tgid).map(|p| unsafe { *p }) {
+        let session = SessionKey {
+            tgid: (pid_tgid >> 32) as u32,
+            _pad: 0,
+            ssl,
+        };
+        let _ = SSL_SOCKETS.insert(&session, &cookie, 0);
+    }
+}
+
+/// `SSL_do_handshake(ssl)`: its reads bind `ssl` to its connection before
+/// the first request is written.
+#[uprobe]
+pub fn ssl_handshake(ctx: ProbeContext) -> u32 {
+    if let Some(ssl) = ctx.arg::<u64>(0) {
+        let _ = HANDSHAKES.insert(&bpf_get_current_pid_tgid(), &ssl, 0);
+    }
+    0
+}
+
+#[uretprobe]
+pub fn ssl_handshake_return(_ctx: RetProbeContext) -> u32 {
+    let _ = HANDSHAKES.remove(&bpf_get_current_pid_tgid());
+    0
 }
 
 // ---- SSL_write / SSL_read ----------------------------------------------------
@@ -247,8 +206,7 @@ fn enter(ctx: &ProbeContext, calls: &LruHashMap<u64, SslCall>, count_arg: Option
         count_ptr,
         // SAFETY: helper without arguments.
         start_ns: unsafe { bpf_ktime_get_ns() },
-        fd: -1,
-        _pad: 0,
+        cookie: 0,
     };
     let _ = calls.insert(&bpf_get_current_pid_tgid(), &call, 0);
 }
@@ -286,31 +244,31 @@ fn leave(ctx: &RetProbeContext, calls: &LruHashMap<u64, SslCall>, ex: bool, stre
         _pad: 0,
         ssl: call.ssl,
     };
-    let fd = if call.fd >= 0 {
-        let _ = SSL_FDS.insert(&session, &(call.fd as u32), 0);
-        call.fd as u32
-    } else {
+    let cookie = match SSL_SOCKETS.get_ptr_mut(&session) {
         // SAFETY: map value pointer, valid for this program run.
-        match SSL_FDS.get_ptr(&session).map(|p| unsafe { *p }) {
-            Some(fd) => fd,
-            None => {
-                count(StatId::TlsUnresolved);
-                return;
+        Some(known) => unsafe {
+            if call.cookie != 0 && *known != call.cookie {
+                *known = call.cookie;
             }
+            *known
+        },
+        None if call.cookie != 0 => {
+            let _ = SSL_SOCKETS.insert(&session, &call.cookie, 0);
+            call.cookie
+        }
+        None => {
+            count(StatId::TlsUnresolved);
+            return;
         }
     };
-    // SAFETY: map value pointers, valid for this program run.
-    let Some(skaddr) = FD_SOCKETS
-        .get_ptr(&FdKey { tgid, fd })
-        .map(|p| unsafe { *p })
-    else {
+    // SAFETY: map value pointer, valid for this program run.
+    let Some(flow) = RESP_FLOWS.get_ptr(&cookie).map(|p| unsafe { *p }) else {
         count(StatId::TlsUnresolved);
         return;
     };
-    let Some(flow) = SOCKET_FLOWS.get_ptr(&skaddr).map(|p| unsafe { *p }) else {
-        count(StatId::TlsUnresolved);
+    if flow.role != ROLE_CLIENT {
         return;
-    };
+    }
     // Writes are timed from the call (the request leaving), reads from
     // their return (the reply in the application's hands).
     let ts_ns = if stream == STREAM_REQUESTS {
@@ -325,7 +283,7 @@ fn leave(ctx: &RetProbeContext, calls: &LruHashMap<u64, SslCall>, ex: bool, stre
         len as u32
     };
     nested(|| {
-        copy_out(&flow, call.buf, len, stream, ts_ns);
+        copy_out(&flow.tuple, call.buf, len, stream, ts_ns);
         Some(())
     });
 }

@@ -157,6 +157,23 @@ pub fn uprobes_held_by(pid: u32) -> anyhow::Result<Vec<Uprobe>> {
     Ok(probes)
 }
 
+/// The tracepoints whose perf links `pid` holds, by name (6.6+ fdinfo
+/// `tp_name`).
+pub fn tracepoints_held_by(pid: u32) -> anyhow::Result<Vec<String>> {
+    Ok(fdinfos(pid)?
+        .iter()
+        .filter_map(|info| {
+            let field = |name: &str| {
+                info.lines()
+                    .find_map(|line| line.strip_prefix(name))
+                    .map(str::trim)
+            };
+            (field("event_type:")? == "tracepoint").then(|| field("tp_name:"))??;
+            field("tp_name:").map(String::from)
+        })
+        .collect())
+}
+
 /// The ids of the BPF programs and maps whose fds `pid` holds (links hold
 /// their program's id too), from the kernel's fdinfo.
 pub fn bpf_ids_held_by(pid: u32) -> anyhow::Result<(BTreeSet<u64>, BTreeSet<u64>)> {

@@ -147,24 +147,6 @@ pub fn resolve(tracefs: &Path) -> anyhow::Result<Layout> {
         .and_then(|format| format.offset("sock_cookie", 8).ok())
         .unwrap_or(0);
 
-    // TLS plaintext (`tls.rs`): which socket a process's fd is; optional.
-    let fd_of = |category: &str, name: &str, field: &str| {
-        read(category, name)
-            .ok()
-            .and_then(|format| format.offset(field, 8).ok())
-            .unwrap_or(0)
-    };
-    let (read_fd, write_fd) = (
-        fd_of("syscalls", "sys_enter_read", "fd"),
-        fd_of("syscalls", "sys_enter_write", "fd"),
-    );
-    let connect_uservaddr = fd_of("syscalls", "sys_enter_connect", "uservaddr");
-    if read_fd != 0 && read_fd == write_fd && connect_uservaddr != 0 {
-        offsets.connect_fd = fd_of("syscalls", "sys_enter_connect", "fd");
-        offsets.connect_uservaddr = connect_uservaddr;
-        offsets.read_write_fd = read_fd;
-    }
-
     offsets.send_reset_skaddr = read("tcp", "tcp_send_reset")?.offset("skaddr", 8)?;
     available.push("tcp_send_reset");
 

@@ -134,13 +134,14 @@ impl Probes {
 
         let mut tls = None;
         if options.tls_uprobes && options.hook == resp::PacketHook::Resp {
-            if layout.offsets.read_write_fd == 0 {
-                tracing::warn!("TLS: no syscall tracepoints on this kernel: TLS is timed as turns");
+            if layout.offsets.rcv_space_cookie == 0 {
+                tracing::warn!(
+                    "TLS: no socket cookie in tcp/tcp_rcv_space_adjust on this kernel: TLS is timed as turns"
+                );
             } else {
                 match tls::TlsProbes::load(&mut ebpf) {
                     Ok(mut probes) => {
                         probes.attach_node_library(&mut ebpf);
-                        attached.push(format!("{}/{}", tls::CONNECT.category, tls::CONNECT.name));
                         attached.push("uprobe/SSL_write,SSL_read(_ex)".into());
                         tls = Some(probes);
                     }

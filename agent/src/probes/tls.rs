@@ -23,36 +23,18 @@ use anyhow::Context as _;
 use aya::{
     Ebpf,
     programs::{
-        TracePoint, UProbe,
+        UProbe,
         uprobe::{UProbeLinkId, UProbeScope},
     },
 };
 
-use super::{TracepointProgram, attach_tracepoint, openssl, program};
+use super::{openssl, program};
 
-pub const CONNECT: TracepointProgram = TracepointProgram {
-    program: "tls_connect_enter",
-    category: "syscalls",
-    name: "sys_enter_connect",
-    since: (4, 14),
-    required: false,
-};
-
-const SYSCALLS: [TracepointProgram; 2] = [
-    TracepointProgram {
-        program: "tls_write_enter",
-        category: "syscalls",
-        name: "sys_enter_write",
-        since: (4, 14),
-        required: false,
-    },
-    TracepointProgram {
-        program: "tls_read_enter",
-        category: "syscalls",
-        name: "sys_enter_read",
-        since: (4, 14),
-        required: false,
-    },
+/// The handshake's entry and return (program, symbol): its reads bind an
+/// `SSL *` to its connection before the first request is written.
+const HANDSHAKE: [(&str, &str); 2] = [
+    ("ssl_handshake", "SSL_do_handshake"),
+    ("ssl_handshake_return", "SSL_do_handshake"),
 ];
 
 /// The programs of one direction of `SSL_*` calls.
@@ -123,14 +105,12 @@ struct ProbedFile {
 pub struct TlsProbes {
     files: Vec<ProbedFile>,
     inspected: HashSet<u32>,
-    syscalls_attached: bool,
 }
 
 impl TlsProbes {
-    /// Loads the programs and attaches the `connect()` tracepoint.
+    /// Loads the programs.
     pub fn load(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        attach_tracepoint(ebpf, &CONNECT)?;
-        let mut names: Vec<&str> = Vec::new();
+        let mut names: Vec<&str> = HANDSHAKE.iter().map(|(name, _)| *name).collect();
         for direction in &DIRECTIONS {
             let public = direction.public.iter().map(|(name, _)| *name);
             let internal = direction.internal_entries.iter().map(|(_, name)| *name);
@@ -146,16 +126,9 @@ impl TlsProbes {
                 .load()
                 .with_context(|| format!("verifier rejected program {name}"))?;
         }
-        for tp in &SYSCALLS {
-            let program: &mut TracePoint = program(ebpf, tp.program)?;
-            program
-                .load()
-                .with_context(|| format!("verifier rejected program {}", tp.program))?;
-        }
         Ok(Self {
             files: Vec::new(),
             inspected: HashSet::new(),
-            syscalls_attached: false,
         })
     }
 
@@ -243,13 +216,7 @@ impl TlsProbes {
         }
         let mut links = Vec::new();
         let mut placed = Vec::new();
-        let attached = attach_probes(
-            ebpf,
-            path,
-            &mut self.syscalls_attached,
-            &mut links,
-            &mut placed,
-        );
+        let attached = attach_probes(ebpf, path, &mut links, &mut placed);
         // Whatever attached is kept (and detached with the file): a library
         // without the `_ex` calls (OpenSSL 1.1.0) still has the others.
         match attached {
@@ -269,19 +236,9 @@ impl TlsProbes {
 fn attach_probes(
     ebpf: &mut Ebpf,
     path: &Path,
-    syscalls_attached: &mut bool,
     links: &mut Vec<(&'static str, UProbeLinkId)>,
     placed: &mut Vec<String>,
 ) -> anyhow::Result<()> {
-    if !*syscalls_attached {
-        for tp in &SYSCALLS {
-            let program: &mut TracePoint = program(ebpf, tp.program)?;
-            program
-                .attach(tp.category, tp.name)
-                .with_context(|| format!("attaching to tracepoint {}/{}", tp.category, tp.name))?;
-        }
-        *syscalls_attached = true;
-    }
     // Read once per file; a file that cannot be read is attached by
     // symbol (and fails there with a clearer error).
     let internal = std::fs::read(path)
@@ -290,6 +247,16 @@ fn attach_probes(
     // A probe that does not attach (OpenSSL 1.1.0 has no `_ex` calls)
     // does not keep the others from attaching.
     let mut failed = Vec::new();
+    for &(name, symbol) in &HANDSHAKE {
+        let probe: &mut UProbe = program(ebpf, name)?;
+        match probe.attach(symbol, path, UProbeScope::AllProcesses) {
+            Ok(link) => links.push((name, link)),
+            Err(err) => failed.push(format!(
+                "{name} on {symbol}: {:#}",
+                anyhow::Error::from(err)
+            )),
+        }
+    }
     for (direction, internal) in DIRECTIONS.iter().zip([internal.write, internal.read]) {
         let Some(call) = internal else {
             placed.push(format!("{}s: the public calls", direction.name));
