@@ -514,22 +514,29 @@ fn on_app_read(ctx: &TracePointContext) -> Option<()> {
     // read of older data racing with an arrival on another CPU (that lost
     // the later read and blamed the next round trip on the application).
     let flow = RESP_FLOWS.get_ptr(&cookie)?;
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: map value pointer, valid for this program run.
-    if unsafe { (*flow).flags } & FLOW_TLS != 0 {
+    if crate::tls::calls_recent(now) && unsafe { (*flow).flags } & FLOW_TLS != 0 {
         crate::tls::note_read(cookie);
     }
-    socket_event(EventKind::AppRead, cookie);
+    socket_event_at(EventKind::AppRead, cookie, now);
     Some(())
 }
 
 #[inline(always)]
 fn socket_event(kind: EventKind, cookie: u64) {
+    // SAFETY: helper without arguments.
+    socket_event_at(kind, cookie, unsafe { bpf_ktime_get_ns() });
+}
+
+#[inline(always)]
+fn socket_event_at(kind: EventKind, cookie: u64, ts_ns: u64) {
     let event = SocketEvent {
         header: EventHeader {
             kind: kind as u32,
             _pad: 0,
-            // SAFETY: helper without arguments.
-            ts_ns: unsafe { bpf_ktime_get_ns() },
+            ts_ns,
         },
         cookie,
     };

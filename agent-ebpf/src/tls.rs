@@ -34,7 +34,7 @@ use aya_ebpf::{
         generated::{bpf_ktime_get_ns, bpf_probe_read_user as probe_read_user},
     },
     macros::{map, uprobe, uretprobe},
-    maps::LruHashMap,
+    maps::{Array, LruHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
 
@@ -82,12 +82,44 @@ static SSL_SOCKETS: LruHashMap<SessionKey, u64> = LruHashMap::with_max_entries(M
 #[map]
 static HANDSHAKES: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_CALLS, 0);
 
+/// When an `SSL_*` call last began on the node. Until one began in the
+/// last [`CALL_WINDOW_NS`], `resp_app_read` leaves TLS aside without reading
+/// the connection's `RESP_FLOWS` entry (another cache line: ~30 ns a
+/// read). A handshake reads its answer well within the window; a call
+/// that reads later finds its connection in `SSL_SOCKETS` from it.
+#[map]
+static SSL_LAST_CALL_NS: Array<u64> = Array::with_max_entries(1, 0);
+
+const CALL_WINDOW_NS: u64 = 10_000_000_000;
+
+#[inline(always)]
+fn mark_call(now_ns: u64) {
+    if let Some(last) = SSL_LAST_CALL_NS.get_ptr_mut(0) {
+        // SAFETY: map value shared by all CPUs; a racing store is as good.
+        unsafe { core::ptr::write_volatile(last, now_ns) };
+    }
+}
+
+/// Whether an `SSL_*` call began on the node in the last [`CALL_WINDOW_NS`].
+#[inline(always)]
+pub fn calls_recent(now_ns: u64) -> bool {
+    SSL_LAST_CALL_NS
+        .get_ptr(0)
+        // SAFETY: map value; another CPU may change it at any time.
+        .is_some_and(|last| {
+            let last = unsafe { core::ptr::read_volatile(last) };
+            // A call stamped after `now_ns` (another CPU) counts as recent.
+            last != 0 && now_ns < last.saturating_add(CALL_WINDOW_NS)
+        })
+}
+
 // ---- the connection of a call ----------------------------------------------
 
 /// A TLS connection's socket (`cookie`) was read by the current thread
 /// (`resp.rs`; the read returned data): the `SSL *` call under way on this
-/// thread is that connection's.
-#[inline(always)]
+/// thread is that connection's. Not inlined: a call only TLS connections
+/// make keeps the plaintext path of `resp_app_read` as it was.
+#[inline(never)]
 pub fn note_read(cookie: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let call = match SSL_READS.get_ptr_mut(&pid_tgid) {
@@ -119,6 +151,8 @@ pub fn note_read(cookie: u64) {
 #[uprobe]
 pub fn ssl_handshake(ctx: ProbeContext) -> u32 {
     if let Some(ssl) = ctx.arg::<u64>(0) {
+        // SAFETY: helper without arguments.
+        mark_call(unsafe { bpf_ktime_get_ns() });
         let _ = HANDSHAKES.insert(&bpf_get_current_pid_tgid(), &ssl, 0);
     }
     0
@@ -208,6 +242,7 @@ fn enter(ctx: &ProbeContext, calls: &LruHashMap<u64, SslCall>, count_arg: Option
         start_ns: unsafe { bpf_ktime_get_ns() },
         cookie: 0,
     };
+    mark_call(call.start_ns);
     let _ = calls.insert(&bpf_get_current_pid_tgid(), &call, 0);
 }
 
