@@ -182,12 +182,13 @@ fn trace_tls_clients(uprobes: bool) -> anyhow::Result<()> {
     }
     // Held while the commands were named: no syscall tracepoint, which would
     // put every syscall of every process on the node on the kernel's slow
-    // path (the programs' own tracepoints show this kernel lists them).
+    // path.
     let tracepoints = lab::kernel::tracepoints_held_by(agent.pid())?;
     events.extend(agent.stop()?);
 
     let mut failures = Vec::new();
-    // Kernels before 6.6 do not name a link's tracepoint in its fdinfo.
+    // From 6.6 a link's fdinfo names its tracepoint: the agent's own
+    // `tcp_rcv_space_adjust` shows the list is real.
     let listed = tracepoints.iter().any(|tp| tp == "tcp_rcv_space_adjust");
     if uprobes && listed && tracepoints.iter().any(|tp| tp.starts_with("sys_")) {
         failures.push(format!(
@@ -422,8 +423,9 @@ fn a_named_tls_ping(e: &Value) -> bool {
     e["type"] == "request" && e["role"] == "client" && e["command"] == "PING" && e["tls"] == true
 }
 
-/// File offsets of the public write, read and handshake calls of a libssl: `objdump
-/// -T` addresses, less `.text`'s address-to-offset difference (`readelf`).
+/// File offsets of the public write, read and handshake calls of a libssl:
+/// `objdump -T` addresses, less `.text`'s address-to-offset difference
+/// (`readelf`).
 fn public_entries(libssl: &FilePath) -> anyhow::Result<BTreeMap<String, u64>> {
     let hex = |s: &str| u64::from_str_radix(s, 16).ok();
     let sections = std::process::Command::new("readelf")

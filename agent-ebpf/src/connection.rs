@@ -43,7 +43,7 @@ static SYNACK_RETRANSMITS: LruHashMap<FlowTuple, u32> =
     LruHashMap::with_max_entries(MAX_CONNECTS_IN_FLIGHT, 0);
 
 #[map]
-pub static SOCKET_FLOWS: LruHashMap<u64, FlowTuple> =
+static SOCKET_FLOWS: LruHashMap<u64, FlowTuple> =
     LruHashMap::with_max_entries(MAX_CONNECTIONS, BPF_F_NO_COMMON_LRU);
 
 /// A handshake completed: start tracking the connection.

@@ -117,8 +117,8 @@ pub fn calls_recent(now_ns: u64) -> bool {
 
 /// A TLS connection's socket (`cookie`) was read by the current thread
 /// (`resp.rs`; the read returned data): the `SSL *` call under way on this
-/// thread is that connection's. Not inlined: a call only TLS connections
-/// make keeps the plaintext path of `resp_app_read` as it was.
+/// thread is that connection's. Out of line: only TLS connections' reads
+/// make the call.
 #[inline(never)]
 pub fn note_read(cookie: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();

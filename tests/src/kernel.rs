@@ -133,11 +133,7 @@ pub struct Uprobe {
 pub fn uprobes_held_by(pid: u32) -> anyhow::Result<Vec<Uprobe>> {
     let mut probes = Vec::new();
     for info in fdinfos(pid)? {
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|line| line.strip_prefix(name))
-                .map(str::trim)
-        };
+        let field = |name: &str| fdinfo_field(&info, name);
         let ret = match field("event_type:") {
             Some("uprobe") => false,
             Some("uretprobe") => true,
@@ -174,16 +170,16 @@ pub fn release_at_least(major: u32, minor: u32) -> bool {
 pub fn tracepoints_held_by(pid: u32) -> anyhow::Result<Vec<String>> {
     Ok(fdinfos(pid)?
         .iter()
-        .filter_map(|info| {
-            let field = |name: &str| {
-                info.lines()
-                    .find_map(|line| line.strip_prefix(name))
-                    .map(str::trim)
-            };
-            (field("event_type:")? == "tracepoint").then(|| field("tp_name:"))??;
-            field("tp_name:").map(String::from)
-        })
+        .filter(|info| fdinfo_field(info, "event_type:") == Some("tracepoint"))
+        .filter_map(|info| fdinfo_field(info, "tp_name:").map(String::from))
         .collect())
+}
+
+/// The value of an fdinfo line `name value`.
+fn fdinfo_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|line| line.strip_prefix(name))
+        .map(str::trim)
 }
 
 /// The ids of the BPF programs and maps whose fds `pid` holds (links hold

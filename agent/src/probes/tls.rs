@@ -247,29 +247,11 @@ fn attach_probes(
     // A probe that does not attach (OpenSSL 1.1.0 has no `_ex` calls)
     // does not keep the others from attaching.
     let mut failed = Vec::new();
-    for &(name, symbol) in &HANDSHAKE {
-        let probe: &mut UProbe = program(ebpf, name)?;
-        match probe.attach(symbol, path, UProbeScope::AllProcesses) {
-            Ok(link) => links.push((name, link)),
-            Err(err) => failed.push(format!(
-                "{name} on {symbol}: {:#}",
-                anyhow::Error::from(err)
-            )),
-        }
-    }
+    attach_symbols(ebpf, path, &HANDSHAKE, links, &mut failed)?;
     for (direction, internal) in DIRECTIONS.iter().zip([internal.write, internal.read]) {
         let Some(call) = internal else {
             placed.push(format!("{}s: the public calls", direction.name));
-            for &(name, symbol) in &direction.public {
-                let probe: &mut UProbe = program(ebpf, name)?;
-                match probe.attach(symbol, path, UProbeScope::AllProcesses) {
-                    Ok(link) => links.push((name, link)),
-                    Err(err) => failed.push(format!(
-                        "{name} on {symbol}: {:#}",
-                        anyhow::Error::from(err)
-                    )),
-                }
-            }
+            attach_symbols(ebpf, path, &direction.public, links, &mut failed)?;
             continue;
         };
         // The `_ex` entry program that reads the count's pointer from the
@@ -302,5 +284,27 @@ fn attach_probes(
         }
     }
     anyhow::ensure!(failed.is_empty(), "attaching {}", failed.join(", "));
+    Ok(())
+}
+
+/// Attaches each (program, symbol) of `probes` to `path`; a probe that
+/// does not attach is noted in `failed` and does not stop the others.
+fn attach_symbols(
+    ebpf: &mut Ebpf,
+    path: &Path,
+    probes: &[(&'static str, &'static str)],
+    links: &mut Vec<(&'static str, UProbeLinkId)>,
+    failed: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    for &(name, symbol) in probes {
+        let probe: &mut UProbe = program(ebpf, name)?;
+        match probe.attach(symbol, path, UProbeScope::AllProcesses) {
+            Ok(link) => links.push((name, link)),
+            Err(err) => failed.push(format!(
+                "{name} on {symbol}: {:#}",
+                anyhow::Error::from(err)
+            )),
+        }
+    }
     Ok(())
 }
