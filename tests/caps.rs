@@ -38,11 +38,7 @@ enum Node {
 
 impl Node {
     fn here() -> Self {
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-        let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
-        let major: u32 = parts.next().unwrap().parse().unwrap();
-        let minor: u32 = parts.next().unwrap().parse().unwrap();
-        if (major, minor) < (5, 11) {
+        if lab::kernel::release().unwrap() < (5, 11) {
             Node::AmazonLinux2
         } else {
             Node::Base

@@ -195,7 +195,7 @@ fn trace_tls_clients(uprobes: bool) -> anyhow::Result<()> {
             "syscall tracepoints held while naming TLS commands: {tracepoints:?}"
         ));
     }
-    if uprobes && !listed && lab::kernel::release_at_least(6, 6) {
+    if uprobes && !listed && lab::kernel::release()? >= (6, 6) {
         failures.push(format!(
             "the agent's tracepoints not listed: {tracepoints:?}"
         ));

@@ -153,16 +153,17 @@ pub fn uprobes_held_by(pid: u32) -> anyhow::Result<Vec<Uprobe>> {
     Ok(probes)
 }
 
-/// Whether the running kernel is at least `major.minor`
-/// (`/proc/sys/kernel/osrelease`).
-pub fn release_at_least(major: u32, minor: u32) -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release
-        .trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|n| n.parse::<u32>().unwrap_or(0));
-    let running = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    running >= (major, minor)
+/// The running kernel's `(major, minor)` (`/proc/sys/kernel/osrelease`).
+pub fn release() -> anyhow::Result<(u32, u32)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let mut number = || {
+        parts
+            .next()
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("kernel release {release:?}"))
+    };
+    Ok((number()?, number()?))
 }
 
 /// The tracepoints whose perf links `pid` holds, by name (6.6+ fdinfo
