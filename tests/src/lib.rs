@@ -8,7 +8,7 @@ use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard, OnceLock,
         atomic::{AtomicU64, Ordering},
         mpsc::{Receiver, RecvTimeoutError, channel},
     },
@@ -90,10 +90,13 @@ pub fn agent_binary() -> PathBuf {
 /// cluster node to its bus port that way).
 pub fn free_port() -> u16 {
     static CALLS: AtomicU64 = AtomicU64::new(0);
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(32768);
+    static EPHEMERAL_LOW: OnceLock<u64> = OnceLock::new();
+    let ephemeral_low = *EPHEMERAL_LOW.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(32768)
+    });
     let span = 10_000.min(ephemeral_low.saturating_sub(1024)).max(1);
     let base = ephemeral_low - span;
     // Start where another test binary (another pid) is unlikely to be.
