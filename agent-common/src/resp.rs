@@ -98,3 +98,22 @@ pub struct SocketEvent {
     pub header: EventHeader,
     pub cookie: u64,
 }
+
+/// The counting floor (`agent-ebpf/src/floor.rs`, `--counting-floor`): its
+/// per-CPU counters, by index.
+pub mod floor {
+    /// Top-level RESP values walked in requests as they were sent.
+    pub const REQUESTS: u32 = 0;
+    /// Top-level RESP values walked in replies as they were sent.
+    pub const REPLIES: u32 = 1;
+    /// Segments with payload sent (walked).
+    pub const SEGMENTS_SENT: u32 = 2;
+    /// Segments of watched connections received (counted, not walked).
+    pub const SEGMENTS_RECEIVED: u32 = 3;
+    /// Segments sent but not walked to their end: larger than the walk's
+    /// buffer, cut inside a value header, not RESP, or unreadable.
+    pub const UNWALKED: u32 = 4;
+    pub const COUNTERS: u32 = 5;
+    /// Payload bytes a segment may have to be walked.
+    pub const BYTES: usize = 4096;
+}

@@ -5,6 +5,7 @@
 
 mod connect;
 mod connection;
+mod floor;
 mod maps;
 mod resp;
 mod tls;

@@ -37,8 +37,8 @@ use crate::{
 };
 
 const BPF_NOEXIST: u64 = 1;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+pub(crate) const ETH_P_IP: u16 = 0x0800;
+pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
@@ -56,7 +56,7 @@ pub struct Record {
 
 /// One record buffer per nesting level: a softirq can interrupt a program
 /// run in process context on the same CPU and run these programs itself.
-const NESTING: u32 = 4;
+pub(crate) const NESTING: u32 = 4;
 
 #[map]
 static RECORDS: PerCpuArray<Record> = PerCpuArray::with_max_entries(NESTING, 0);
@@ -137,17 +137,21 @@ pub(crate) fn nested(run: impl FnOnce() -> Option<()>) {
 
 #[inline(always)]
 pub(crate) fn record() -> Option<*mut Record> {
+    RECORDS.get_ptr_mut(nesting_level()?)
+}
+
+/// The nesting level of the run under way (0 for the outermost), inside
+/// [`nested`]: which per-CPU scratch slot is this run's.
+#[inline(always)]
+pub(crate) fn nesting_level() -> Option<u32> {
     let depth = DEPTH.get_ptr(0)?;
     // SAFETY: per-CPU counter.
     let level = unsafe { *depth };
-    if level == 0 {
-        return None;
-    }
-    RECORDS.get_ptr_mut(level - 1)
+    level.checked_sub(1)
 }
 
 #[inline(always)]
-fn ports(ctx: &SkBuffContext) -> (u16, u16) {
+pub(crate) fn ports(ctx: &SkBuffContext) -> (u16, u16) {
     let skb = ctx.skb.skb;
     // SAFETY: context field reads, rewritten by the verifier.
     unsafe {
@@ -161,7 +165,7 @@ fn ports(ctx: &SkBuffContext) -> (u16, u16) {
 }
 
 #[inline(always)]
-fn load<const N: usize>(ctx: &SkBuffContext, offset: u32, buf: &mut [u8; N]) -> bool {
+pub(crate) fn load<const N: usize>(ctx: &SkBuffContext, offset: u32, buf: &mut [u8; N]) -> bool {
     // SAFETY: `buf` has N bytes.
     unsafe {
         bpf_skb_load_bytes(

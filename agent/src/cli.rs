@@ -98,6 +98,12 @@ pub struct Cli {
     #[arg(long, hide = true)]
     pub bare_hook: bool,
 
+    /// Attach only the counting floor: the bare hook plus every RESP request
+    /// and reply counted in the kernel (no names, no times), logged at exit;
+    /// the least any exact tracer does, for `cargo xtask bench`. Linux 5.17+.
+    #[arg(long, hide = true, conflicts_with = "bare_hook")]
+    pub counting_floor: bool,
+
     /// Filter for the agent's own logs on stderr (tracing `EnvFilter` syntax).
     #[arg(long, default_value = "info")]
     pub log: String,

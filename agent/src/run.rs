@@ -82,7 +82,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         ring_buffer_bytes: cli.ring_buffer_kib * 1024,
         tracefs: &kernel.tracefs,
         cgroup_root: &cgroup_root,
-        hook: if cli.bare_hook {
+        hook: if cli.counting_floor {
+            PacketHook::CountingFloor
+        } else if cli.bare_hook {
             PacketHook::Bare
         } else {
             PacketHook::Resp
@@ -244,6 +246,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match sink.into_output().finish(EXIT_FLUSH_TIMEOUT) {
         Err(err) if err.kind() == ErrorKind::TimedOut => tracing::warn!("{err}"),
         other => other.map_err(output_error)?,
+    }
+    if cli.counting_floor {
+        let [requests, replies, sent, received, unwalked] = probes.floor_counts()?;
+        tracing::info!(
+            "counting floor: {requests} requests and {replies} replies in {sent} segments sent \
+             ({unwalked} not walked to their end); {received} segments received"
+        );
     }
     tracing::info!("detaching");
     result

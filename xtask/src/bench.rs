@@ -66,18 +66,30 @@ pub enum Mode {
     Agent,
     /// resptrace --bare-hook: only the cgroup_skb egress + ingress programs.
     Bare,
+    /// resptrace --counting-floor: the bare hook plus every request and
+    /// reply counted exactly in the kernel, nothing else.
+    Floor,
     /// The bpftrace write→read latency script.
     Bpftrace,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [Mode::None, Mode::Agent, Mode::Bare, Mode::Bpftrace];
+    pub const ALL: [Mode; 5] = [
+        Mode::None,
+        Mode::Agent,
+        Mode::Bare,
+        Mode::Floor,
+        Mode::Bpftrace,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Mode::None => "no agent",
             Mode::Agent => "resptrace (everything on)",
             Mode::Bare => "bare hook (`--bare-hook`: cgroup_skb egress + ingress only)",
+            Mode::Floor => {
+                "counting floor (`--counting-floor`: bare hook + requests and replies counted in the kernel, nothing else)"
+            }
             Mode::Bpftrace => "bpftrace script",
         }
     }
@@ -87,6 +99,7 @@ impl Mode {
             Mode::None => "none",
             Mode::Agent => "agent",
             Mode::Bare => "bare",
+            Mode::Floor => "floor",
             Mode::Bpftrace => "bpftrace",
         }
     }
@@ -186,6 +199,40 @@ struct Samples {
     cpu_ms_per_100k: Vec<f64>,
     rss_kib: Vec<u64>,
     map_memlock: Vec<u64>,
+    /// Mode `floor`: what it counted, per run.
+    floor_counts: Vec<FloorCounts>,
+}
+
+/// The counting floor's totals, from the agent's last log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FloorCounts {
+    requests: u64,
+    replies: u64,
+    unwalked: u64,
+}
+
+impl FloorCounts {
+    /// From `counting floor: R requests and P replies in S segments sent (U
+    /// not walked to their end); V segments received`.
+    fn parse(stderr: &str) -> Option<Self> {
+        let line = stderr
+            .lines()
+            .rev()
+            .find_map(|l| l.split_once("counting floor: "))?
+            .1;
+        let numbers: Vec<u64> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|word| word.parse().ok())
+            .collect();
+        match numbers[..] {
+            [requests, replies, _sent, unwalked, _received] => Some(Self {
+                requests,
+                replies,
+                unwalked,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// Why a mode has no numbers.
@@ -199,6 +246,8 @@ enum Skipped {
 
 struct WorkloadResult {
     name: String,
+    /// Requests redis-benchmark sends per run.
+    requests: u64,
     baseline_rps: Vec<f64>,
     modes: BTreeMap<Mode, Samples>,
 }
@@ -379,6 +428,7 @@ fn measure(
     let requests = workload.requests(options.scale);
     let mut result = WorkloadResult {
         name: name.to_string(),
+        requests,
         baseline_rps: Vec::new(),
         modes: BTreeMap::new(),
     };
@@ -419,10 +469,11 @@ fn measure(
             let bpf_after = tracer.bpf_usage()?;
             let cpu = tracer.cpu_sample()?.since(&cpu_before);
             let rss = tracer.rss_kib()?;
-            if let Err(err) = tracer.stop() {
+            let stderr = tracer.stop().unwrap_or_else(|err| {
                 eprintln!("    mode {} FAILED: {err:#}", mode.short());
                 skipped.insert(mode, Skipped::Failed(format!("{err:#}")));
-            }
+                String::new()
+            });
             let after = redis_benchmark(port, args)?;
             result.baseline_rps.push(after);
             if skipped.contains_key(&mode) {
@@ -446,6 +497,19 @@ fn measure(
                 .push(cpu.as_secs_f64() * 1000.0 * 100_000.0 / requests as f64);
             samples.rss_kib.push(rss);
             samples.map_memlock.push(bpf_after.map_memlock);
+            if mode == Mode::Floor {
+                match FloorCounts::parse(&stderr) {
+                    Some(counts) => {
+                        eprintln!(
+                            "    round {round}/{}: floor    counted {} requests and {} replies \
+                             ({} segments not walked to their end) for {requests} requests sent",
+                            options.rounds, counts.requests, counts.replies, counts.unwalked
+                        );
+                        samples.floor_counts.push(counts);
+                    }
+                    None => eprintln!("    the floor's counts are missing from its stderr"),
+                }
+            }
             eprintln!(
                 "    round {round}/{}: {:<8} {with:>9.0} req/s, no agent {before:.0} and {after:.0}: {ratio:.3}; \
                  BPF {:.0} ns ({:.2} runs) per request, CPU {:.1} ms per 100k requests",
@@ -509,7 +573,46 @@ fn format_table(
             let _ = writeln!(table, "| | {} | {row}", mode.label());
         }
     }
+    table.push_str(&floor_table(results));
     table
+}
+
+/// What the counting floor counted: the check that it did the whole work
+/// (every request and reply of both ends, exactly) in the runs it timed.
+fn floor_table(results: &[WorkloadResult]) -> String {
+    let mut table = String::from(
+        "\n| workload | requests sent per run | counting floor: requests counted (min–max) | replies counted | segments not walked to their end |\n\
+         |---|---|---|---|---|\n",
+    );
+    let mut rows = 0;
+    for result in results {
+        let Some(counts) = result.modes.get(&Mode::Floor).map(|s| &s.floor_counts) else {
+            continue;
+        };
+        if counts.is_empty() {
+            continue;
+        }
+        let span = |field: fn(&FloorCounts) -> u64| {
+            let low = counts.iter().map(field).min().unwrap_or(0);
+            let high = counts.iter().map(field).max().unwrap_or(0);
+            if low == high {
+                thousands(low as f64)
+            } else {
+                format!("{}–{}", thousands(low as f64), thousands(high as f64))
+            }
+        };
+        let _ = writeln!(
+            table,
+            "| {} | {} | {} | {} | {} |",
+            result.name,
+            thousands(result.requests as f64),
+            span(|c| c.requests),
+            span(|c| c.replies),
+            span(|c| c.unwalked),
+        );
+        rows += 1;
+    }
+    if rows == 0 { String::new() } else { table }
 }
 
 fn thousands(value: f64) -> String {
@@ -702,8 +805,6 @@ struct BpfUsage {
     /// Over its programs (needs `kernel.bpf_stats_enabled`).
     run_time_ns: u64,
     run_cnt: u64,
-    programs: usize,
-    links: usize,
     /// `memlock` over its maps.
     map_memlock: u64,
 }
@@ -741,6 +842,8 @@ struct Tracer {
     child: Option<Child>,
     mode: Mode,
     stderr: Arc<Mutex<String>>,
+    /// The thread that reads stderr: done once the tracer has exited.
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Tracer {
@@ -748,11 +851,17 @@ impl Tracer {
     /// output is discarded from then on (threads drain it).
     fn start(mode: Mode, agent: &Path, port: u16) -> Result<Self, Skipped> {
         let mut command = match mode {
-            Mode::Agent | Mode::Bare => {
+            Mode::Agent | Mode::Bare | Mode::Floor => {
                 let mut command = Command::new(agent);
                 command.args(["--ports", &port.to_string()]);
-                if mode == Mode::Bare {
-                    command.arg("--bare-hook");
+                match mode {
+                    Mode::Bare => {
+                        command.arg("--bare-hook");
+                    }
+                    Mode::Floor => {
+                        command.arg("--counting-floor");
+                    }
+                    _ => {}
                 }
                 command
             }
@@ -778,7 +887,7 @@ impl Tracer {
             Err(err) => return Err(Skipped::Failed(format!("starting {program}: {err}"))),
         };
         let stderr = Arc::new(Mutex::new(String::new()));
-        {
+        let stderr_reader = {
             let mut pipe = child.stderr.take().expect("piped");
             let stderr = Arc::clone(&stderr);
             std::thread::spawn(move || {
@@ -794,8 +903,8 @@ impl Tracer {
                         text.drain(..cut);
                     }
                 }
-            });
-        }
+            })
+        };
         let (lines_tx, lines) = mpsc::channel::<String>();
         {
             let stdout = child.stdout.take().expect("piped");
@@ -811,6 +920,7 @@ impl Tracer {
             child: Some(child),
             mode,
             stderr,
+            stderr_reader: Some(stderr_reader),
         };
         match tracer.wait_until_attached(&lines) {
             Ok(()) => Ok(tracer),
@@ -823,14 +933,12 @@ impl Tracer {
 
     fn wait_until_attached(&mut self, lines: &mpsc::Receiver<String>) -> Result<(), Skipped> {
         let deadline = Instant::now() + START_TIMEOUT;
-        // bare: the agent may not print `started` in that mode; two BPF links
-        // (egress + ingress), or its programs loaded and nothing changing for
-        // a second (attached without links), will do.
-        let mut last_programs = (0, Instant::now());
         loop {
             match lines.recv_timeout(Duration::from_millis(50)) {
                 Ok(line) => match self.mode {
-                    Mode::Agent | Mode::Bare if line.contains("\"type\":\"started\"") => {
+                    Mode::Agent | Mode::Bare | Mode::Floor
+                        if line.contains("\"type\":\"started\"") =>
+                    {
                         return Ok(());
                     }
                     Mode::Bpftrace if line.starts_with("Attaching ") => {
@@ -848,26 +956,16 @@ impl Tracer {
             }
             let child = self.child.as_mut().expect("running");
             if let Ok(Some(status)) = child.try_wait() {
-                // Let the stderr thread catch up.
-                std::thread::sleep(Duration::from_millis(100));
+                // Its stderr is complete once the reader has seen its end.
+                if let Some(reader) = self.stderr_reader.take() {
+                    let _ = reader.join();
+                }
                 let said = self.stderr_summary();
                 return Err(if status.code() == Some(2) && self.mode != Mode::Bpftrace {
                     Skipped::Unavailable(format!("the agent rejected its command line: {said}"))
                 } else {
                     Skipped::Failed(format!("exited with {status} before attaching: {said}"))
                 });
-            }
-            if self.mode == Mode::Bare
-                && let Ok(usage) = self.bpf_usage()
-            {
-                if usage.links >= 2 {
-                    return Ok(());
-                }
-                if usage.programs != last_programs.0 {
-                    last_programs = (usage.programs, Instant::now());
-                } else if usage.programs > 0 && last_programs.1.elapsed() > Duration::from_secs(1) {
-                    return Ok(());
-                }
             }
             if Instant::now() > deadline {
                 return Err(Skipped::Failed(format!(
@@ -969,11 +1067,13 @@ impl Tracer {
                     (k == key).then(|| v.trim().parse::<u64>().ok())?
                 })
             };
+            // A link's fdinfo names its program too: programs are counted
+            // from their own fds.
             if info.contains("link_type:") {
-                usage.links += 1;
-            } else if info.contains("prog_type:") {
+                continue;
+            }
+            if info.contains("prog_type:") {
                 if programs.insert(value("prog_id")) {
-                    usage.programs += 1;
                     usage.run_time_ns += value("run_time_ns").unwrap_or(0);
                     usage.run_cnt += value("run_cnt").unwrap_or(0);
                 }
@@ -985,21 +1085,24 @@ impl Tracer {
     }
 
     /// SIGINT, then the exit status: the agent and bpftrace both detach and
-    /// exit 0.
-    fn stop(mut self) -> anyhow::Result<()> {
+    /// exit 0. Returns the end of the tracer's stderr.
+    fn stop(mut self) -> anyhow::Result<String> {
         let mut child = self.child.take().expect("running");
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
             if let Some(status) = child.try_wait()? {
+                if let Some(reader) = self.stderr_reader.take() {
+                    let _ = reader.join();
+                }
                 anyhow::ensure!(
                     status.success(),
                     "{} exited with {status}: {}",
                     self.mode.short(),
                     self.stderr_summary()
                 );
-                return Ok(());
+                return Ok(self.stderr.lock().expect("not poisoned").clone());
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
@@ -1064,6 +1167,23 @@ mod tests {
         assert_eq!(thousands(999.0), "999");
         assert_eq!(thousands(1_000.0), "1,000");
         assert_eq!(mib(3 * 1024 * 1024 / 2), "1.5 MiB");
+    }
+
+    #[test]
+    fn floor_counts_from_the_agents_log() {
+        let stderr = "2026-12-05T19:30:27Z  INFO watching TCP ports [6390]\n\
+             2026-12-05T19:30:27Z  INFO counting floor: 800004 requests and 800002 replies in \
+             100004 segments sent (3 not walked to their end); 100004 segments received\n\
+             2026-12-05T19:30:27Z  INFO detaching\n";
+        assert_eq!(
+            FloorCounts::parse(stderr),
+            Some(FloorCounts {
+                requests: 800_004,
+                replies: 800_002,
+                unwalked: 3
+            })
+        );
+        assert_eq!(FloorCounts::parse("INFO detaching\n"), None);
     }
 
     #[test]

@@ -47,8 +47,11 @@ enum Command {
     /// BPF run time per request, agent CPU and memory.
     ///
     /// Modes: `none` (no tracer), `agent` (resptrace, everything on), `bare`
-    /// (`resptrace --bare-hook`: the cgroup_skb hook alone), `bpftrace` (a
-    /// write→read latency script). Full runs write docs/performance.md.
+    /// (`resptrace --bare-hook`: the cgroup_skb hook alone), `floor`
+    /// (`resptrace --counting-floor`: the bare hook plus every request and
+    /// reply counted in the kernel, the least an exact tracer does),
+    /// `bpftrace` (a write→read latency script). Full runs write
+    /// docs/performance.md.
     Bench {
         /// Rounds per workload (each: every mode once, each between two
         /// no-agent runs). Fewer than 10 leaves docs/performance.md alone.
@@ -59,7 +62,7 @@ enum Command {
         #[arg(long)]
         only: Option<String>,
         /// Modes to compare, comma-separated; `none` (the baseline) always runs.
-        #[arg(long, value_enum, value_delimiter = ',', default_values = ["none", "agent", "bare", "bpftrace"])]
+        #[arg(long, value_enum, value_delimiter = ',', default_values = ["none", "agent", "bare", "floor", "bpftrace"])]
         modes: Vec<bench::Mode>,
         /// Multiply every workload's `-n` by this (smoke runs, e.g. 0.05).
         #[arg(long, hide = true, default_value_t = 1.0)]
@@ -174,10 +177,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if modes.contains(&bench::Mode::Bpftrace) {
                 setup::ensure_packages(setup::BENCH_PACKAGES)?;
             }
-            if modes
-                .iter()
-                .any(|m| matches!(m, bench::Mode::Agent | bench::Mode::Bare))
-            {
+            if modes.iter().any(|m| {
+                matches!(
+                    m,
+                    bench::Mode::Agent | bench::Mode::Bare | bench::Mode::Floor
+                )
+            }) {
                 build_agent()?;
             }
             bench::run(&bench::Options {

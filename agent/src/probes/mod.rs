@@ -203,6 +203,28 @@ impl Probes {
         }
     }
 
+    /// The counting floor's counters (`agent_common::resp::floor`), summed
+    /// over CPUs.
+    pub fn floor_counts(&self) -> anyhow::Result<[u64; 5]> {
+        use agent_common::resp::floor;
+        const _: () = assert!(floor::COUNTERS == 5);
+        let counts: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map("FLOOR_COUNTS")
+                .context("map FLOOR_COUNTS missing")?,
+        )
+        .context("map FLOOR_COUNTS is not a per-CPU array")?;
+        let mut sums = [0u64; 5];
+        for (index, sum) in sums.iter_mut().enumerate() {
+            *sum = counts
+                .get(&(index as u32), 0)
+                .context("reading FLOOR_COUNTS")?
+                .iter()
+                .sum();
+        }
+        Ok(sums)
+    }
+
     /// The connections the kernel tracks right now.
     pub fn open_connections(&self) -> Vec<(FlowTuple, ConnectionState)> {
         self.connections.iter().filter_map(Result::ok).collect()

@@ -28,6 +28,9 @@ pub enum PacketHook {
     Resp,
     /// Only the bare hook (port filter + one counter), for `cargo xtask bench`.
     Bare,
+    /// The bare hook plus an exact count of RESP requests and replies in the
+    /// kernel (`agent-ebpf/src/floor.rs`), for `cargo xtask bench`.
+    CountingFloor,
 }
 
 /// Loads and attaches the packet programs to the cgroup2 root; returns
@@ -43,6 +46,7 @@ pub fn attach(
     let (egress, ingress) = match hook {
         PacketHook::Resp => ("resp_egress", "resp_ingress"),
         PacketHook::Bare => ("bare_egress", "bare_ingress"),
+        PacketHook::CountingFloor => ("floor_egress", "floor_ingress"),
     };
     let mut attached = Vec::new();
     for (name, attach_type) in [
