@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure};
+use anyhow::{Context as _, bail, ensure};
 use lab::{
     Agent, Cluster, Fault, LOSS_ALERTS, Lab, Path, Place, RedisServer, Workload,
     clients::{Benchmark, ClientResult, count_delta},
@@ -1445,6 +1445,61 @@ fn a_connection_joined_inside_a_multi_segment_reply_is_matched_from_the_next_bou
         (AFTER..=AFTER + 1).contains(&answered_after.len()) && wrong.is_empty(),
         "{} matched requests of {AFTER} sent after the start, other outcomes {wrong:?}; lines {lines:?}",
         answered_after.len()
+    );
+    Ok(())
+}
+
+/// The bench's counting floor (`--counting-floor`, `agent-ebpf/src/floor.rs`)
+/// is a floor only if it does the whole walk: it must count every request
+/// and every reply the server saw, exactly, in `-P 16` batches.
+#[test]
+fn the_counting_floor_walks_every_request_and_reply() -> anyhow::Result<()> {
+    let _serial = serial();
+    if lab::kernel::release()? < (5, 17) {
+        eprintln!("skipped: the counting floor needs bpf_loop (Linux 5.17+)");
+        return Ok(());
+    }
+    let redis = RedisServer::start()?;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, redis.port));
+    let before = lab::clients::server_command_counts(addr)?;
+    let agent = Agent::start(&[redis.port], &["--counting-floor"])?;
+    let benchmark = Benchmark::new(Ipv4Addr::LOCALHOST, redis.port, 20_000)
+        .clients(20)
+        .pipeline(16);
+    lab::clients::redis_benchmark(&benchmark)?;
+    let stderr = agent.stop_and_read_stderr()?;
+    let served: u64 = count_delta(&before, &lab::clients::server_command_counts(addr)?)
+        .iter()
+        // The two queries' own commands (INFO, the redis crate's CLIENT
+        // SETINFO) ran before the agent started or after it stopped.
+        .filter(|(name, _)| {
+            !matches!(
+                name.split('|')
+                    .next()
+                    .map(str::to_ascii_uppercase)
+                    .as_deref(),
+                Some("INFO" | "CLIENT" | "HELLO")
+            )
+        })
+        .map(|(_, calls)| calls)
+        .sum();
+    let line = stderr
+        .lines()
+        .find_map(|line| line.split_once("counting floor: "))
+        .map(|(_, counts)| counts)
+        .with_context(|| format!("no counts in the agent's stderr:\n{stderr}"))?;
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|word| word.parse().ok())
+        .collect();
+    let [requests, replies, _sent, unwalked, _received] = numbers[..] else {
+        bail!("unexpected counts line: {line}");
+    };
+    ensure!(served >= 40_000, "the server saw only {served} requests");
+    ensure!(
+        (requests, replies, unwalked) == (served, served, 0),
+        "the floor walked {requests} requests and {replies} replies ({unwalked} segments not \
+         to their end); the server answered {served}"
     );
     Ok(())
 }

@@ -483,6 +483,14 @@ impl Agent {
         self.stop_with(libc::SIGINT)
     }
 
+    /// Stops the agent as [`Agent::stop`] does and returns its stderr, read
+    /// to the end (what it logged as it exited).
+    pub fn stop_and_read_stderr(self) -> anyhow::Result<String> {
+        let stderr = Arc::clone(&self.stderr);
+        self.stop()?;
+        Ok(stderr.lock().unwrap().clone())
+    }
+
     /// As [`Agent::stop`], with SIGTERM: how the kubelet stops a pod.
     pub fn terminate(self) -> anyhow::Result<Vec<Value>> {
         self.stop_with(libc::SIGTERM)

@@ -3,7 +3,7 @@
 //!
 //! Per workload, redis-benchmark runs without any tracer, then with each
 //! selected mode in turn, each traced run followed by another untraced one:
-//! `none, agent, none, bare, none, bpftrace, none, agent, none, …`. A traced
+//! `none, agent, none, bare, none, floor, none, bpftrace, none, agent, …`. A traced
 //! run's ratio is its throughput over the mean of the two untraced runs
 //! around it, so drift of the machine between runs cancels out. Medians and
 //! ranges over the rounds are reported, with the kernel's own run time of the
@@ -17,6 +17,10 @@
 //! - `bare`: `resptrace --bare-hook`: only the cgroup_skb egress and ingress
 //!   programs of the design (port filter + one per-CPU counter), the floor of
 //!   what hooking every packet costs;
+//! - `floor`: `resptrace --counting-floor`: the bare hook plus every request
+//!   and reply counted exactly in the kernel by walking each stream's value
+//!   headers once (`agent-ebpf/src/floor.rs`), the least work of any exact
+//!   tracer; its counts are checked against the requests sent;
 //! - `bpftrace`: [`BPFTRACE_SCRIPT`], the write→read latency script one would
 //!   write by hand instead of the agent.
 //!
@@ -248,6 +252,8 @@ struct WorkloadResult {
     name: String,
     /// Requests redis-benchmark sends per run.
     requests: u64,
+    /// Over TLS.
+    tls: bool,
     baseline_rps: Vec<f64>,
     modes: BTreeMap<Mode, Samples>,
 }
@@ -429,6 +435,7 @@ fn measure(
     let mut result = WorkloadResult {
         name: name.to_string(),
         requests,
+        tls: workload.tls,
         baseline_rps: Vec::new(),
         modes: BTreeMap::new(),
     };
@@ -445,7 +452,7 @@ fn measure(
     }
     for round in 1..=options.rounds {
         for &mode in traced {
-            if skipped.contains_key(&mode) {
+            if skipped.contains_key(&mode) || (mode == Mode::Floor && workload.tls) {
                 continue;
             }
             let tracer = match Tracer::start(mode, options.agent, port) {
@@ -567,6 +574,10 @@ fn format_table(
                 }
                 (_, Some(Skipped::Failed(why))) => {
                     format!("failed: {} | – | – | – | – | – |", why.replace('|', "\\|"))
+                }
+                _ if mode == Mode::Floor && result.tls => {
+                    "not run: over TLS the packets hold ciphertext | – | – | – | – | – |"
+                        .to_string()
                 }
                 _ => "– | – | – | – | – | – |".to_string(),
             };
