@@ -121,8 +121,7 @@ fn walk_segment(ctx: &SkBuffContext) -> Option<()> {
     // Already 1..=BYTES; masked after an opaque copy so that the verifier
     // sees the bound on the register passed to the helper.
     let len = ((core::hint::black_box(len) - 1) & MASK) + 1;
-    let mut level = nesting_level()?;
-    let walk = FLOOR_WALKS.get_ptr_mut(level)?;
+    let walk = FLOOR_WALKS.get_ptr_mut(nesting_level()?)?;
     // SAFETY: per-CPU value of this nesting level; `len` is 1..=BYTES.
     unsafe {
         if bpf_skb_load_bytes(skb.cast(), payload, (*walk).data.as_mut_ptr().cast(), len) != 0 {
@@ -134,10 +133,11 @@ fn walk_segment(ctx: &SkBuffContext) -> Option<()> {
         (*walk).owed = 0;
         (*walk).values = 0;
         (*walk).stuck = 0;
+        let mut step = Step { walk };
         bpf_loop(
             MAX_HEADERS,
             walk_header as *mut c_void,
-            (&raw mut level).cast(),
+            (&raw mut step).cast(),
             0,
         );
         add(
@@ -151,18 +151,20 @@ fn walk_segment(ctx: &SkBuffContext) -> Option<()> {
     Some(())
 }
 
+/// What `bpf_loop` hands each step: the walk, in the caller's stack.
+#[repr(C)]
+struct Step {
+    walk: *mut Walk,
+}
+
 /// One step of `bpf_loop`: the value header at `walk.at`. The walk's state
 /// lives in the map value, not on the stack, so every step looks the same
 /// to the verifier and the loop is verified once.
 #[inline(never)]
-extern "C" fn walk_header(_index: u64, level: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop passes the caller's `level`.
-    let level = unsafe { *level.cast::<u32>() };
-    let Some(walk) = FLOOR_WALKS.get_ptr_mut(level) else {
-        return 1;
-    };
-    // SAFETY: per-CPU value of this nesting level, owned by this run.
-    let walk = unsafe { &mut *walk };
+extern "C" fn walk_header(_index: u64, step: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes the caller's `Step`, whose walk is this run's
+    // per-CPU value (checked non-null by the caller).
+    let walk = unsafe { &mut *(*step.cast::<Step>()).walk };
     let (at, end) = (walk.at, walk.end);
     if at >= end {
         return 1;
