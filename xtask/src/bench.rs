@@ -589,7 +589,7 @@ fn format_table(
 }
 
 /// What the counting floor counted: the check that it did the whole work
-/// (every request and reply of both ends, exactly) in the runs it timed.
+/// (every request and reply, exactly) in the runs it timed.
 fn floor_table(results: &[WorkloadResult]) -> String {
     let mut table = String::from(
         "\n| workload | requests sent per run | counting floor: requests counted (min–max) | replies counted | segments not walked to their end |\n\
