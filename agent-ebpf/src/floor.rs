@@ -11,8 +11,9 @@
 //! alone costs (docs/performance.md). Needs `bpf_loop` (Linux 5.17+); a
 //! benchmark tool, not part of the tracer.
 
-use agent_common::resp::floor::{
-    BYTES, COUNTERS, REPLIES, REQUESTS, SEGMENTS_RECEIVED, SEGMENTS_SENT, UNWALKED,
+use agent_common::resp::{
+    ROLE_CLIENT,
+    floor::{BYTES, COUNTERS, REPLIES, REQUESTS, SEGMENTS_RECEIVED, SEGMENTS_SENT, UNWALKED},
 };
 use aya_ebpf::{
     cty::c_void,
@@ -24,7 +25,10 @@ use aya_ebpf::{
 
 use crate::{
     maps::is_watched_port,
-    resp::{ETH_P_IP, ETH_P_IPV6, NESTING, load, nested, nesting_level, ports},
+    resp::{
+        ETH_P_IP, ETH_P_IPV6, NESTING, load, nested, nesting_level, ports, protocol_and_len,
+        watched_role,
+    },
 };
 
 const MASK: u32 = BYTES as u32 - 1;
@@ -82,18 +86,10 @@ fn add(counter: u32, n: u64) {
 }
 
 fn walk_segment(ctx: &SkBuffContext) -> Option<()> {
-    let (local_port, remote_port) = ports(ctx);
     // A client sends requests, a server replies.
-    let requests = if is_watched_port(remote_port) {
-        true
-    } else if is_watched_port(local_port) {
-        false
-    } else {
-        return None;
-    };
+    let requests = watched_role(ctx)? == ROLE_CLIENT;
     let skb = ctx.skb.skb;
-    // SAFETY: context field reads.
-    let (protocol, skb_len) = unsafe { (u16::from_be((*skb).protocol as u16), (*skb).len) };
+    let (protocol, skb_len) = protocol_and_len(ctx);
     let mut byte = [0u8; 1];
     let ip_len = match protocol {
         ETH_P_IP => {

@@ -177,18 +177,32 @@ pub(crate) fn load<const N: usize>(ctx: &SkBuffContext, offset: u32, buf: &mut [
     }
 }
 
-fn on_segment(ctx: &SkBuffContext, egress: bool) -> Option<()> {
+/// The traced socket's end of a watched connection: `ROLE_CLIENT` when its
+/// peer's port is watched, `ROLE_SERVER` when its own is.
+#[inline(always)]
+pub(crate) fn watched_role(ctx: &SkBuffContext) -> Option<u8> {
     let (local_port, remote_port) = ports(ctx);
-    let role = if is_watched_port(remote_port) {
-        ROLE_CLIENT
+    if is_watched_port(remote_port) {
+        Some(ROLE_CLIENT)
     } else if is_watched_port(local_port) {
-        ROLE_SERVER
+        Some(ROLE_SERVER)
     } else {
-        return None;
-    };
+        None
+    }
+}
+
+/// The packet's protocol (`ETH_P_*`) and length from the network header on.
+#[inline(always)]
+pub(crate) fn protocol_and_len(ctx: &SkBuffContext) -> (u16, u32) {
     let skb = ctx.skb.skb;
     // SAFETY: context field reads.
-    let (protocol, skb_len) = unsafe { (u16::from_be((*skb).protocol as u16), (*skb).len) };
+    unsafe { (u16::from_be((*skb).protocol as u16), (*skb).len) }
+}
+
+fn on_segment(ctx: &SkBuffContext, egress: bool) -> Option<()> {
+    let role = watched_role(ctx)?;
+    let skb = ctx.skb.skb;
+    let (protocol, skb_len) = protocol_and_len(ctx);
     let mut tcp = [0u8; 20];
     // Addresses as the tracepoints store them: IPv4 as IPv4-mapped IPv6.
     let mut source = [0u8; 16];
