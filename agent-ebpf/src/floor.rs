@@ -23,12 +23,8 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 
-use crate::{
-    maps::is_watched_port,
-    resp::{
-        ETH_P_IP, ETH_P_IPV6, NESTING, load, nested, nesting_level, ports, protocol_and_len,
-        watched_role,
-    },
+use crate::resp::{
+    ETH_P_IP, ETH_P_IPV6, NESTING, load, nested, nesting_level, protocol_and_len, watched_role,
 };
 
 const MASK: u32 = BYTES as u32 - 1;
@@ -70,8 +66,7 @@ pub fn floor_egress(ctx: SkBuffContext) -> i32 {
 /// The bare hook's work: port filter and one per-CPU counter.
 #[cgroup_skb]
 pub fn floor_ingress(ctx: SkBuffContext) -> i32 {
-    let (local_port, remote_port) = ports(&ctx);
-    if is_watched_port(remote_port) || is_watched_port(local_port) {
+    if watched_role(&ctx).is_some() {
         add(SEGMENTS_RECEIVED, 1);
     }
     1

@@ -108,8 +108,7 @@ static BARE_SEGMENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn bare(ctx: &SkBuffContext) {
-    let (local_port, remote_port) = ports(ctx);
-    if (is_watched_port(remote_port) || is_watched_port(local_port))
+    if watched_role(ctx).is_some()
         && let Some(counter) = BARE_SEGMENTS.get_ptr_mut(0)
     {
         // SAFETY: per-CPU slot.
@@ -151,7 +150,7 @@ pub(crate) fn nesting_level() -> Option<u32> {
 }
 
 #[inline(always)]
-pub(crate) fn ports(ctx: &SkBuffContext) -> (u16, u16) {
+fn ports(ctx: &SkBuffContext) -> (u16, u16) {
     let skb = ctx.skb.skb;
     // SAFETY: context field reads, rewritten by the verifier.
     unsafe {
